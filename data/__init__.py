@@ -1,0 +1,1 @@
+"""Data pipeline: the tokenizer, record readers and the prepare/fetch scripts."""

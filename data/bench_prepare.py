@@ -1,0 +1,72 @@
+"""Parallel tokenization speedup of prepare.py's worker pool, for bench.py.
+
+    python data/bench_prepare.py [--input=data/raw/pretrain.jsonl] [--num_workers=2]
+
+Times, in one run on the same corpus: (a) single-threaded encode_ordinary over every document's
+cleaned text (read and cleaned before the clock starts), (b) prepare.py's own pool in stream
+mode, as prepare.py runs it: workers read their line ranges, parse the JSON, clean, encode and
+hash each document. Also (c) the machine's own ceiling: N processes each running (a) on a
+slice of the texts against one process doing all slices. Prints JSON lines.
+"""
+import json
+import os
+import signal
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+from prepare import _init_worker, bounded_imap, clean_text, process_task, tasks
+from records import Report, read_records
+from tokenizer import get_tokenizer
+
+# ----------------------------------------------------------------------------- defaults
+input = "data/raw/pretrain.jsonl"
+num_workers = min(8, os.cpu_count() or 1)
+docs_per_task = 256
+# -----------------------------------------------------------------------------
+
+
+def _encode_slice(i: int) -> float:
+    """Seconds to encode slice i of the module-level texts (inherited by forked workers)."""
+    enc = get_tokenizer()
+    t0 = time.perf_counter()
+    for t in _texts[i::num_workers]:
+        enc.encode_ordinary(t)
+    return time.perf_counter() - t0
+
+
+if __name__ == "__main__":
+    exec(open(Path(__file__).resolve().parents[1] / "configurator.py", encoding="utf-8").read())
+    path = Path(input)
+    texts = [clean_text(o["text"], o.get("title")) for _, o in read_records(path, Report())]
+    enc = get_tokenizer()
+    t0 = time.perf_counter()
+    single = sum(len(enc.encode_ordinary(t)) for t in texts)
+    t_single = time.perf_counter() - t0
+    _texts = texts[:len(texts) // 4]
+    t0 = time.perf_counter()
+    for i in range(num_workers):
+        _encode_slice(i)
+    t_one = time.perf_counter() - t0
+    with Pool(num_workers) as pool:
+        pool.map(abs, range(num_workers))
+        t0 = time.perf_counter()
+        pool.map(_encode_slice, range(num_workers))
+        t_many = time.perf_counter() - t0
+    del texts, _texts
+
+    settings = {"mode": "stream", "block_size": 256, "val_fraction": 0.01}
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with Pool(num_workers, _init_worker, (settings,)) as pool:
+        pool.map(abs, range(num_workers))  # workers started and tokenizers loaded before timing
+        t0 = time.perf_counter()
+        work = tasks([path], Report(), docs_per_task)
+        parallel = sum(c["doc_tokens"] for res in bounded_imap(pool, process_task, work, 4 * num_workers)
+                       for c in res["counts"])
+        t_parallel = time.perf_counter() - t0
+    assert parallel == single, f"token counts differ: {parallel} vs {single}"
+    for name, value, unit in [("encode_ordinary_tokens_per_s", single / t_single, "tokens/s"),
+                              ("prepare_pool_tokens_per_s", parallel / t_parallel, "tokens/s"),
+                              ("prepare_parallel_speedup", t_single / t_parallel, f"x ({num_workers} workers)"),
+                              ("machine_parallel_ceiling", t_one / t_many, f"x ({num_workers} processes, encode only)")]:
+        print(json.dumps({"metric": name, "value": round(value, 3), "unit": unit}))

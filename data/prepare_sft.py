@@ -1,0 +1,129 @@
+"""Tokenize question/answer pairs into block-aligned SFT .bin files with a loss mask.
+
+    python data/prepare_sft.py                          # default: data/raw/sft_train.jsonl
+    python data/prepare_sft.py --input=my_sft.json --block_size=256
+
+--input takes a file, folder, glob or comma-separated list; each file is a JSON array or JSONL
+of {"question", "answer"} objects (the course's format). Each pair becomes one block:
+
+    tokens: encode("问：{question}\\n答：") + encode(answer) + [EOT] + [PAD ...]
+    mask:   0 ...                         1 ...              1       0 ...
+
+Prompt and answer are tokenized separately, exactly as the sampler tokenizes a question, so
+a question that contains "答：" or "<|endoftext|>" (encoded as plain text) changes nothing.
+Policy for a pair longer than a block: it is dropped, counted and reported (a truncated answer
+would teach the model to stop mid-sentence without EOT). A deterministic hash of the question
+puts --val_fraction of the pairs in val.bin (held-out test pairs belong in their own file).
+Writes out_dir/{train,val}.bin (uint16 tokens), {train,val}_mask.bin (uint8, 1 = this token is a
+trained target) and meta.json.
+"""
+import hashlib
+import json
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from records import Report, expand_inputs, read_records, string_field
+from tokenizer import EOT_ID, PAD_ID, SFT_TEMPLATE, get_tokenizer, sft_prompt, tokenizer_meta
+
+# ----------------------------------------------------------------------------- defaults
+input = "data/raw/sft_train.jsonl"
+out_dir = "data/processed_sft"
+block_size = 256
+val_fraction = 0.02
+# -----------------------------------------------------------------------------
+
+
+def in_val(question: str, fraction: float) -> bool:
+    digest = hashlib.blake2b(question.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < fraction
+
+
+def encode_pair(enc, question: str, answer: str) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, mask) of one pair, unpadded; mask marks the answer tokens and the final EOT."""
+    prompt = enc.encode_ordinary(sft_prompt(question))
+    reply = enc.encode_ordinary(answer) + [EOT_ID]
+    tokens = np.array(prompt + reply, dtype=np.uint16)
+    mask = np.zeros(len(tokens), dtype=np.uint8)
+    mask[len(prompt):] = 1
+    return tokens, mask
+
+
+if __name__ == "__main__":
+    exec(open(Path(__file__).resolve().parents[1] / "configurator.py", encoding="utf-8").read())
+    if not 16 <= block_size <= 65536:
+        sys.exit(f"--block_size={block_size}: expected 16..65536")
+    if not 0 <= val_fraction < 1:
+        sys.exit(f"--val_fraction={val_fraction}: expected 0 <= val_fraction < 1")
+    print(json.dumps(config, ensure_ascii=False))
+    enc = get_tokenizer()
+    report = Report()
+    paths = expand_inputs(input, report)
+    if not paths:
+        sys.exit(f"no input files found for --input={input!r}. Run 'python data/fetch_data.py' for "
+                 "the default pairs, or pass your own JSON/JSONL of {\"question\", \"answer\"}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    blocks = {"train": ([], []), "val": ([], [])}
+    counts = {s: Counter() for s in blocks}
+    for path in paths:
+        for where, obj in read_records(path, report):
+            q = string_field(obj, "question", where, report)
+            a = string_field(obj, "answer", where, report) if q is not None else None
+            if q is None or a is None:
+                continue
+            q = q.replace("\r\n", "\n").strip()
+            a = a.replace("\r\n", "\n").strip()
+            if not q or not a:
+                report.add("empty_question" if not q else "empty_answer", where,
+                           f"{'question' if not q else 'answer'} is empty; pair skipped")
+                continue
+            tokens, mask = encode_pair(enc, q, a)
+            if len(tokens) > block_size:
+                report.add("too_long", where, f"pair is {len(tokens)} tokens, block_size={block_size}; "
+                           "dropped (policy: drop, never truncate an answer)")
+                continue
+            split = "val" if in_val(q, val_fraction) else "train"
+            tok_block = np.full(block_size, PAD_ID, dtype=np.uint16)
+            mask_block = np.zeros(block_size, dtype=np.uint8)
+            tok_block[:len(tokens)] = tokens
+            mask_block[:len(mask)] = mask
+            blocks[split][0].append(tok_block)
+            blocks[split][1].append(mask_block)
+            c = counts[split]
+            c["pairs"] += 1
+            c["tokens"] += len(tokens)
+            c["answer_tokens"] += int(mask.sum())
+    n_pairs = counts["train"]["pairs"] + counts["val"]["pairs"]
+    if n_pairs == 0:
+        sys.exit(f"no usable question/answer pairs in {len(paths)} file(s); {report.summary()}")
+    if val_fraction > 0 and counts["val"]["pairs"] == 0:
+        sys.exit(f"the val split is empty ({n_pairs} pairs, val_fraction={val_fraction}); "
+                 "add pairs or raise --val_fraction")
+    # Without meta.json the .bin files are never used: drop it first, write it last.
+    (out / "meta.json").unlink(missing_ok=True)
+    splits = {}
+    for s, (toks, masks) in blocks.items():
+        for name, arrs, dtype in ((f"{s}.bin", toks, np.uint16), (f"{s}_mask.bin", masks, np.uint8)):
+            tmp = out / f"{name}.tmp-{os.getpid()}"
+            np.concatenate(arrs or [np.zeros(0, dtype)]).tofile(tmp)
+            os.replace(tmp, out / name)
+        c = counts[s]
+        splits[s] = dict(c) | {"blocks": len(toks), "file_tokens": len(toks) * block_size,
+                               "padding_fraction": round(1 - c["tokens"] / max(1, len(toks) * block_size), 4)}
+    meta = tokenizer_meta() | {
+        "kind": "sft", "mode": "sft", "block_size": block_size, "block_aligned": True,
+        "sft_template": SFT_TEMPLATE, "overflow_policy": "drop", "val_fraction": val_fraction,
+        "splits": splits, "problems": dict(report.counts), "sources": [str(p) for p in paths],
+    }
+    tmp = out / f"meta.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(meta, ensure_ascii=False, indent=2), encoding="utf-8")
+    os.replace(tmp, out / "meta.json")
+    for s, c in splits.items():
+        print(f"{s}: {c.get('pairs', 0):,} pairs, {c.get('answer_tokens', 0):,} answer tokens, "
+              f"padding {c['padding_fraction']:.1%}")
+    print(report.summary())
+    print(f"wrote {out}/train.bin, train_mask.bin, val.bin, val_mask.bin, meta.json")

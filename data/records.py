@@ -1,0 +1,195 @@
+"""Read the user's JSON/JSONL records with clear messages for every bad line, and count them.
+
+    report = Report()
+    for path in expand_inputs("data/wiki-zh-subset-*.jsonl", report):
+        for where, obj in read_records(path, report):
+            ...   # where is "file:line", obj a dict; bad lines were reported and skipped
+
+Accepts JSONL (one object a line) and JSON arrays, a UTF-8 BOM, CRLF line ends. Reports
+(file:line, what was expected) and counts: malformed JSON, a value that is not an object,
+invalid UTF-8, an empty file, a path that does not exist. The caller adds its own kinds
+(missing field, empty text, ...) through report.add().
+"""
+import glob
+import json
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+BOM = b"\xef\xbb\xbf"
+
+
+class Report:
+    """Counts problems by kind; prints the first few of each kind to stderr as they come.
+    With collect=True (in a worker process) it keeps the events for the parent to replay."""
+
+    def __init__(self, max_shown: int = 5, collect: bool = False):
+        self.counts = Counter()
+        self.max_shown = max_shown
+        self.events = [] if collect else None
+
+    def add(self, kind: str, where: str, message: str, n: int = 1) -> None:
+        if self.events is not None:
+            self.events.append((kind, where, message, n))
+            return
+        self.counts[kind] += n
+        if self.counts[kind] - n < self.max_shown:
+            print(f"{where}: {message}", file=sys.stderr)
+
+    def summary(self) -> str:
+        if not self.counts:
+            return "problems: none"
+        return "problems: " + ", ".join(f"{k}={v}" for k, v in sorted(self.counts.items()))
+
+
+def expand_inputs(spec: str, report: Report, suffixes=(".jsonl", ".json")) -> list[Path]:
+    """A file, a folder (its *.jsonl/*.json files) or a glob -> sorted files; nothing found exits."""
+    paths = []
+    for part in [s for s in spec.split(",") if s.strip()]:
+        part = os.path.expanduser(part.strip())
+        p = Path(part)
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.suffix in suffixes and q.is_file())
+            if not found:
+                report.add("missing_path", part, f"folder has no {'/'.join(suffixes)} files")
+            paths += found
+        elif p.is_file():
+            paths.append(p)
+        elif glob.has_magic(part):
+            found = sorted(Path(q) for q in glob.glob(part) if Path(q).is_file())
+            if not found:
+                report.add("missing_path", part, "no file matches this pattern")
+            paths += found
+        else:
+            report.add("missing_path", part, "no such file or folder")
+    return list(dict.fromkeys(paths))
+
+
+def _line_of(text: str, offset: int) -> int:
+    return text.count("\n", 0, offset) + 1
+
+
+def read_json_array(path: Path, report: Report):
+    """Yield (file:line, dict) for the items of a JSON-array file."""
+    data = path.read_bytes().removeprefix(BOM)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        report.add("invalid_utf8", f"{path}:{line}", f"invalid UTF-8 ({e.reason}); expected a UTF-8 "
+                   "JSON array; the whole file was skipped")
+        return
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    item = 0
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text):
+            report.add("invalid_json", f"{path}:{_line_of(text, pos)}",
+                       "JSON array is not closed with ']'")
+            return
+        if text[pos] == "]":
+            return
+        where = f"{path}:{_line_of(text, pos)}"
+        try:
+            obj, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            report.add("invalid_json", where, f"malformed JSON in array item {item} ({e.msg}); "
+                       "the rest of the file was skipped")
+            return
+        item += 1
+        if isinstance(obj, dict):
+            yield where, obj
+        else:
+            report.add("not_object", where, f"expected a JSON object, got {type(obj).__name__}")
+
+
+def file_format(path: Path, report: Report) -> str:
+    """"lines" (JSONL), "array" (a JSON array) or "empty" (reported)."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+        while head.strip() == b"" or head.strip() == BOM:
+            more = f.read(1 << 20)
+            if not more:
+                report.add("empty_file", str(path), "file is empty; expected JSON lines or a JSON array")
+                return "empty"
+            head += more
+    if head.startswith(BOM):
+        report.add("bom_removed", f"{path}:1", "UTF-8 byte-order mark removed (not an error)")
+    return "array" if head.removeprefix(BOM).lstrip().startswith(b"[") else "lines"
+
+
+def line_ranges(path: Path, lines_per_range: int):
+    """(start byte, end byte, first line number) of consecutive runs of a JSONL file's lines."""
+    with open(path, "rb") as f:
+        start = pos = 0
+        first = line = 1
+        for raw in f:
+            pos += len(raw)
+            if line - first + 1 == lines_per_range:
+                yield start, pos, first
+                start, first = pos, line + 1
+            line += 1
+        if pos > start:
+            yield start, pos, first
+
+
+def read_records(path: Path, report: Report, start: int = 0, end: int | None = None, first_line: int = 1):
+    """Yield (file:line, dict) for every good record of a JSONL or JSON-array file; for JSONL,
+    optionally only the lines in bytes [start, end) that begin at line first_line."""
+    if end is None:
+        fmt = file_format(path, report)
+        if fmt == "array":
+            yield from read_json_array(path, report)
+        if fmt != "lines":
+            return
+    crlf = 0
+    with open(path, "rb") as f:
+        f.seek(start)
+        pos = start
+        for line_no, raw in enumerate(f, first_line):
+            if end is not None and pos >= end:
+                break
+            pos += len(raw)
+            if line_no == 1:
+                raw = raw.removeprefix(BOM)
+            if raw.endswith(b"\r\n"):
+                crlf += 1
+            raw = raw.strip()
+            if not raw:
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                report.add("invalid_utf8", where, f"invalid UTF-8 at byte {e.start} ({e.reason}); "
+                           "line skipped")
+                continue
+            except json.JSONDecodeError as e:
+                report.add("invalid_json", where, f"malformed JSON ({e.msg} at column {e.colno}); "
+                           "expected one JSON object per line; line skipped")
+                continue
+            if isinstance(obj, dict):
+                yield where, obj
+            else:
+                report.add("not_object", where, f"expected a JSON object, got {type(obj).__name__}; "
+                           "line skipped")
+    if crlf:
+        report.add("crlf_lines", str(path), f"{crlf} CRLF line ends read as LF (not an error)", n=crlf)
+
+
+def string_field(obj: dict, key: str, where: str, report: Report, required: bool = True):
+    """obj[key] as a str, or None after reporting why it is unusable."""
+    value = obj.get(key)
+    if isinstance(value, str):
+        return value
+    if value is None and not required:
+        return None
+    if value is None:
+        report.add(f"missing_{key}", where, f"record has no \"{key}\" field "
+                   f"(keys: {', '.join(list(obj)[:6]) or 'none'}); skipped")
+    else:
+        report.add(f"bad_{key}", where, f"\"{key}\" must be a string, got {type(value).__name__}; skipped")
+    return None

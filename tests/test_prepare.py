@@ -1,0 +1,184 @@
+"""data/prepare.py end to end on corpora the tests write: alignment, modes, splits, cleaning."""
+import numpy as np
+import pytest
+from conftest import read_bin, read_meta, run_script, write_jsonl
+
+from data.tokenizer import EOT_ID, PAD_ID
+from prepare import clean_text
+
+BLOCK = 64
+
+
+def corpus(n=60):
+    """Documents of varied length; some longer than a block, all with sentence ends."""
+    docs = []
+    for i in range(n):
+        body = "".join(f"第{i}篇第{j}句，春风又绿江南岸。" for j in range(1 + i % 9))
+        docs.append({"id": str(i), "title": f"标题{i}", "text": f"标题{i}\n\n{body}"})
+    return docs
+
+
+def expected_texts(docs):
+    return [clean_text(d["text"], d["title"]) for d in docs]
+
+
+def segments(tokens):
+    """Split a token array on EOT, dropping PAD: the EOT-terminated runs."""
+    runs, cur = [], []
+    for t in tokens.tolist():
+        if t == PAD_ID:
+            continue
+        if t == EOT_ID:
+            runs.append(cur)
+            cur = []
+        else:
+            cur.append(t)
+    return runs, cur
+
+
+def prepare(tmp_path, docs, mode, **overrides):
+    src = write_jsonl(tmp_path / "in.jsonl", docs)
+    out = tmp_path / f"out_{mode}"
+    args = [f"--input={src}", f"--out_dir={out}", f"--mode={mode}", f"--block_size={BLOCK}",
+            "--val_fraction=0.2"] + [f"--{k}={v}" for k, v in overrides.items()]
+    run_script("data/prepare.py", *args)
+    return out
+
+
+def test_clean_text_removes_title_line_debris_and_blank_runs():
+    text = "经济学\r\n\r\n经济学（）是一门学科()。[]\n\n\n\n它研究【 】选择。  \n"
+    assert clean_text(text, "经济学") == "经济学是一门学科。\n\n它研究选择。"
+    assert clean_text("正文第一行\n第二行", "别的标题") == "正文第一行\n第二行"
+
+
+@pytest.mark.parametrize("mode", ["aligned", "packed"])
+def test_block_alignment(tmp_path, mode):
+    out = prepare(tmp_path, corpus(), mode)
+    meta = read_meta(out)
+    assert meta["block_aligned"] and meta["block_size"] == BLOCK
+    for split in ("train", "val"):
+        size = (out / f"{split}.bin").stat().st_size
+        assert size % (2 * BLOCK) == 0
+        assert size // 2 == meta["splits"][split]["file_tokens"]
+        assert meta["splits"][split]["blocks"] == size // (2 * BLOCK)
+
+
+def test_aligned_block_decodes_to_the_start_of_one_document(tmp_path, enc):
+    docs = corpus()
+    out = prepare(tmp_path, docs, "aligned")
+    texts = set(expected_texts(docs))
+    n = 0
+    for split in ("train", "val"):
+        for block in read_bin(out / f"{split}.bin").reshape(-1, BLOCK):
+            runs, tail = segments(block)
+            assert len(runs) == 1 and not tail, "one document, one EOT per block"
+            text = enc.decode(runs[0])
+            matches = [t for t in texts if t.startswith(text)]
+            assert len(matches) == 1
+            assert text == matches[0] or text.endswith("。"), "a cut falls on a sentence end"
+            pad = block[len(runs[0]) + 1:]
+            assert (pad == PAD_ID).all()
+            n += 1
+    assert n == len(docs)
+
+
+def test_packed_blocks_hold_whole_documents_and_lose_nothing(tmp_path, enc):
+    docs = corpus()
+    out = prepare(tmp_path, docs, "packed")
+    texts = expected_texts(docs)
+    pieces = []
+    for split in ("train", "val"):
+        for block in read_bin(out / f"{split}.bin").reshape(-1, BLOCK):
+            body = block[block != PAD_ID]
+            assert (block[len(body):] == PAD_ID).all(), "padding only at the end of a block"
+            first = enc.decode(body[:8].tolist())
+            assert first.startswith("第"), f"block starts mid-sentence: {first!r}"
+            pieces.append(enc.decode(body.tolist()))
+    joined = "".join(pieces)
+    for t in texts:  # a document that fits a block sits whole in one block, followed by EOT
+        if len(enc.encode_ordinary(t)) < BLOCK:
+            assert sum(p.count(t + "<|endoftext|>") for p in pieces) == 1
+    meta = read_meta(out)
+    total = sum(meta["splits"][s]["tokens"] for s in ("train", "val"))
+    assert total == sum(len(enc.encode_ordinary(t)) + 1 for t in texts)
+    assert joined.count("<|endoftext|>") == len(texts)
+
+
+def test_stream_mode_keeps_every_token(tmp_path, enc):
+    docs = corpus()
+    out = prepare(tmp_path, docs, "stream")
+    got = []
+    for split in ("train", "val"):
+        runs, tail = segments(read_bin(out / f"{split}.bin"))
+        assert not tail
+        got += [enc.decode(r) for r in runs]
+    assert sorted(got) == sorted(expected_texts(docs))
+    meta = read_meta(out)
+    assert not meta["block_aligned"]
+    assert meta["splits"]["train"]["padding_fraction"] == 0
+
+
+def test_train_and_val_are_disjoint_and_deterministic(tmp_path, enc):
+    docs = corpus(80) + corpus(10)  # ten duplicates: a duplicate never straddles the split
+    out1 = prepare(tmp_path, docs, "stream", num_workers=1)
+    out2 = tmp_path / "again"
+    run_script("data/prepare.py", f"--input={tmp_path / 'in.jsonl'}", f"--out_dir={out2}",
+               "--mode=stream", f"--block_size={BLOCK}", "--val_fraction=0.2", "--num_workers=2",
+               "--docs_per_task=7")
+    split_texts = {}
+    for split in ("train", "val"):
+        a, b = (out1 / f"{split}.bin").read_bytes(), (out2 / f"{split}.bin").read_bytes()
+        assert a == b, "output depends on the worker count"
+        runs, _ = segments(read_bin(out1 / f"{split}.bin"))
+        split_texts[split] = {enc.decode(r) for r in runs}
+    assert split_texts["train"] and split_texts["val"]
+    assert not split_texts["train"] & split_texts["val"]
+    assert split_texts["train"] | split_texts["val"] == set(expected_texts(docs))
+
+
+def test_input_accepts_folders_globs_and_json_arrays(tmp_path):
+    import json
+    docs = corpus(40)
+    d = tmp_path / "wiki"
+    d.mkdir()
+    write_jsonl(d / "wiki-zh-subset-AA.jsonl", docs[:20])
+    (d / "wiki-zh-subset-AB.json").write_text(json.dumps(docs[20:], ensure_ascii=False, indent=1), encoding="utf-8")
+    for spec in (str(d), str(d / "wiki-zh-subset-*"), f"{d / 'wiki-zh-subset-AA.jsonl'},{d / 'wiki-zh-subset-AB.json'}"):
+        out = tmp_path / "o"
+        run_script("data/prepare.py", f"--input={spec}", f"--out_dir={out}", "--val_fraction=0.2",
+                   f"--block_size={BLOCK}")
+        meta = read_meta(out)
+        assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 40
+        assert len(meta["sources"]) == 2
+
+
+def test_long_document_without_sentence_end_is_cut_and_reported(tmp_path, enc):
+    long_doc = {"title": "无句号", "text": "，".join(["一二三四五六七八九十"] * 30)}
+    no_punct = {"title": "无标点", "text": "长" * 400}
+    out = tmp_path / "o"
+    src = write_jsonl(tmp_path / "in.jsonl", corpus(20) + [long_doc, no_punct])
+    proc = run_script("data/prepare.py", f"--input={src}", f"--out_dir={out}", "--mode=packed",
+                      f"--block_size={BLOCK}", "--val_fraction=0.2")
+    assert f"{src}:21: document of" in proc.stderr and "no sentence end" in proc.stderr
+    assert f"{src}:22: document of" in proc.stderr
+    meta = read_meta(out)
+    assert meta["problems"]["no_sentence_end"] == 2
+    assert meta["cuts"]["clause"] >= 1 and meta["cuts"]["hard"] >= 1
+    text = enc.decode([t for s in ("train", "val") for t in read_bin(out / f"{s}.bin").tolist() if t != PAD_ID])
+    assert "\ufffd" not in text, "a cut split a character"
+    assert text.count("长") == 400
+
+
+def test_packer_bounds_open_blocks():
+    from blocks import BestFitPacker
+    written = []
+    p = BestFitPacker(10, written.append, max_open=2)
+    for n in (6, 6, 6, 3, 4, 4):
+        p.add(np.full(n, 1, dtype=np.uint16))
+        assert len(p.open) <= 2
+    p.close()
+    lengths = sorted(int((b != PAD_ID).sum()) for b in written)
+    assert sum(lengths) == 29 and all(len(b) == 10 for b in written)
+    # 6,6 open two blocks; the third 6 forces the fullest out (6); 3 joins a 6 (9); the first 4
+    # fills the other 6 (10, written at once); the last 4 opens a block of its own.
+    assert lengths == [4, 6, 9, 10]

@@ -1,0 +1,87 @@
+"""data/prepare_sft.py: one pair a block, masks that cover exactly the answer and its EOT."""
+import json
+
+import numpy as np
+from conftest import read_bin, read_meta, run_script, write_jsonl
+
+from data.tokenizer import EOT_ID, PAD_ID, sft_prompt
+
+BLOCK = 64
+
+
+def pairs(n=40):
+    ps = [{"question": f"成语“第{i}号”是什么意思？", "answer": f"比喻第{i}件事情。"} for i in range(n)]
+    ps += [{"question": "“问：答：”？答：是", "answer": "问在前。"},
+           {"question": "<|endoftext|>？", "answer": "结束符<|endoftext|>。"},
+           {"question": "空格", "answer": "答案以空格开头。"}]
+    return ps
+
+
+def prepare_sft(tmp_path, src, check=True, *extra):
+    return run_script("data/prepare_sft.py", f"--input={src}", f"--out_dir={tmp_path / 'sft'}",
+                      f"--block_size={BLOCK}", "--val_fraction=0.2", *extra, check=check)
+
+
+def test_masks_cover_exactly_answer_and_eot(tmp_path, enc):
+    ps = pairs()
+    prepare_sft(tmp_path, write_jsonl(tmp_path / "in.jsonl", ps))
+    out = tmp_path / "sft"
+    by_question = {p["question"]: p["answer"] for p in ps}
+    seen = 0
+    for split in ("train", "val"):
+        toks = read_bin(out / f"{split}.bin").reshape(-1, BLOCK)
+        masks = read_bin(out / f"{split}_mask.bin", np.uint8).reshape(-1, BLOCK)
+        assert toks.shape == masks.shape
+        for t, m in zip(toks, masks):
+            marked = t[m == 1].tolist()
+            assert marked[-1] == EOT_ID and EOT_ID not in marked[:-1]
+            prompt = enc.decode(t[:np.argmax(m)].tolist())
+            assert prompt.startswith("问：") and prompt.endswith("\n答：")
+            question = prompt[len("问："):-len("\n答：")]
+            assert prompt == sft_prompt(question)
+            assert enc.decode(marked[:-1]) == by_question[question]
+            assert (t[len(enc.encode_ordinary(prompt)) + len(marked):] == PAD_ID).all()
+            assert m[t == PAD_ID].sum() == 0
+            seen += 1
+    assert seen == len(ps)
+    meta = read_meta(out)
+    assert meta["sft_template"] == "问：{question}\n答：" and meta["kind"] == "sft"
+    assert (out / "train.bin").stat().st_size % (2 * BLOCK) == 0
+
+
+def test_prompt_and_answer_are_tokenized_separately(tmp_path, enc):
+    """The answer starts where the sampler would start generating, even after "答：“"."""
+    p = {"question": "引号", "answer": "“床前明月光”出自李白。"}
+    prepare_sft(tmp_path, write_jsonl(tmp_path / "in.jsonl", [p] * 1 + pairs(10)), True, "--val_fraction=0")
+    toks = read_bin(tmp_path / "sft" / "train.bin").reshape(-1, BLOCK)[0]
+    prompt_ids = enc.encode_ordinary(sft_prompt("引号"))
+    assert toks[:len(prompt_ids)].tolist() == prompt_ids
+    assert toks[len(prompt_ids):len(prompt_ids) + 3].tolist() == enc.encode_ordinary(p["answer"])[:3]
+
+
+def test_too_long_pairs_are_dropped_and_counted(tmp_path):
+    ps = pairs(10) + [{"question": "长", "answer": "很长的回答。" * 40}]
+    proc = prepare_sft(tmp_path, write_jsonl(tmp_path / "in.jsonl", ps))
+    assert "in.jsonl:14: pair is" in proc.stderr and "dropped" in proc.stderr
+    meta = read_meta(tmp_path / "sft")
+    assert meta["problems"] == {"too_long": 1} and meta["overflow_policy"] == "drop"
+    assert meta["splits"]["train"]["pairs"] + meta["splits"]["val"]["pairs"] == 13
+
+
+def test_json_array_and_bad_pairs(tmp_path):
+    src = tmp_path / "sft.json"
+    items = pairs(10) + [{"question": "没有答案"}, {"question": "", "answer": "空问题"},
+                         {"question": "空答案", "answer": "  "}, {"answer": "没有问题"}]
+    src.write_text(json.dumps(items, ensure_ascii=False, indent=2), encoding="utf-8")
+    proc = prepare_sft(tmp_path, src)
+    meta = read_meta(tmp_path / "sft")
+    assert meta["problems"] == {"missing_answer": 1, "empty_question": 1, "empty_answer": 1,
+                                "missing_question": 1}
+    assert f"{src}:" in proc.stderr and 'no "answer" field' in proc.stderr
+
+
+def test_no_usable_pairs_fails_cleanly(tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": "不是问答"}])
+    proc = prepare_sft(tmp_path, src, False)
+    assert proc.returncode != 0 and "no usable question/answer pairs" in proc.stderr
+    assert "Traceback" not in proc.stderr and not list((tmp_path / "sft").glob("*.bin"))
