@@ -278,7 +278,8 @@ def sft_pairs(poems, idioms, authors) -> list:
     famous = [p for p in poems if p[4] and p[1] and p[2]]
     clause_next = {}   # clause of a famous poem -> set of (next clause) over the whole corpus
     line_source = {}   # first line of a famous poem -> set of (dynasty, author, title)
-    for dynasty, title, author, lines, _ in famous:
+    for poem in famous:
+        lines = poem[3]
         clauses = [c for c in CLAUSE_SPLIT.split("".join(lines)) if c]
         for a in clauses[:-1]:
             clause_next.setdefault(a, set())
@@ -323,7 +324,7 @@ def split_pairs(pairs):
     for p in pairs:
         by_kind[p["kind"]].append(p)
     test_questions = set()
-    for kind, ps in by_kind.items():
+    for ps in by_kind.values():
         ranked = sorted(ps, key=lambda p: hashlib.blake2b(p["question"].encode(), digest_size=8).digest())
         n = max(sft_test_min, round(len(ps) * sft_test_fraction))
         test_questions.update(p["question"] for p in ranked[:n])

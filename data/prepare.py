@@ -18,7 +18,6 @@ In aligned and packed files every block is block_size tokens; PAD targets are ne
 Validation documents are chosen by a hash of their text (--val_fraction), so the split is
 deterministic, independent of file order and worker count, and duplicates never straddle it.
 """
-import hashlib
 import json
 import os
 import re
@@ -32,8 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from blocks import MODES, BestFitPacker, document_pieces, pad_block
-from records import (Report, expand_inputs, file_format, line_ranges, read_json_array, read_records,
-                     string_field)
+from records import (Report, SplitWriter, expand_inputs, file_format, in_val, line_ranges,
+                     read_json_array, read_records, string_field, write_json_atomic)
 from tokenizer import encode_ordinary_array, get_tokenizer, tokenizer_meta
 
 SPLITS = ("train", "val")  # piece_split 0 and 1
@@ -67,11 +66,6 @@ def clean_text(text: str, title: str | None) -> str:
     text = _TRAILING_SPACE.sub("\n", text)
     text = _BLANK_RUNS.sub("\n\n", text)
     return text.strip()
-
-
-def in_val(text: str, fraction: float) -> bool:
-    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2**64 < fraction
 
 
 def _init_worker(settings: dict) -> None:
@@ -116,29 +110,6 @@ def process_docs(docs: list) -> dict:
             "piece_len": np.array([len(p) for p in pieces_all], dtype=np.int64),
             "piece_split": np.array(piece_split, dtype=np.int8), "counts": counts, "cuts": cuts,
             "problems": problems}
-
-
-class SplitWriter:
-    """Writes one split to a temp file; commit() renames it into place."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        self.f = open(self.tmp, "wb")
-        self.stats = Counter()
-
-    def write(self, arr: np.ndarray) -> None:
-        self.f.write(arr.tobytes())
-        self.stats["file_tokens"] += len(arr)
-
-    def commit(self) -> None:
-        self.f.close()
-        os.replace(self.tmp, self.path)
-
-    def discard(self) -> None:
-        self.f.close()
-        if self.tmp.exists():
-            self.tmp.unlink()
 
 
 def documents(records, report: Report) -> list:
@@ -279,9 +250,7 @@ if __name__ == "__main__":
         (out / "meta.json").unlink(missing_ok=True)
         for w in writers.values():
             w.commit()
-        tmp_meta = out / f"meta.json.tmp-{os.getpid()}"
-        tmp_meta.write_text(json.dumps(meta, ensure_ascii=False, indent=2), encoding="utf-8")
-        os.replace(tmp_meta, out / "meta.json")
+        write_json_atomic(out / "meta.json", meta)
         committed = True
     except KeyboardInterrupt:
         sys.exit("interrupted: nothing was written (the previous output, if any, is untouched)")

@@ -17,16 +17,14 @@ puts --val_fraction of the pairs in val.bin (held-out test pairs belong in their
 Writes out_dir/{train,val}.bin (uint16 tokens), {train,val}_mask.bin (uint8, 1 = this token is a
 trained target) and meta.json.
 """
-import hashlib
 import json
-import os
 import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from records import Report, expand_inputs, read_records, string_field
+from records import Report, SplitWriter, expand_inputs, in_val, read_records, string_field, write_json_atomic
 from tokenizer import EOT_ID, PAD_ID, SFT_TEMPLATE, get_tokenizer, sft_prompt, tokenizer_meta
 
 # ----------------------------------------------------------------------------- defaults
@@ -35,11 +33,6 @@ out_dir = "data/processed_sft"
 block_size = 256
 val_fraction = 0.02
 # -----------------------------------------------------------------------------
-
-
-def in_val(question: str, fraction: float) -> bool:
-    digest = hashlib.blake2b(question.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2**64 < fraction
 
 
 def encode_pair(enc, question: str, answer: str) -> tuple[np.ndarray, np.ndarray]:
@@ -67,61 +60,66 @@ if __name__ == "__main__":
                  "the default pairs, or pass your own JSON/JSONL of {\"question\", \"answer\"}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    blocks = {"train": ([], []), "val": ([], [])}
-    counts = {s: Counter() for s in blocks}
-    for path in paths:
-        for where, obj in read_records(path, report):
-            q = string_field(obj, "question", where, report)
-            a = string_field(obj, "answer", where, report) if q is not None else None
-            if q is None or a is None:
-                continue
-            q = q.replace("\r\n", "\n").strip()
-            a = a.replace("\r\n", "\n").strip()
-            if not q or not a:
-                report.add("empty_question" if not q else "empty_answer", where,
-                           f"{'question' if not q else 'answer'} is empty; pair skipped")
-                continue
-            tokens, mask = encode_pair(enc, q, a)
-            if len(tokens) > block_size:
-                report.add("too_long", where, f"pair is {len(tokens)} tokens, block_size={block_size}; "
-                           "dropped (policy: drop, never truncate an answer)")
-                continue
-            split = "val" if in_val(q, val_fraction) else "train"
-            tok_block = np.full(block_size, PAD_ID, dtype=np.uint16)
-            mask_block = np.zeros(block_size, dtype=np.uint8)
-            tok_block[:len(tokens)] = tokens
-            mask_block[:len(mask)] = mask
-            blocks[split][0].append(tok_block)
-            blocks[split][1].append(mask_block)
-            c = counts[split]
-            c["pairs"] += 1
-            c["tokens"] += len(tokens)
-            c["answer_tokens"] += int(mask.sum())
-    n_pairs = counts["train"]["pairs"] + counts["val"]["pairs"]
-    if n_pairs == 0:
-        sys.exit(f"no usable question/answer pairs in {len(paths)} file(s); {report.summary()}")
-    if val_fraction > 0 and counts["val"]["pairs"] == 0:
-        sys.exit(f"the val split is empty ({n_pairs} pairs, val_fraction={val_fraction}); "
-                 "add pairs or raise --val_fraction")
-    # Without meta.json the .bin files are never used: drop it first, write it last.
-    (out / "meta.json").unlink(missing_ok=True)
-    splits = {}
-    for s, (toks, masks) in blocks.items():
-        for name, arrs, dtype in ((f"{s}.bin", toks, np.uint16), (f"{s}_mask.bin", masks, np.uint8)):
-            tmp = out / f"{name}.tmp-{os.getpid()}"
-            np.concatenate(arrs or [np.zeros(0, dtype)]).tofile(tmp)
-            os.replace(tmp, out / name)
-        c = counts[s]
-        splits[s] = dict(c) | {"blocks": len(toks), "file_tokens": len(toks) * block_size,
-                               "padding_fraction": round(1 - c["tokens"] / max(1, len(toks) * block_size), 4)}
-    meta = tokenizer_meta() | {
-        "kind": "sft", "mode": "sft", "block_size": block_size, "block_aligned": True,
-        "sft_template": SFT_TEMPLATE, "overflow_policy": "drop", "val_fraction": val_fraction,
-        "splits": splits, "problems": dict(report.counts), "sources": [str(p) for p in paths],
-    }
-    tmp = out / f"meta.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(meta, ensure_ascii=False, indent=2), encoding="utf-8")
-    os.replace(tmp, out / "meta.json")
+    writers = {name: SplitWriter(out / f"{name}.bin") for name in ("train", "val", "train_mask", "val_mask")}
+    counts = {s: Counter(pairs=0, tokens=0, answer_tokens=0) for s in ("train", "val")}
+    committed = False
+    try:
+        for path in paths:
+            for where, obj in read_records(path, report):
+                q = string_field(obj, "question", where, report)
+                a = string_field(obj, "answer", where, report) if q is not None else None
+                if q is None or a is None:
+                    continue
+                q = q.replace("\r\n", "\n").strip()
+                a = a.replace("\r\n", "\n").strip()
+                if not q or not a:
+                    report.add("empty_question" if not q else "empty_answer", where,
+                               f"{'question' if not q else 'answer'} is empty; pair skipped")
+                    continue
+                tokens, mask = encode_pair(enc, q, a)
+                if len(tokens) > block_size:
+                    report.add("too_long", where, f"pair is {len(tokens)} tokens, block_size={block_size}; "
+                               "dropped (policy: drop, never truncate an answer)")
+                    continue
+                split = "val" if in_val(q, val_fraction) else "train"
+                tok_block = np.full(block_size, PAD_ID, dtype=np.uint16)
+                mask_block = np.zeros(block_size, dtype=np.uint8)
+                tok_block[:len(tokens)] = tokens
+                mask_block[:len(mask)] = mask
+                writers[split].write(tok_block)
+                writers[f"{split}_mask"].write(mask_block)
+                c = counts[split]
+                c["pairs"] += 1
+                c["tokens"] += len(tokens)
+                c["answer_tokens"] += int(mask.sum())
+        n_pairs = counts["train"]["pairs"] + counts["val"]["pairs"]
+        if n_pairs == 0:
+            sys.exit(f"no usable question/answer pairs in {len(paths)} file(s); {report.summary()}")
+        if val_fraction > 0 and counts["val"]["pairs"] == 0:
+            sys.exit(f"the val split is empty ({n_pairs} pairs, val_fraction={val_fraction}); "
+                     "add pairs or raise --val_fraction")
+        splits = {}
+        for s, c in counts.items():
+            file_tokens = writers[s].stats["file_tokens"]
+            splits[s] = dict(c) | {"blocks": c["pairs"], "file_tokens": file_tokens,
+                                   "padding_fraction": round(1 - c["tokens"] / max(1, file_tokens), 4)}
+        meta = tokenizer_meta() | {
+            "kind": "sft", "mode": "sft", "block_size": block_size, "block_aligned": True,
+            "sft_template": SFT_TEMPLATE, "overflow_policy": "drop", "val_fraction": val_fraction,
+            "splits": splits, "problems": dict(report.counts), "sources": [str(p) for p in paths],
+        }
+        # Without meta.json the .bin files are never used: drop it first, write it last.
+        (out / "meta.json").unlink(missing_ok=True)
+        for w in writers.values():
+            w.commit()
+        write_json_atomic(out / "meta.json", meta)
+        committed = True
+    except KeyboardInterrupt:
+        sys.exit("interrupted: nothing was written (the previous output, if any, is untouched)")
+    finally:
+        if not committed:
+            for w in writers.values():
+                w.discard()
     for s, c in splits.items():
         print(f"{s}: {c.get('pairs', 0):,} pairs, {c.get('answer_tokens', 0):,} answer tokens, "
               f"padding {c['padding_fraction']:.1%}")

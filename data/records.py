@@ -5,12 +5,16 @@
         for where, obj in read_records(path, report):
             ...   # where is "file:line", obj a dict; bad lines were reported and skipped
 
+Also the output side shared by the prepare scripts: the hash that picks the validation split,
+and writers that only ever leave complete files behind (temp file, then os.replace).
+
 Accepts JSONL (one object a line) and JSON arrays, a UTF-8 BOM, CRLF line ends. Reports
 (file:line, what was expected) and counts: malformed JSON, a value that is not an object,
 invalid UTF-8, an empty file, a path that does not exist. The caller adds its own kinds
 (missing field, empty text, ...) through report.add().
 """
 import glob
+import hashlib
 import json
 import os
 import sys
@@ -193,3 +197,38 @@ def string_field(obj: dict, key: str, where: str, report: Report, required: bool
     else:
         report.add(f"bad_{key}", where, f"\"{key}\" must be a string, got {type(value).__name__}; skipped")
     return None
+
+
+def in_val(key: str, fraction: float) -> bool:
+    """Deterministic split: the fraction of keys whose hash falls below it go to validation."""
+    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < fraction
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=2), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class SplitWriter:
+    """Writes one split to a temp file; commit() renames it into place."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        self.f = open(self.tmp, "wb")
+        self.stats = Counter()
+
+    def write(self, arr) -> None:
+        self.f.write(arr.tobytes())
+        self.stats["file_tokens"] += len(arr)
+
+    def commit(self) -> None:
+        self.f.close()
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        self.f.close()
+        if self.tmp.exists():
+            self.tmp.unlink()
