@@ -19,6 +19,10 @@ demo: setup
 	$(PY) data/fetch_data.py
 	$(PY) data/prepare.py
 	$(PY) data/prepare_sft.py
+	$(PY) train.py config/train_cpu.py
+	$(PY) train.py config/train_cpu_sft.py
+	$(PY) sample.py --out_dir=out-cpu --start="《春日》" --max_new_tokens=80 --num_samples=2
+	$(PY) sample.py --out_dir=out-cpu-sft --start=FILE:config/demo_questions.txt --max_new_tokens=80
 
 test: setup
 	$(PY) -m pytest

@@ -9,6 +9,11 @@ Groups:
            the same run with --num_workers=1; then
            data/bench_prepare.py: the pool's speedup over single-threaded encode_ordinary on the
            same text, and this machine's own 2-process ceiling, measured in the same run.
+  train    the course's 45M model, batch 8 x 256, fp32, CPU: train.py's own loop (a subprocess,
+           its logged tokens/s) against a plain nanoGPT-style loop on the same model, eager and
+           under torch.compile, in the same run.
+  generate batch 1, 45M model: KV-cache decoding against recomputing the whole sequence every
+           step (nanoGPT's generate), 256 and 512 new tokens.
 Figures are measured on the machine that runs this; compare ratios from one run, not seconds
 across machines.
 """
@@ -87,7 +92,66 @@ def bench_prepare() -> None:
     print(result.stdout, end="", flush=True)
 
 
-GROUPS = {"prepare": bench_prepare}
+def plain_loop_tokens_per_s(model, steps: int, batch: int, block: int) -> float:
+    """nanoGPT's inner loop: random batch, forward, backward, clip, AdamW step."""
+    import torch
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95))
+    x = torch.randint(0, 50257, (batch, block))
+    y = torch.randint(0, 50257, (batch, block))
+    for i in range(steps + 2):  # two warm-up steps (compilation, allocator)
+        if i == 2:
+            t0 = time.perf_counter()
+        _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return steps * batch * block / (time.perf_counter() - t0)
+
+
+def bench_train() -> None:
+    import torch
+    from model import GPT, GPTConfig
+    steps, batch, block = 6, 8, 256
+    data = ROOT / "data/processed_pretrain"
+    if not (data / "meta.json").exists():
+        subprocess.run([sys.executable, "data/prepare.py"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "train.py", "config/train_config.py", f"--out_dir={tmp}",
+                        f"--batch_size={batch}", "--gradient_accumulation_steps=1", f"--max_iters={steps + 2}",
+                        "--eval_interval=100000", "--eval_iters=1", "--log_interval=2", "--compile=False",
+                        "--device=cpu", "--dtype=float32"], cwd=ROOT, check=True, capture_output=True)
+        records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["tokens_per_s"] for r in records if r["split"] == "train"][1:]  # first interval warms up
+    ours = sum(rates) / len(rates)
+    torch.manual_seed(0)
+    plain = plain_loop_tokens_per_s(GPT(GPTConfig(block_size=block)), steps, batch, block)
+    compiled = plain_loop_tokens_per_s(torch.compile(GPT(GPTConfig(block_size=block))), steps, batch, block)
+    metric("train_tokens_per_s", ours, "tokens/s (train.py, 45M, 8x256, fp32, CPU)")
+    metric("train_plain_loop_tokens_per_s", plain, "tokens/s (nanoGPT-style loop, same model)")
+    metric("train_compiled_loop_tokens_per_s", compiled, "tokens/s (same loop, torch.compile)")
+    metric("train_vs_plain_loop", ours / plain, "x")
+
+
+def bench_generate() -> None:
+    import torch
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=256)).eval()
+    prompt = torch.randint(0, 50257, (1, 16))
+    for new in (256, 512):
+        rates = {}
+        for use_cache in (True, False):
+            list(model.generate(prompt, 8, temperature=0, use_cache=use_cache))  # warm-up
+            t0 = time.perf_counter()
+            n = len(list(model.generate(prompt, new, temperature=0, use_cache=use_cache)))
+            rates[use_cache] = n / (time.perf_counter() - t0)
+        metric(f"generate_tokens_per_s_kv_{new}", rates[True], "tokens/s (batch 1, 45M, CPU)")
+        metric(f"generate_tokens_per_s_nocache_{new}", rates[False], "tokens/s")
+        metric(f"generate_kv_speedup_{new}", rates[True] / rates[False], "x")
+
+
+GROUPS = {"prepare": bench_prepare, "train": bench_train, "generate": bench_generate}
 
 if __name__ == "__main__":
     exec(open(ROOT / "configurator.py", encoding="utf-8").read())

@@ -14,6 +14,7 @@ a float). Anything else exits with a message naming the key. Afterwards `config`
 final values as a dict, to print and to save in checkpoints. -h/--help lists the keys.
 """
 import ast as _ast
+import builtins as _builtins  # scripts may have a config key named compile or input
 import sys as _sys
 
 
@@ -56,7 +57,7 @@ def _apply_overrides(g, argv):
             except OSError as e:
                 _sys.exit(f"config file {arg}: cannot read it ({e.strerror})")
             assigned = {"__file__": arg}
-            exec(compile(source, arg, "exec"), assigned)
+            exec(_builtins.compile(source, arg, "exec"), assigned)
             for k, v in assigned.items():
                 if k.startswith("_") or not k.islower() or callable(v) or isinstance(v, type(_sys)):
                     continue

@@ -1,0 +1,272 @@
+"""MiniGLM's decoder-only transformer (GPT-2 style) with a masked loss and KV-cache generation.
+
+    from model import GPT, GPTConfig
+    model = GPT(GPTConfig(block_size=256))        # 6 layers, 512 wide, 8 heads: about 45M params
+    logits, loss = model(x, y, loss_mask)         # x, y, loss_mask: (B, T)
+    for token in model.generate(prompt_ids, max_new_tokens=256, eot_id=50256): ...
+
+No I/O here: no paths, no tokenizer, no argparse. Attention is torch's scaled_dot_product_attention
+(flash/memory-efficient kernels where the device has them).
+"""
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def select_device(device: str = "", dtype: str = "") -> tuple[str, str]:
+    """The one place device and dtype are chosen. device "": cuda, then mps, then cpu.
+    dtype "": bfloat16 on a CUDA GPU that supports it, float16 on older GPUs (train with a
+    GradScaler), float32 on mps and cpu."""
+    if not device:
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if not dtype:
+        if device.startswith("cuda"):
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        else:
+            dtype = "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype {dtype!r}: expected float32, bfloat16 or float16")
+    return device, dtype
+
+
+def autocast_context(device: str, dtype: str):
+    """Mixed precision on CUDA; plain float32 elsewhere (CPU autocast is slower here)."""
+    if device.startswith("cuda") and dtype != "float32":
+        return torch.autocast(device_type="cuda", dtype=getattr(torch, dtype))
+    return nullcontext()
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 256      # the longest context the model attends over
+    vocab_size: int = 50304    # GPT-2's 50257 rounded up to a multiple of 64 (room for PAD)
+    n_layer: int = 6
+    n_head: int = 8
+    n_embd: int = 512
+    dropout: float = 0.0
+    bias: bool = False         # biases in Linear and LayerNorm (GPT-2 had them; slightly slower)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (torch's has no bias=False before 2.1 on all paths)."""
+
+    def __init__(self, ndim: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far: (B, n_head, T, head_dim) each."""
+
+    def __init__(self, n_layer: int):
+        self.k = [None] * n_layer
+        self.v = [None] * n_layer
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k[0] is None else self.k[0].size(2)
+
+    def update(self, layer: int, k, v):
+        if self.k[layer] is not None:
+            k = torch.cat([self.k[layer], k], dim=2)
+            v = torch.cat([self.v[layer], v], dim=2)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head, self.dropout = config.n_head, config.dropout
+
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0, past: int = 0):
+        """past: how many tokens the cache held before this call (the same for every layer)."""
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        # (B, T, C) -> (B, n_head, T, head_dim)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        if past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                               is_causal=True)
+        else:
+            # new queries sit at positions past..past+T-1 and may see keys 0..past+i (all, if T == 1)
+            mask = None if T == 1 else torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None, layer=0, past=0):
+        x = x + self.attn(self.ln_1(x), cache, layer, past)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scaled init of the residual projections
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # the tied embedding counts once
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def forward(self, idx, targets=None, loss_mask=None, cache: KVCache | None = None, return_logits=True):
+        """idx, targets, loss_mask: (B, T). Returns (logits, loss).
+
+        With targets: logits (B, T, vocab) and loss = sum(ce * mask) / sum(mask), the mean
+        cross-entropy over counted targets (all of them when loss_mask is None); 0 when the
+        mask counts nothing. return_logits=False (training) skips the vocabulary projection of
+        positions the mask does not count and returns logits None: for SFT blocks, mostly
+        question and padding, that is most of the work. Without targets: logits of the last
+        position only, (B, 1, vocab), and loss None. With a cache, idx continues the cached tokens."""
+        B, T = idx.size()
+        past = cache.length if cache is not None else 0
+        if past + T > self.config.block_size:
+            raise ValueError(f"sequence of {past + T} tokens exceeds block_size {self.config.block_size}")
+        pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache, i, past)
+        x = self.transformer.ln_f(x)
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None
+        targets = targets.reshape(-1)
+        mask = torch.ones_like(targets, dtype=torch.bool) if loss_mask is None else loss_mask.reshape(-1).bool()
+        if return_logits:
+            logits = self.lm_head(x)
+            ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets, reduction="none")
+            return logits, (ce * mask).sum() / mask.sum().clamp(min=1)
+        keep = mask.nonzero().squeeze(1)  # (N,) counted positions
+        h = x.view(-1, x.size(-1)).index_select(0, keep)
+        ce = F.cross_entropy(self.lm_head(h).float(), targets.index_select(0, keep), reduction="sum")
+        return None, ce / max(1, keep.numel())
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW; 2-D weights (matmuls, embeddings) decay, biases and norms do not."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        fused = device_type == "cuda"
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token (PaLM appendix B): 6N + 12 L H Q T."""
+        c = self.config
+        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, repetition_penalty: float = 1.0, eot_id: int | None = None,
+                 max_token_id: int | None = None, use_cache: bool = True, generator=None, constraint=None):
+        """Yield new token ids one at a time for a prompt idx of shape (1, T).
+
+        The prompt is processed once; then, with use_cache, one token per step through the KV
+        cache. Prompts longer than block_size keep their last block_size - 1 tokens. When the
+        context reaches block_size, the oldest half is dropped and the cache is rebuilt from the
+        remaining tokens (positions restart at 0), so generation can run past block_size; the
+        uncached path applies the same rule, so both give the same tokens.
+        temperature 0 means greedy. top_k / top_p filter the distribution; repetition_penalty > 1
+        divides the positive logits (multiplies the negative) of tokens already in the context.
+        Ids >= max_token_id (e.g. PAD and the vocabulary padding) are never sampled. constraint
+        (optional) restricts each step to constraint.allowed(state), a (vocab,) bool mask, with
+        state = constraint.advance(state, token) after every token (starting at 0). Stops after
+        yielding eot_id."""
+        block = self.config.block_size
+        ctx = idx[:, -(block - 1):]
+        cache, fed = None, 0  # fed: how many tokens of ctx the cache holds
+        state = 0
+        for _ in range(max_new_tokens):
+            if ctx.size(1) >= block:
+                ctx = ctx[:, -(block // 2):]
+                cache, fed = None, 0
+            if use_cache:
+                if cache is None:
+                    cache = KVCache(self.config.n_layer)
+                logits, _ = self(ctx[:, fed:], cache=cache)
+                fed = ctx.size(1)
+            else:
+                logits, _ = self(ctx)
+            logits = logits[:, -1, :].float()
+            if max_token_id is not None:
+                logits[:, max_token_id:] = -float("inf")
+            if constraint is not None:
+                logits[:, ~constraint.allowed(state).to(logits.device)] = -float("inf")
+            if repetition_penalty != 1.0:
+                seen = torch.unique(ctx)
+                picked = logits[:, seen]
+                logits[:, seen] = torch.where(picked > 0, picked / repetition_penalty, picked * repetition_penalty)
+            if temperature <= 0:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                    logits[logits < kth] = -float("inf")
+                if top_p is not None and 0 < top_p < 1:
+                    sorted_logits, order = torch.sort(logits, descending=True)
+                    cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+                    drop = cum - torch.softmax(sorted_logits, dim=-1) > top_p  # keep the first over top_p
+                    sorted_logits[drop] = -float("inf")
+                    logits = torch.full_like(logits, -float("inf")).scatter(1, order, sorted_logits)
+                nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
+            ctx = torch.cat([ctx, nxt], dim=1)
+            token = int(nxt)
+            if constraint is not None:
+                state = constraint.advance(state, token)
+            yield token
+            if eot_id is not None and token == eot_id:
+                return

@@ -1,0 +1,153 @@
+"""model.py: size, masked loss, learning, KV-cache generation; the streaming decoder."""
+import pytest
+import torch
+
+from data.tokenizer import EOT_ID, MODEL_VOCAB_SIZE, VOCAB_SIZE, StreamDecoder
+from model import GPT, GPTConfig
+
+
+def tiny(block_size=32, **kw):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=block_size, n_layer=2, n_head=2, n_embd=32, **kw)).eval()
+
+
+def test_default_config_has_about_45m_parameters():
+    model = GPT(GPTConfig())
+    n = model.num_params()
+    print(f"default model: {n:,} parameters")
+    assert (model.config.n_layer, model.config.n_head, model.config.n_embd) == (6, 8, 512)
+    assert model.config.vocab_size == MODEL_VOCAB_SIZE == 50304
+    assert 44_000_000 < n < 46_000_000
+
+
+def test_masked_targets_do_not_change_the_loss():
+    model = tiny()
+    x = torch.randint(0, VOCAB_SIZE, (3, 16))
+    y = torch.randint(0, VOCAB_SIZE, (3, 16))
+    mask = torch.rand(3, 16) > 0.5
+    _, loss = model(x, y, mask)
+    y2 = torch.where(mask, y, torch.randint(0, VOCAB_SIZE, (3, 16)))
+    _, loss2 = model(x, y2, mask)
+    assert torch.equal(loss, loss2)
+    logits, _ = model(x, y, mask)
+    ce = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), reduction="none")
+    assert torch.allclose(loss, ce[mask.view(-1)].mean())
+
+
+def test_all_zero_mask_is_safe():
+    model = tiny().train()
+    x = torch.randint(0, VOCAB_SIZE, (2, 8))
+    _, loss = model(x, x, torch.zeros(2, 8, dtype=torch.bool))
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_tiny_model_overfits_one_batch():
+    model = tiny().train()
+    x = torch.randint(0, 1000, (4, 32))
+    y = torch.roll(x, -1, dims=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(150):
+        _, loss = model(x, y)
+        first = first or loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert first > 6 and loss.item() < 0.5, (first, loss.item())
+
+
+@pytest.mark.parametrize("prompt_len,new", [(5, 20), (20, 60), (40, 10)])
+def test_kv_cache_greedy_equals_uncached(prompt_len, new):
+    """Token for token, also across the block_size rebuild and for prompts over the block."""
+    model = tiny(block_size=32)
+    idx = torch.randint(0, VOCAB_SIZE, (1, prompt_len))
+    cached = list(model.generate(idx, new, temperature=0, use_cache=True))
+    plain = list(model.generate(idx, new, temperature=0, use_cache=False))
+    assert cached == plain and len(cached) == new
+
+
+def test_kv_cache_sampling_equals_uncached_with_the_same_seed():
+    model = tiny(block_size=32)
+    idx = torch.randint(0, VOCAB_SIZE, (1, 6))
+    runs = [list(model.generate(idx, 40, temperature=1.0, top_k=50, top_p=0.9, repetition_penalty=1.2,
+                                use_cache=c, generator=torch.Generator().manual_seed(7))) for c in (True, False)]
+    assert runs[0] == runs[1]
+
+
+def test_long_prompt_keeps_its_last_tokens():
+    model = tiny(block_size=32)
+    idx = torch.randint(0, VOCAB_SIZE, (1, 100))
+    assert list(model.generate(idx, 5, temperature=0)) == list(model.generate(idx[:, -31:], 5, temperature=0))
+
+
+def test_never_samples_padding_ids_and_stops_at_eot(monkeypatch):
+    model = tiny()
+    favourite = {"id": 7}
+
+    def forward(idx, targets=None, loss_mask=None, cache=None):  # PAD and padding rows dominate
+        logits = torch.zeros(idx.size(0), 1, MODEL_VOCAB_SIZE)
+        logits[..., VOCAB_SIZE:] = 100.0
+        logits[..., favourite["id"]] = 1.0
+        return logits, None
+
+    monkeypatch.setattr(model, "forward", forward)
+    x = torch.zeros(1, 4, dtype=torch.long)
+    assert list(model.generate(x, 5, temperature=0, max_token_id=VOCAB_SIZE)) == [7] * 5
+    out = list(model.generate(x, 200, temperature=2.0, max_token_id=VOCAB_SIZE,
+                              generator=torch.Generator().manual_seed(0)))
+    assert len(out) == 200 and max(out) < VOCAB_SIZE
+    favourite["id"] = EOT_ID
+    assert list(model.generate(x, 50, temperature=0, eot_id=EOT_ID, max_token_id=VOCAB_SIZE)) == [EOT_ID]
+
+
+def test_forward_rejects_sequences_over_the_block():
+    with pytest.raises(ValueError, match="exceeds block_size 32"):
+        tiny(block_size=32)(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_stream_decoder_never_emits_broken_characters(enc):
+    text = "魑魅魍魉，𠀀龘。Hello 世界"
+    ids = enc.encode_ordinary(text)
+    assert len(ids) > len(text) // 2, "this text should need multi-token characters"
+    dec = StreamDecoder()
+    pieces = [dec.push(t) for t in ids] + [dec.flush()]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == text
+    assert sum(1 for p in pieces if p) > 3, "text streams out as it comes"
+
+
+def test_flush_drops_a_character_cut_off_by_the_end(enc):
+    ids = enc.encode_ordinary("你好魑")
+    dec = StreamDecoder()
+    text = "".join(dec.push(t) for t in ids[:-1]) + dec.flush()
+    assert text == "你好"
+
+
+def test_utf8_constraint_keeps_random_models_from_broken_characters(enc):
+    """An untrained model emits stray byte tokens; with the constraint every sample decodes cleanly."""
+    from data.tokenizer import utf8_constraint
+    model = tiny()
+    x = torch.tensor([enc.encode_ordinary("床前明月光")])
+    g = torch.Generator().manual_seed(0)
+    free = enc.decode(list(model.generate(x, 300, temperature=1.5, max_token_id=VOCAB_SIZE, generator=g)),
+                      errors="replace")
+    assert "\ufffd" in free, "the unconstrained sample should show the problem"
+    g = torch.Generator().manual_seed(0)
+    ids = list(model.generate(x, 300, temperature=1.5, max_token_id=VOCAB_SIZE, generator=g,
+                              constraint=utf8_constraint()))
+    dec = StreamDecoder()
+    text = "".join(dec.push(t) for t in ids) + dec.flush()
+    assert "\ufffd" not in text and len(text) > 50
+
+
+def test_loss_without_logits_equals_the_full_masked_loss():
+    model = tiny().train()
+    x = torch.randint(0, VOCAB_SIZE, (3, 16))
+    y = torch.randint(0, VOCAB_SIZE, (3, 16))
+    for mask in (torch.rand(3, 16) > 0.7, None, torch.zeros(3, 16, dtype=torch.bool)):
+        _, full = model(x, y, mask)
+        logits, fast = model(x, y, mask, return_logits=False)
+        assert logits is None and torch.allclose(full, fast, atol=1e-6)
+        fast.backward()  # differentiable even when nothing is counted
