@@ -256,6 +256,8 @@ if __name__ == "__main__":
                     save_checkpoint()
                 eval_seconds += time.time() - t_eval
             if iter_num >= max_iters:
+                if ddp:
+                    torch.distributed.barrier()  # rank 0 may still be saving; leave together
                 break
             for micro in range(gradient_accumulation_steps):
                 x, y, m = get_batch(train_ds, batch_size, device, batch_gen)
