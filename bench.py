@@ -12,8 +12,13 @@ Groups:
   train    the course's 45M model, batch 8 x 256, fp32, CPU: train.py's own loop (a subprocess,
            its logged tokens/s) against a plain nanoGPT-style loop on the same model, eager and
            under torch.compile, in the same run.
-  generate batch 1, 45M model: KV-cache decoding against recomputing the whole sequence every
-           step (nanoGPT's generate), 256 and 512 new tokens.
+  generate batch 1, 45M model: KV-cache decoding (model.generate) against nanoGPT's generate,
+           which runs the whole sequence (its last block_size tokens) through the model every
+           step; 256 and 512 new tokens.
+  modes    (only with --only=modes; about 15 minutes on 2 cores) the prepare-mode question:
+           the CPU model of config/train_cpu.py trained for modes_iters steps on stream, aligned
+           and packed data (equal compute: same steps, batch and block), then scored on the same
+           held-out documents: mean NLL per token of each document from its first token, + EOT.
 Figures are measured on the machine that runs this; compare ratios from one run, not seconds
 across machines.
 """
@@ -28,7 +33,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 
 # ----------------------------------------------------------------------------- defaults
-only = ""                                  # a group name, or "" for all
+only = ""                                  # a group name, or "" for all but modes
+modes_iters = 150
+modes_docs = 400                           # held-out documents scored per mode
 corpus = "data/raw/pretrain.jsonl"
 # -----------------------------------------------------------------------------
 
@@ -133,30 +140,85 @@ def bench_train() -> None:
     metric("train_vs_plain_loop", ours / plain, "x")
 
 
+def nanogpt_generate(model, idx, max_new_tokens: int):
+    """nanoGPT's generate, greedy: the whole (cropped) sequence through the model every step."""
+    import torch
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            logits, _ = model(idx[:, -model.config.block_size:])
+            idx = torch.cat([idx, logits[:, -1, :].argmax(dim=-1, keepdim=True)], dim=1)
+    return idx
+
+
 def bench_generate() -> None:
     import torch
     from model import GPT, GPTConfig
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=256)).eval()
     prompt = torch.randint(0, 50257, (1, 16))
+    list(model.generate(prompt, 8, temperature=0))  # warm-up
     for new in (256, 512):
-        rates = {}
-        for use_cache in (True, False):
-            list(model.generate(prompt, 8, temperature=0, use_cache=use_cache))  # warm-up
+        t0 = time.perf_counter()
+        n = len(list(model.generate(prompt, new, temperature=0)))
+        kv = n / (time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        plain = (nanogpt_generate(model, prompt, new).size(1) - prompt.size(1)) / (time.perf_counter() - t0)
+        metric(f"generate_tokens_per_s_kv_{new}", kv, "tokens/s (batch 1, 45M, fp32, CPU, greedy)")
+        metric(f"generate_tokens_per_s_nocache_{new}", plain, "tokens/s (nanoGPT's generate, same model)")
+        metric(f"generate_kv_speedup_{new}", kv / plain, "x")
+
+
+def document_nll(model, docs: list, block: int) -> float:
+    """Mean NLL per token over documents, each scored alone from its first token (+ EOT)."""
+    import torch
+    from data.tokenizer import EOT_ID
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for doc in docs:
+            seq = (doc + [EOT_ID])[:block + 1]
+            x, y = torch.tensor([seq[:-1]]), torch.tensor([seq[1:]])
+            _, loss = model(x, y)
+            total += loss.item() * y.numel()
+            count += y.numel()
+    return total / count
+
+
+def bench_modes() -> None:
+    import numpy as np
+    from data.tokenizer import EOT_ID
+    from sample import load_checkpoint
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in ("stream", "aligned", "packed"):
+            subprocess.run([sys.executable, "data/prepare.py", f"--input={corpus}", f"--out_dir={tmp}/{mode}",
+                            f"--mode={mode}"], cwd=ROOT, check=True, capture_output=True)
+        val = np.fromfile(f"{tmp}/stream/val.bin", dtype=np.uint16).tolist()
+        docs, cur = [], []
+        for t in val:
+            if t == EOT_ID:
+                docs.append(cur)
+                cur = []
+            else:
+                cur.append(t)
+        docs = docs[:modes_docs]
+        for mode in ("stream", "aligned", "packed"):
             t0 = time.perf_counter()
-            n = len(list(model.generate(prompt, new, temperature=0, use_cache=use_cache)))
-            rates[use_cache] = n / (time.perf_counter() - t0)
-        metric(f"generate_tokens_per_s_kv_{new}", rates[True], "tokens/s (batch 1, 45M, CPU)")
-        metric(f"generate_tokens_per_s_nocache_{new}", rates[False], "tokens/s")
-        metric(f"generate_kv_speedup_{new}", rates[True] / rates[False], "x")
+            subprocess.run([sys.executable, "train.py", "config/train_cpu.py", f"--data_dir={tmp}/{mode}",
+                            f"--out_dir={tmp}/out-{mode}", f"--max_iters={modes_iters}",
+                            f"--lr_decay_iters={modes_iters}", f"--eval_interval={modes_iters}", "--eval_iters=5"],
+                           cwd=ROOT, check=True, capture_output=True)
+            model, ckpt = load_checkpoint(f"{tmp}/out-{mode}")
+            nll = document_nll(model, docs, ckpt["model_args"]["block_size"])
+            metric(f"mode_{mode}_heldout_nll", nll, f"nats/token ({len(docs)} held-out documents, "
+                   f"{modes_iters} steps, {time.perf_counter() - t0:.0f}s)")
 
 
-GROUPS = {"prepare": bench_prepare, "train": bench_train, "generate": bench_generate}
+GROUPS = {"prepare": bench_prepare, "train": bench_train, "generate": bench_generate, "modes": bench_modes}
+DEFAULT = ("prepare", "train", "generate")
 
 if __name__ == "__main__":
     exec(open(ROOT / "configurator.py", encoding="utf-8").read())
     if only and only not in GROUPS:
         sys.exit(f"--only={only!r}: expected one of {', '.join(GROUPS)}")
     for name, fn in GROUPS.items():
-        if not only or only == name:
+        if only == name or (not only and name in DEFAULT):
             fn()

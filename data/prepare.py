@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from blocks import MODES, BestFitPacker, document_pieces, pad_block
-from records import (Report, SplitWriter, expand_inputs, file_format, in_val, line_ranges,
-                     read_json_array, read_records, string_field, write_json_atomic)
+from records import (Report, SplitWriter, check_block_args, commit_outputs, expand_inputs, file_format,
+                     in_val, line_ranges, read_json_array, read_records, string_field)
 from tokenizer import encode_ordinary_array, get_tokenizer, tokenizer_meta
 
 SPLITS = ("train", "val")  # piece_split 0 and 1
@@ -169,10 +169,7 @@ if __name__ == "__main__":
     exec(open(Path(__file__).resolve().parents[1] / "configurator.py", encoding="utf-8").read())
     if mode not in MODES:
         sys.exit(f"--mode={mode!r}: expected one of {', '.join(MODES)}")
-    if not 16 <= block_size <= 65536:
-        sys.exit(f"--block_size={block_size}: expected 16..65536")
-    if not 0 <= val_fraction < 1:
-        sys.exit(f"--val_fraction={val_fraction}: expected 0 <= val_fraction < 1")
+    check_block_args(block_size, val_fraction)
     print(json.dumps(config, ensure_ascii=False))
 
     report = Report()
@@ -246,11 +243,7 @@ if __name__ == "__main__":
             "splits": splits, "cuts": dict(cut_kinds), "problems": dict(report.counts),
             "sources": [str(p) for p in paths],
         }
-        # Order matters for interruptions: without meta.json the .bin files are not used.
-        (out / "meta.json").unlink(missing_ok=True)
-        for w in writers.values():
-            w.commit()
-        write_json_atomic(out / "meta.json", meta)
+        commit_outputs(out, writers.values(), meta)
         committed = True
     except KeyboardInterrupt:
         sys.exit("interrupted: nothing was written (the previous output, if any, is untouched)")

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from records import Report, SplitWriter, expand_inputs, in_val, read_records, string_field, write_json_atomic
+from records import (Report, SplitWriter, check_block_args, commit_outputs, expand_inputs, in_val,
+                     read_records, string_field)
 from tokenizer import EOT_ID, PAD_ID, SFT_TEMPLATE, get_tokenizer, sft_prompt, tokenizer_meta
 
 # ----------------------------------------------------------------------------- defaults
@@ -47,10 +48,7 @@ def encode_pair(enc, question: str, answer: str) -> tuple[np.ndarray, np.ndarray
 
 if __name__ == "__main__":
     exec(open(Path(__file__).resolve().parents[1] / "configurator.py", encoding="utf-8").read())
-    if not 16 <= block_size <= 65536:
-        sys.exit(f"--block_size={block_size}: expected 16..65536")
-    if not 0 <= val_fraction < 1:
-        sys.exit(f"--val_fraction={val_fraction}: expected 0 <= val_fraction < 1")
+    check_block_args(block_size, val_fraction)
     print(json.dumps(config, ensure_ascii=False))
     enc = get_tokenizer()
     report = Report()
@@ -108,11 +106,7 @@ if __name__ == "__main__":
             "sft_template": SFT_TEMPLATE, "overflow_policy": "drop", "val_fraction": val_fraction,
             "splits": splits, "problems": dict(report.counts), "sources": [str(p) for p in paths],
         }
-        # Without meta.json the .bin files are never used: drop it first, write it last.
-        (out / "meta.json").unlink(missing_ok=True)
-        for w in writers.values():
-            w.commit()
-        write_json_atomic(out / "meta.json", meta)
+        commit_outputs(out, writers.values(), meta)
         committed = True
     except KeyboardInterrupt:
         sys.exit("interrupted: nothing was written (the previous output, if any, is untouched)")

@@ -211,6 +211,23 @@ def write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def check_block_args(block_size: int, val_fraction: float) -> None:
+    """Exit with a message naming the key when a prepare script's shared settings are off."""
+    if not 16 <= block_size <= 65536:
+        sys.exit(f"--block_size={block_size}: expected 16..65536")
+    if not 0 <= val_fraction < 1:
+        sys.exit(f"--val_fraction={val_fraction}: expected 0 <= val_fraction < 1")
+
+
+def commit_outputs(out: Path, writers, meta: dict) -> None:
+    """Move finished .bin files into place, meta.json last: without meta.json the .bin files
+    are never used, so an interruption at any point leaves nothing that looks valid."""
+    (out / "meta.json").unlink(missing_ok=True)
+    for w in writers:
+        w.commit()
+    write_json_atomic(out / "meta.json", meta)
+
+
 class SplitWriter:
     """Writes one split to a temp file; commit() renames it into place."""
 
