@@ -30,6 +30,7 @@ top_k = 50
 top_p = 0.95
 repetition_penalty = 1.1
 utf8_only = True            # sample only tokens that keep the text valid UTF-8 (no "\ufffd")
+stop = ""                   # also stop at these strings ("|" between several), besides EOT
 seed = 1337
 device = ""                 # "" = cuda, then mps, then cpu
 save_path = ""
@@ -73,14 +74,17 @@ def render_prompt(ckpt: dict, text: str, mode: str) -> str:
 def stream_reply(model: GPT, ckpt: dict, text: str, mode: str, max_new_tokens: int = 256,
                  temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = 0.95,
                  repetition_penalty: float = 1.1, generator: torch.Generator | None = None,
-                 stats: dict | None = None, utf8_only: bool = True):
-    """Yield the reply as text pieces that are whole characters. stats (if given) gets
-    new_tokens, stopped_at_eot and seconds."""
+                 stats: dict | None = None, utf8_only: bool = True, stop: tuple = ()):
+    """Yield the reply as text pieces that are whole characters; it ends at EOT, after
+    max_new_tokens, or before the first of the stop strings. stats (if given) gets new_tokens,
+    stopped_at_eot and seconds."""
     enc = get_tokenizer()
     device = next(model.parameters()).device
     ids = enc.encode_ordinary(render_prompt(ckpt, text, mode))
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     decoder, n, eot, t0 = StreamDecoder(), 0, False, time.perf_counter()
+    held, stopped = "", False  # held: text not yet shown, it could be the start of a stop string
+    keep = max((len(s) for s in stop), default=1) - 1
     for token in model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                 repetition_penalty=repetition_penalty, eot_id=EOT_ID,
                                 max_token_id=VOCAB_SIZE, generator=generator,
@@ -89,12 +93,18 @@ def stream_reply(model: GPT, ckpt: dict, text: str, mode: str, max_new_tokens: i
         if token == EOT_ID:
             eot = True
             break
-        piece = decoder.push(token)
-        if piece:
-            yield piece
-    tail = decoder.flush()
-    if tail:
-        yield tail
+        held += decoder.push(token)
+        cut = min((i for i in (held.find(s) for s in stop) if i >= 0), default=-1)
+        if cut >= 0:
+            held, stopped = held[:cut], True
+            break
+        if len(held) > keep:
+            yield held[:len(held) - keep]
+            held = held[len(held) - keep:]
+    if not stopped:
+        held += decoder.flush()
+    if held:
+        yield held
     if stats is not None:
         stats.update(new_tokens=n, stopped_at_eot=eot, seconds=time.perf_counter() - t0)
 
@@ -131,7 +141,8 @@ if __name__ == "__main__":
             stats = {}
             pieces = []
             for piece in stream_reply(model, ckpt, prompt, mode, max_new_tokens, temperature, top_k, top_p,
-                                      repetition_penalty, gen, stats, utf8_only):
+                                      repetition_penalty, gen, stats, utf8_only,
+                                      tuple(s for s in stop.split("|") if s)):
                 pieces.append(piece)
                 print(piece, end="", flush=True)
             print(f"\n[{stats['new_tokens']} tokens, {stats['new_tokens'] / max(stats['seconds'], 1e-9):.1f} tokens/s"

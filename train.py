@@ -151,6 +151,7 @@ if __name__ == "__main__":
         except (FileNotFoundError, ValueError) as e:
             fail(str(e))
         model_args = ckpt["model_args"] | {"dropout": dropout}
+        config.update({k: model_args[k] for k in ("n_layer", "n_head", "n_embd", "bias")})  # the model's truth
         if model_args["block_size"] != block_size:
             fail(f"checkpoint {source} has block_size={model_args['block_size']}, data {data_dir} has "
                  f"block_size={block_size}: prepare the data with --block_size={model_args['block_size']}")

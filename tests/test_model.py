@@ -151,3 +151,16 @@ def test_loss_without_logits_equals_the_full_masked_loss():
         logits, fast = model(x, y, mask, return_logits=False)
         assert logits is None and torch.allclose(full, fast, atol=1e-6)
         fast.backward()  # differentiable even when nothing is counted
+
+
+def test_stream_reply_stops_at_stop_strings_and_eot(monkeypatch, enc):
+    from sample import stream_reply
+    model = tiny()
+    ckpt = {"data_meta": {"sft_template": "问：{question}\n答："}}
+    scripted = enc.encode_ordinary("答案是画蛇添足。\n问：下一个问题") + [EOT_ID]
+    monkeypatch.setattr(model, "generate", lambda *a, **k: iter(scripted))
+    pieces = list(stream_reply(model, ckpt, "问题", "chat", stop=("\n问：",)))
+    assert "".join(pieces) == "答案是画蛇添足。" and len(pieces) > 1
+    stats = {}
+    assert "".join(stream_reply(model, ckpt, "问题", "chat", stats=stats)) == "答案是画蛇添足。\n问：下一个问题"
+    assert stats["stopped_at_eot"] and stats["new_tokens"] == len(scripted)
