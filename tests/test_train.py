@@ -172,3 +172,19 @@ def test_gpu_config_on_cpu_warns_and_runs(data, tmp_path):
 def test_unknown_config_key_is_rejected():
     proc = run_script("train.py", "--learnig_rate=1e-3", check=False)
     assert proc.returncode != 0 and "unknown key 'learnig_rate'" in proc.stderr
+
+
+def test_sample_cli_bad_input(data, tmp_path):
+    proc = run_script("sample.py", f"--out_dir={tmp_path / 'none'}", "--start=你好", check=False)
+    assert proc.returncode != 0 and "no checkpoint here" in proc.stderr and "Traceback" not in proc.stderr
+    train(f"--data_dir={data / 'pre'}", f"--out_dir={tmp_path}", "--max_iters=1", "--eval_interval=1")
+    proc = run_script("sample.py", f"--out_dir={tmp_path}", f"--start=FILE:{tmp_path / 'missing.txt'}", check=False)
+    assert proc.returncode != 0 and "cannot read the file" in proc.stderr
+    proc = run_script("sample.py", f"--out_dir={tmp_path}", "--mode=poem", check=False)
+    assert proc.returncode != 0 and "expected chat or generate" in proc.stderr
+    (tmp_path / "q.txt").write_text("床前\n\n明月\n", encoding="utf-8")
+    out = tmp_path / "r.jsonl"
+    proc = run_script("sample.py", f"--out_dir={tmp_path}", f"--start=FILE:{tmp_path / 'q.txt'}",
+                      "--max_new_tokens=5", f"--save_path={out}")
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["prompt"] for r in rows] == ["床前", "明月"] and all(r["new_tokens"] <= 5 for r in rows)
