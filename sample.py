@@ -3,10 +3,14 @@
     python sample.py --out_dir=out-sft --start="成语“画蛇添足”是什么意思？"
     python sample.py --out_dir=out --start="床前明月光" --num_samples=3 --max_new_tokens=128
     python sample.py --out_dir=out-sft --start=FILE:questions.txt --save_path=answers.jsonl
+    python sample.py --out_dir=out-sft        # no --start, in a terminal: an interactive chat
 
 The mode comes from the checkpoint: a pretrained model continues text ("generate"), an SFT model
 answers questions ("chat") with exactly the template it was trained on; --mode overrides.
 Tokens stream to the terminal as they come. --save_path writes the results as JSONL.
+The interactive chat (like ChatGLM's cli_demo): type a question, the answer streams; "clear"
+starts over, "stop" or Ctrl-D quits, Ctrl-C cuts an answer short. It is single-turn by default,
+as the SFT data is; --history_turns=N puts the last N exchanges before the question.
 """
 import json
 import pickle
@@ -31,6 +35,7 @@ top_p = 0.95
 repetition_penalty = 1.1
 utf8_only = True            # sample only tokens that keep the text valid UTF-8 (no "\ufffd")
 stop = ""                   # also stop at these strings ("|" between several), besides EOT
+history_turns = 0           # interactive chat: earlier exchanges to include (0: single-turn)
 seed = 1337
 device = ""                 # "" = cuda, then mps, then cpu
 save_path = ""
@@ -66,21 +71,25 @@ def checkpoint_mode(ckpt: dict) -> str:
     return "chat" if ckpt["data_meta"].get("kind") == "sft" else "generate"
 
 
-def render_prompt(ckpt: dict, text: str, mode: str) -> str:
-    """The text the model sees: the checkpoint's own SFT template in chat mode, else the text."""
-    return ckpt["data_meta"]["sft_template"].format(question=text) if mode == "chat" else text
+def render_prompt(ckpt: dict, text: str, mode: str, history: tuple = ()) -> str:
+    """The text the model sees: the checkpoint's own SFT template in chat mode (after the given
+    earlier (question, answer) exchanges, one a line), else the text itself."""
+    if mode != "chat":
+        return text
+    template = ckpt["data_meta"]["sft_template"]
+    return "".join(template.format(question=q) + a + "\n" for q, a in history) + template.format(question=text)
 
 
 def stream_reply(model: GPT, ckpt: dict, text: str, mode: str, max_new_tokens: int = 256,
                  temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = 0.95,
                  repetition_penalty: float = 1.1, generator: torch.Generator | None = None,
-                 stats: dict | None = None, utf8_only: bool = True, stop: tuple = ()):
+                 stats: dict | None = None, utf8_only: bool = True, stop: tuple = (), history: tuple = ()):
     """Yield the reply as text pieces that are whole characters; it ends at EOT, after
     max_new_tokens, or before the first of the stop strings. stats (if given) gets new_tokens,
     stopped_at_eot and seconds."""
     enc = get_tokenizer()
     device = next(model.parameters()).device
-    ids = enc.encode_ordinary(render_prompt(ckpt, text, mode))
+    ids = enc.encode_ordinary(render_prompt(ckpt, text, mode, history))
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     decoder, n, eot, t0 = StreamDecoder(), 0, False, time.perf_counter()
     held, stopped = "", False  # held: text not yet shown, it could be the start of a stop string
@@ -123,31 +132,65 @@ if __name__ == "__main__":
     except (FileNotFoundError, ValueError) as e:
         sys.exit(str(e))
     mode = mode or checkpoint_mode(ckpt)
-    if start.startswith("FILE:"):
-        try:
-            prompts = [line.strip() for line in Path(start[5:]).read_text(encoding="utf-8").splitlines() if line.strip()]
-        except OSError as e:
-            sys.exit(f"--start={start}: cannot read the file ({e.strerror})")
-    elif start:
-        prompts = [start]
-    else:
-        sys.exit("give a prompt with --start=\"...\" or --start=FILE:path")
+    stops = tuple(s for s in stop.split("|") if s)
     gen = torch.Generator(device=device).manual_seed(seed)
-    results = []
     print(f"[{out_dir}: mode {mode}, {model.num_params() / 1e6:.1f}M parameters, {device}]", file=sys.stderr)
-    for prompt in prompts:
-        for k in range(num_samples):
-            print(f"\n>>> {prompt}" if mode == "chat" else f"\n{prompt}", end="" if mode == "generate" else "\n", flush=True)
-            stats = {}
-            pieces = []
+
+    def answer(prompt: str, history: tuple = ()) -> dict:
+        """Stream one reply to the terminal; the record saved with --save_path."""
+        stats, pieces = {}, []
+        try:
             for piece in stream_reply(model, ckpt, prompt, mode, max_new_tokens, temperature, top_k, top_p,
-                                      repetition_penalty, gen, stats, utf8_only,
-                                      tuple(s for s in stop.split("|") if s)):
+                                      repetition_penalty, gen, stats, utf8_only, stops, history):
                 pieces.append(piece)
                 print(piece, end="", flush=True)
-            print(f"\n[{stats['new_tokens']} tokens, {stats['new_tokens'] / max(stats['seconds'], 1e-9):.1f} tokens/s"
-                  f"{'' if stats['stopped_at_eot'] else ', no EOT'}]", file=sys.stderr)
-            results.append({"prompt": prompt, "sample": k, "output": "".join(pieces), **stats})
+        except KeyboardInterrupt:
+            stats.setdefault("new_tokens", None)
+            print("\n[已中断]", end="", flush=True)
+        if stats.get("new_tokens") is not None:
+            print(f"\n[{stats['new_tokens']} tokens, {stats['new_tokens'] / max(stats['seconds'], 1e-9):.1f} "
+                  f"tokens/s{'' if stats['stopped_at_eot'] else ', no EOT'}]", file=sys.stderr)
+        return {"prompt": prompt, "output": "".join(pieces), **stats}
+
+    results = []
+    if start:
+        if start.startswith("FILE:"):
+            try:
+                lines = Path(start[5:]).read_text(encoding="utf-8").splitlines()
+            except OSError as e:
+                sys.exit(f"--start={start}: cannot read the file ({e.strerror})")
+            prompts = [line.strip() for line in lines if line.strip()]
+        else:
+            prompts = [start]
+        for prompt in prompts:
+            for k in range(num_samples):
+                print(f"\n>>> {prompt}" if mode == "chat" else f"\n{prompt}", end="\n" if mode == "chat" else "",
+                      flush=True)
+                results.append(answer(prompt) | {"sample": k})
+    elif sys.stdin.isatty():
+        print("欢迎使用 MiniGLM！输入问题后回车；clear 清空对话历史，stop 或 Ctrl-D 退出，Ctrl-C 打断回答。"
+              + ("" if mode == "chat" else "（续写模式：模型接着你输入的文字往下写）"))
+        history = []
+        while True:
+            try:
+                text = input("\n用户：").strip()
+            except (EOFError, KeyboardInterrupt):
+                print()
+                break
+            if text == "stop":
+                break
+            if text == "clear":
+                history = []
+                print("（对话历史已清空）")
+                continue
+            if not text:
+                continue
+            print("MiniGLM：", end="", flush=True)
+            record = answer(text, tuple(history[-history_turns:]) if history_turns else ())
+            history.append((text, record["output"]))
+            results.append(record)
+    else:
+        sys.exit("give a prompt with --start=\"...\" or --start=FILE:path (or run in a terminal to chat)")
     if save_path:
         with open(save_path, "w", encoding="utf-8") as f:
             for r in results:

@@ -188,3 +188,38 @@ def test_sample_cli_bad_input(data, tmp_path):
                       "--max_new_tokens=5", f"--save_path={out}")
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [r["prompt"] for r in rows] == ["床前", "明月"] and all(r["new_tokens"] <= 5 for r in rows)
+
+
+def test_interactive_chat_in_a_terminal(data, tmp_path):
+    """No --start in a terminal: ChatGLM-style chat; clear starts over, stop quits."""
+    import os
+    import select
+    run_script("train.py", *TINY, f"--data_dir={data / 'sft'}", f"--out_dir={tmp_path}", "--max_iters=1",
+               "--eval_interval=1")
+    master, slave = os.openpty()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), f"--out_dir={tmp_path}", "--max_new_tokens=5"],
+                            cwd=ROOT, stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+    os.close(slave)
+
+    def read_until(marker: str, seconds: float = 60) -> str:
+        buf, deadline = b"", time.time() + seconds
+        while marker.encode() not in buf and time.time() < deadline:
+            if select.select([master], [], [], 0.2)[0]:
+                try:
+                    buf += os.read(master, 4096)
+                except OSError:
+                    break
+        return buf.decode("utf-8", errors="replace")
+
+    try:
+        assert "欢迎使用 MiniGLM" in read_until("用户：")
+        os.write(master, "第一个成语是什么？\n".encode())
+        reply_screen = read_until("用户：")
+        assert "MiniGLM：" in reply_screen and "tokens/s" in reply_screen
+        os.write(master, b"clear\n")
+        assert "对话历史已清空" in read_until("用户：")
+        os.write(master, b"stop\n")
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        os.close(master)
