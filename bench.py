@@ -80,10 +80,16 @@ def run_sampled(cmd: list) -> tuple[subprocess.CompletedProcess, float, float]:
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err), seconds, peak[0]
 
 
-def bench_prepare() -> None:
+def ensure_corpus() -> None:
+    """The default corpus (data/fetch_data.py) and its prepared blocks, built if missing."""
     if not (ROOT / corpus).exists():
-        subprocess.run([sys.executable, "data/fetch_data.py"], cwd=ROOT, check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run([sys.executable, "data/fetch_data.py"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    if not (ROOT / "data/processed_pretrain/meta.json").exists():
+        subprocess.run([sys.executable, "data/prepare.py"], cwd=ROOT, check=True, capture_output=True)
+
+
+def bench_prepare() -> None:
+    ensure_corpus()
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "data/prepare.py", f"--input={corpus}", f"--out_dir={tmp}"]
         _, seconds, peak = run_sampled(cmd)
@@ -103,8 +109,9 @@ def plain_loop_tokens_per_s(model, steps: int, batch: int, block: int) -> float:
     """nanoGPT's inner loop: random batch, forward, backward, clip, AdamW step."""
     import torch
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95))
-    x = torch.randint(0, 50257, (batch, block))
-    y = torch.randint(0, 50257, (batch, block))
+    from data.tokenizer import VOCAB_SIZE
+    x = torch.randint(0, VOCAB_SIZE, (batch, block))
+    y = torch.randint(0, VOCAB_SIZE, (batch, block))
     for i in range(steps + 2):  # two warm-up steps (compilation, allocator)
         if i == 2:
             t0 = time.perf_counter()
@@ -120,9 +127,7 @@ def bench_train() -> None:
     import torch
     from model import GPT, GPTConfig
     steps, batch, block = 6, 8, 256
-    data = ROOT / "data/processed_pretrain"
-    if not (data / "meta.json").exists():
-        subprocess.run([sys.executable, "data/prepare.py"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    ensure_corpus()
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([sys.executable, "train.py", "config/train_config.py", f"--out_dir={tmp}",
                         f"--batch_size={batch}", "--gradient_accumulation_steps=1", f"--max_iters={steps + 2}",
@@ -152,10 +157,11 @@ def nanogpt_generate(model, idx, max_new_tokens: int):
 
 def bench_generate() -> None:
     import torch
+    from data.tokenizer import VOCAB_SIZE
     from model import GPT, GPTConfig
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=256)).eval()
-    prompt = torch.randint(0, 50257, (1, 16))
+    prompt = torch.randint(0, VOCAB_SIZE, (1, 16))
     list(model.generate(prompt, 8, temperature=0))  # warm-up
     for new in (256, 512):
         t0 = time.perf_counter()
@@ -185,6 +191,7 @@ def document_nll(model, docs: list, block: int) -> float:
 
 def bench_modes() -> None:
     import numpy as np
+    ensure_corpus()
     from data.tokenizer import EOT_ID
     from sample import load_checkpoint
     with tempfile.TemporaryDirectory() as tmp:

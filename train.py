@@ -208,7 +208,7 @@ if __name__ == "__main__":
         """Mean masked loss over eval_iters batches of each split (fixed batches, own RNG)."""
         out = {}
         model.eval()
-        for split, ds in (("train", train_ds), ("val", val_ds or train_ds)):
+        for split, ds in (("train", train_ds), ("val", val_ds)) if val_ds else (("train", train_ds),):
             g = torch.Generator().manual_seed(seed + 1000 + rank)
             losses = torch.zeros(eval_iters)
             for k in range(eval_iters):
@@ -217,6 +217,7 @@ if __name__ == "__main__":
                     _, loss = model(x, y, m, return_logits=False)
                 losses[k] = loss.item()
             out[split] = losses.mean().item()
+        out.setdefault("val", out["train"])  # no val split: checkpoints follow the train loss
         model.train()
         if ddp:
             t = torch.tensor([out["train"], out["val"]], device=device)

@@ -127,7 +127,7 @@ def test_flush_drops_a_character_cut_off_by_the_end(enc):
 
 def test_utf8_constraint_keeps_random_models_from_broken_characters(enc):
     """An untrained model emits stray byte tokens; with the constraint every sample decodes cleanly."""
-    from data.tokenizer import utf8_constraint
+    from sample import utf8_constraint
     model = tiny()
     x = torch.tensor([enc.encode_ordinary("床前明月光")])
     g = torch.Generator().manual_seed(0)
