@@ -15,6 +15,11 @@ Groups:
   generate batch 1, 45M model: KV-cache decoding (model.generate) against nanoGPT's generate,
            which runs the whole sequence (its last block_size tokens) through the model every
            step; 256 and 512 new tokens.
+  ui       the web app and sample.py on a 45M SFT checkpoint with random weights, batch 1, 256
+           new tokens, default sampling (temperature 0.8, top_k 50, top_p 0.95), CPU:
+           sample_gradio.py in a subprocess called through its API (/generate, gradio_client):
+           time to the first streamed text and tokens/s end to end, median of 3 after a warm-up;
+           sample.py's own tokens/s in the default dtype and in float32, in the same run.
   modes    (only with --only=modes; about 15 minutes on 2 cores) the prepare-mode question:
            the CPU model of config/train_cpu.py trained for modes_iters steps on stream, aligned
            and packed data (equal compute: same steps, batch and block), then scored on the same
@@ -23,6 +28,7 @@ Figures are measured on the machine that runs this; compare ratios from one run,
 across machines.
 """
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -174,6 +180,75 @@ def bench_generate() -> None:
         metric(f"generate_kv_speedup_{new}", kv / plain, "x")
 
 
+def random_sft_checkpoint(out_dir: Path) -> None:
+    """A 45M checkpoint with random weights that the app and sample.py take for an SFT model."""
+    import dataclasses
+
+    import torch
+    from data.tokenizer import SFT_TEMPLATE, tokenizer_meta
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=256))
+    meta = tokenizer_meta() | {"kind": "sft", "block_size": 256, "sft_template": SFT_TEMPLATE}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict(), "model_args": dataclasses.asdict(model.config), "data_meta": meta,
+                "config": {}}, out_dir / "ckpt.pt")
+
+
+def bench_ui() -> None:
+    import socket
+    import statistics
+    from urllib.error import URLError
+    from urllib.request import urlopen
+
+    from gradio_client import Client
+    question, new = "成语“画蛇添足”是什么意思？", 256
+    with tempfile.TemporaryDirectory() as tmp, socket.socket() as sock:
+        random_sft_checkpoint(Path(tmp) / "m")
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        sock.close()
+        app = subprocess.Popen([sys.executable, "sample_gradio.py", f"--models={tmp}/m", f"--port={port}",
+                                f"--votes_path={tmp}/votes.jsonl"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+        try:
+            for _ in range(240):
+                try:
+                    urlopen(f"http://127.0.0.1:{port}", timeout=2)
+                    break
+                except URLError:
+                    if app.poll() is not None:
+                        sys.exit(f"sample_gradio.py failed:\n{app.stderr.read()[-2000:]}")
+                    time.sleep(0.5)
+            client = Client(f"http://127.0.0.1:{port}", verbose=False, download_files=False, analytics_enabled=False)
+            client.predict(question, "", 8, api_name="/generate")  # warm-up
+            runs = []
+            for seed in range(3):
+                t0, first = time.perf_counter(), None
+                for text, stats in client.submit(question, "", new, 0.8, 50, 0.95, 1.1, "", seed,
+                                                 api_name="/generate"):
+                    if text and first is None:
+                        first = time.perf_counter() - t0
+                total = time.perf_counter() - t0
+                runs.append((first, stats["new_tokens"] / total, total, stats["new_tokens"]))
+        finally:
+            app.terminate()
+            app.wait(timeout=30)
+        first, tps, total, tokens = (statistics.median(r[i] for r in runs) for i in range(4))
+        unit = f"(API, batch 1, 45M, CPU, median of 3, {tokens:.0f} new tokens)"
+        metric("ui_first_token_s", first, f"s {unit}")
+        metric("ui_tokens_per_s", tps, f"tokens/s {unit}")
+        metric("ui_reply_s", total, f"s for the whole reply {unit}")
+        for dtype in ("", "float32"):
+            out = subprocess.run([sys.executable, "sample.py", f"--out_dir={tmp}/m", f"--start={question}",
+                                  f"--max_new_tokens={new}", f"--dtype={dtype}"], cwd=ROOT, capture_output=True,
+                                 text=True, check=True).stderr
+            n, speed = re.search(r"\[(\d+) tokens, ([\d.]+) tokens/s", out).groups()
+            label = re.search(r", (\w+)\]", out).group(1)
+            metric("cli_tokens_per_s" + ("_float32" if dtype else ""), float(speed),
+                   f"tokens/s (sample.py, {label}, {n} new tokens, batch 1, 45M, CPU)")
+
+
 def document_nll(model, docs: list, block: int) -> float:
     """Mean NLL per token over documents, each scored alone from its first token (+ EOT)."""
     import torch
@@ -219,8 +294,9 @@ def bench_modes() -> None:
                    f"{modes_iters} steps, {time.perf_counter() - t0:.0f}s)")
 
 
-GROUPS = {"prepare": bench_prepare, "train": bench_train, "generate": bench_generate, "modes": bench_modes}
-DEFAULT = ("prepare", "train", "generate")
+GROUPS = {"prepare": bench_prepare, "train": bench_train, "generate": bench_generate, "ui": bench_ui,
+          "modes": bench_modes}
+DEFAULT = ("prepare", "train", "generate", "ui")
 
 if __name__ == "__main__":
     exec(open(ROOT / "configurator.py", encoding="utf-8").read())

@@ -12,7 +12,6 @@ The interactive chat (like ChatGLM's cli_demo): type a question, the answer stre
 starts over, "stop" or Ctrl-D quits, Ctrl-C cuts an answer short. It is single-turn by default,
 as the SFT data is; --history_turns=N puts the last N exchanges before the question.
 """
-import json
 import pickle
 import sys
 import time
@@ -21,9 +20,10 @@ from pathlib import Path
 
 import torch
 
+from data.records import write_jsonl_atomic
 from data.tokenizer import (EOT_ID, MODEL_VOCAB_SIZE, UTF8_STATES, VOCAB_SIZE, StreamDecoder, get_tokenizer,
                             tokenizer_meta, utf8_scan)
-from model import GPT, GPTConfig, select_device
+from model import GPT, GPTConfig, inference_dtype, select_device
 
 # ----------------------------------------------------------------------------- defaults
 out_dir = "out-sft"
@@ -40,6 +40,7 @@ stop = ""                   # also stop at these strings ("|" between several), 
 history_turns = 0           # interactive chat: earlier exchanges to include (0: single-turn)
 seed = 1337
 device = ""                 # "" = cuda, then mps, then cpu
+dtype = ""                  # "" = bfloat16 where the GPU or CPU computes it natively, else float32
 save_path = ""
 # -----------------------------------------------------------------------------
 
@@ -83,8 +84,9 @@ def utf8_constraint() -> Utf8Constraint:
     return Utf8Constraint()
 
 
-def load_checkpoint(path, device: str = "cpu") -> tuple[GPT, dict]:
-    """(model in eval mode, checkpoint dict) from an out_dir or a ckpt.pt; clear errors otherwise."""
+def load_checkpoint(path, device: str = "cpu", dtype: str = "float32") -> tuple[GPT, dict]:
+    """(model in eval mode on device, in dtype; checkpoint dict) from an out_dir or a ckpt.pt;
+    clear errors otherwise."""
     path = Path(path)
     if path.is_dir():
         path = path / "ckpt.pt"
@@ -105,7 +107,7 @@ def load_checkpoint(path, device: str = "cpu") -> tuple[GPT, dict]:
                              f"this code uses {key}={ours[key]!r}")
     model = GPT(GPTConfig(**ckpt["model_args"]))
     model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
-    return model.to(device).eval(), ckpt
+    return model.to(device=device, dtype=getattr(torch, dtype)).eval(), ckpt
 
 
 def checkpoint_mode(ckpt: dict) -> str:
@@ -167,15 +169,16 @@ if __name__ == "__main__":
     exec(open(Path(__file__).resolve().parent / "configurator.py", encoding="utf-8").read())
     if mode not in ("", "chat", "generate"):
         sys.exit(f"--mode={mode!r}: expected chat or generate")
-    device, _ = select_device(device)
     try:
-        model, ckpt = load_checkpoint(out_dir, device)
+        device, _ = select_device(device)
+        dtype = inference_dtype(device, dtype)
+        model, ckpt = load_checkpoint(out_dir, device, dtype)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(str(e))
     mode = mode or checkpoint_mode(ckpt)
     stops = tuple(s for s in stop.split("|") if s)
     gen = torch.Generator(device=device).manual_seed(seed)
-    print(f"[{out_dir}: mode {mode}, {model.num_params() / 1e6:.1f}M parameters, {device}]", file=sys.stderr)
+    print(f"[{out_dir}: mode {mode}, {model.num_params() / 1e6:.1f}M parameters, {device}, {dtype}]", file=sys.stderr)
 
     def answer(prompt: str, history: tuple = ()) -> dict:
         """Stream one reply to the terminal; the record saved with --save_path."""
@@ -235,7 +238,5 @@ if __name__ == "__main__":
     else:
         sys.exit("give a prompt with --start=\"...\" or --start=FILE:path (or run in a terminal to chat)")
     if save_path:
-        with open(save_path, "w", encoding="utf-8") as f:
-            for r in results:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        write_jsonl_atomic(save_path, results)
         print(f"wrote {len(results)} results to {save_path}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Shared helpers: run a repo script in a subprocess, write small JSON/JSONL inputs."""
+"""Shared helpers: run a repo script in a subprocess, write small JSON/JSONL inputs; a tiny trained SFT model."""
 import json
 import subprocess
 import sys
@@ -36,3 +36,21 @@ def read_bin(path: Path, dtype=np.uint16) -> np.ndarray:
 def enc():
     from data.tokenizer import get_tokenizer
     return get_tokenizer()
+
+
+WORDS = ["画蛇添足", "守株待兔", "亡羊补牢", "掩耳盗铃", "对牛弹琴", "井底之蛙", "狐假虎威", "刻舟求剑",
+         "叶公好龙", "杯弓蛇影", "画龙点睛", "拔苗助长", "望梅止渴", "卧薪尝胆", "破釜沉舟", "四面楚歌",
+         "纸上谈兵", "指鹿为马", "闻鸡起舞", "班门弄斧"]
+PAIRS = [{"question": f"第{i + 1}个成语是什么？", "answer": f"是{w}。"} for i, w in enumerate(WORDS)]
+
+
+@pytest.fixture(scope="session")
+def sft_model(tmp_path_factory) -> Path:
+    """The out_dir of a tiny SFT model (2 layers, 64 wide) trained until it answers PAIRS word for word."""
+    tmp = tmp_path_factory.mktemp("sft_model")
+    run_script("data/prepare_sft.py", f"--input={write_jsonl(tmp / 'sft.jsonl', PAIRS)}", f"--out_dir={tmp / 'data'}",
+               "--block_size=48", "--val_fraction=0")
+    run_script("train.py", f"--data_dir={tmp / 'data'}", f"--out_dir={tmp / 'out'}", "--n_layer=2", "--n_head=2",
+               "--n_embd=64", "--batch_size=10", "--max_iters=250", "--lr_decay_iters=250", "--warmup_iters=10",
+               "--learning_rate=3e-3", "--min_lr=3e-4", "--eval_interval=250", "--eval_iters=2", "--log_interval=50")
+    return tmp / "out"

@@ -102,6 +102,27 @@ def test_never_samples_padding_ids_and_stops_at_eot(monkeypatch):
     assert list(model.generate(x, 50, temperature=0, eot_id=EOT_ID, max_token_id=VOCAB_SIZE)) == [EOT_ID]
 
 
+@pytest.mark.parametrize("top_k, top_p, allowed", [
+    (None, None, {0, 1, 2, 3}),
+    (3, None, {0, 1, 2}),
+    (None, 0.6, {0, 1}),     # masses 0.4, 0.3, 0.2, 0.1: 0.4 < 0.6, so the second is kept too
+    (None, 0.4, {0}),
+    (2, 0.95, {0, 1}),
+])
+def test_top_k_and_top_p_sample_only_from_their_set(monkeypatch, top_k, top_p, allowed):
+    model = tiny()
+    probs = torch.full((MODEL_VOCAB_SIZE,), 0.0)
+    probs[:4] = torch.tensor([0.4, 0.3, 0.2, 0.1])
+
+    def forward(idx, targets=None, loss_mask=None, cache=None):
+        return torch.log(probs).expand(idx.size(0), 1, -1), None
+
+    monkeypatch.setattr(model, "forward", forward)
+    out = list(model.generate(torch.zeros(1, 1, dtype=torch.long), 400, temperature=1.0, top_k=top_k,
+                              top_p=top_p, generator=torch.Generator().manual_seed(0)))
+    assert set(out) == allowed
+
+
 def test_forward_rejects_sequences_over_the_block():
     with pytest.raises(ValueError, match="exceeds block_size 32"):
         tiny(block_size=32)(torch.zeros(1, 33, dtype=torch.long))

@@ -8,17 +8,13 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, run_script, write_jsonl
+from conftest import PAIRS, ROOT, run_script, write_jsonl
 from test_prepare import corpus
 
 from sample import load_checkpoint, reply
 
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--batch_size=4", "--eval_iters=2",
         "--log_interval=1", "--warmup_iters=1", "--lr_decay_iters=8", "--learning_rate=1e-3"]
-WORDS = ["画蛇添足", "守株待兔", "亡羊补牢", "掩耳盗铃", "对牛弹琴", "井底之蛙", "狐假虎威", "刻舟求剑",
-         "叶公好龙", "杯弓蛇影", "画龙点睛", "拔苗助长", "望梅止渴", "卧薪尝胆", "破釜沉舟", "四面楚歌",
-         "纸上谈兵", "指鹿为马", "闻鸡起舞", "班门弄斧"]
-PAIRS = [{"question": f"第{i + 1}个成语是什么？", "answer": f"是{w}。"} for i, w in enumerate(WORDS)]
 
 
 @pytest.fixture(scope="module")
@@ -61,19 +57,14 @@ def test_checkpoint_holds_everything_later_scripts_need(data, tmp_path):
     assert not model.training
 
 
-def test_sft_model_answers_its_training_pairs_through_sample(data, tmp_path):
+def test_sft_model_answers_its_training_pairs_through_sample(sft_model):
     """Training and sampling share one template: the model reproduces what it was trained on."""
-    out = tmp_path / "sft"
-    run_script("train.py", f"--data_dir={data / 'sft'}", f"--out_dir={out}", "--n_layer=2", "--n_head=2",
-               "--n_embd=64", "--batch_size=10", "--max_iters=250", "--lr_decay_iters=250",
-               "--warmup_iters=10", "--learning_rate=3e-3", "--min_lr=3e-4", "--eval_interval=250",
-               "--eval_iters=2", "--log_interval=50")
-    model, ckpt = load_checkpoint(out)
+    model, ckpt = load_checkpoint(sft_model)
     assert ckpt["data_meta"]["sft_template"] == "问：{question}\n答："
     wrong = [(p["question"], got) for p in PAIRS
              if (got := reply(model, ckpt, p["question"], "chat", temperature=0, max_new_tokens=20)) != p["answer"]]
     assert not wrong, wrong
-    proc = run_script("sample.py", f"--out_dir={out}", f"--start={PAIRS[3]['question']}", "--temperature=0")
+    proc = run_script("sample.py", f"--out_dir={sft_model}", f"--start={PAIRS[3]['question']}", "--temperature=0")
     assert PAIRS[3]["answer"] in proc.stdout
 
 
@@ -182,6 +173,8 @@ def test_sample_cli_bad_input(data, tmp_path):
     assert proc.returncode != 0 and "cannot read the file" in proc.stderr
     proc = run_script("sample.py", f"--out_dir={tmp_path}", "--mode=poem", check=False)
     assert proc.returncode != 0 and "expected chat or generate" in proc.stderr
+    proc = run_script("sample.py", f"--out_dir={tmp_path}", "--dtype=int8", "--start=你好", check=False)
+    assert proc.returncode != 0 and "expected float32, bfloat16 or float16" in proc.stderr
     (tmp_path / "q.txt").write_text("床前\n\n明月\n", encoding="utf-8")
     out = tmp_path / "r.jsonl"
     proc = run_script("sample.py", f"--out_dir={tmp_path}", f"--start=FILE:{tmp_path / 'q.txt'}",
