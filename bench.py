@@ -18,7 +18,8 @@ Groups:
   ui       the web app and sample.py on a 45M SFT checkpoint with random weights, batch 1, 256
            new tokens, default sampling (temperature 0.8, top_k 50, top_p 0.95), CPU:
            sample_gradio.py in a subprocess called through its API (/generate, gradio_client):
-           time to the first streamed text and tokens/s end to end, median of 3 after a warm-up;
+           time to the first streamed text and tokens/s end to end, median of 5 after a warm-up,
+           against the same app sending an update per piece (--stream_every=0), called in turn;
            sample.py's own tokens/s in the default dtype and in float32, in the same run.
   modes    (only with --only=modes; about 15 minutes on 2 cores) the prepare-mode question:
            the CPU model of config/train_cpu.py trained for modes_iters steps on stream, aligned
@@ -195,52 +196,64 @@ def random_sft_checkpoint(out_dir: Path) -> None:
                 "config": {}}, out_dir / "ckpt.pt")
 
 
-def bench_ui() -> None:
+def start_app(model_dir: Path, *args) -> tuple:
+    """sample_gradio.py serving model_dir in a subprocess on a free loopback port: (process, client)."""
     import socket
-    import statistics
     from urllib.error import URLError
     from urllib.request import urlopen
 
     from gradio_client import Client
-    question, new = "成语“画蛇添足”是什么意思？", 256
-    with tempfile.TemporaryDirectory() as tmp, socket.socket() as sock:
-        random_sft_checkpoint(Path(tmp) / "m")
+    with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-        sock.close()
-        app = subprocess.Popen([sys.executable, "sample_gradio.py", f"--models={tmp}/m", f"--port={port}",
-                                f"--votes_path={tmp}/votes.jsonl"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
+    app = subprocess.Popen([sys.executable, "sample_gradio.py", f"--models={model_dir}", f"--port={port}",
+                            f"--votes_path={model_dir}/votes.jsonl", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+    for _ in range(240):
         try:
-            for _ in range(240):
-                try:
-                    urlopen(f"http://127.0.0.1:{port}", timeout=2)
-                    break
-                except URLError:
-                    if app.poll() is not None:
-                        sys.exit(f"sample_gradio.py failed:\n{app.stderr.read()[-2000:]}")
-                    time.sleep(0.5)
-            client = Client(f"http://127.0.0.1:{port}", verbose=False, download_files=False, analytics_enabled=False)
-            client.predict(question, "", 8, api_name="/generate")  # warm-up
-            runs = []
-            for seed in range(3):
-                t0, first = time.perf_counter(), None
-                for text, stats in client.submit(question, "", new, 0.8, 50, 0.95, 1.1, "", seed,
-                                                 api_name="/generate"):
-                    if text and first is None:
-                        first = time.perf_counter() - t0
-                total = time.perf_counter() - t0
-                runs.append((first, stats["new_tokens"] / total, total, stats["new_tokens"]))
+            urlopen(f"http://127.0.0.1:{port}", timeout=2)
+            break
+        except URLError:
+            if app.poll() is not None:
+                sys.exit(f"sample_gradio.py failed:\n{app.stderr.read()[-2000:]}")
+            time.sleep(0.5)
+    return app, Client(f"http://127.0.0.1:{port}", verbose=False, download_files=False, analytics_enabled=False)
+
+
+def bench_ui(reps: int = 5) -> None:
+    import statistics
+    question, new = "成语“画蛇添足”是什么意思？", 256
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "m"
+        random_sft_checkpoint(model_dir)
+        # the app as shipped, and one that sends an update per piece, called in turn in the same run
+        apps = {"": start_app(model_dir), "_every_piece": start_app(model_dir, "--stream_every=0")}
+        runs = {name: [] for name in apps}
+        try:
+            for _, client in apps.values():
+                client.predict(question, "", 8, api_name="/generate")  # warm-up
+            for seed in range(reps):
+                for name, (_, client) in apps.items():
+                    t0, first = time.perf_counter(), None
+                    for text, stats in client.submit(question, "", new, 0.8, 50, 0.95, 1.1, "", seed,
+                                                     api_name="/generate"):
+                        if text and first is None:
+                            first = time.perf_counter() - t0
+                    total = time.perf_counter() - t0
+                    runs[name].append((first, stats["new_tokens"] / total, total, stats["new_tokens"]))
         finally:
-            app.terminate()
-            app.wait(timeout=30)
-        first, tps, total, tokens = (statistics.median(r[i] for r in runs) for i in range(4))
-        unit = f"(API, batch 1, 45M, CPU, median of 3, {tokens:.0f} new tokens)"
-        metric("ui_first_token_s", first, f"s {unit}")
-        metric("ui_tokens_per_s", tps, f"tokens/s {unit}")
-        metric("ui_reply_s", total, f"s for the whole reply {unit}")
+            for app, _ in apps.values():
+                app.terminate()
+                app.wait(timeout=30)
+        for name, rows in runs.items():
+            first, tps, total, tokens = (statistics.median(r[i] for r in rows) for i in range(4))
+            unit = f"(API, batch 1, 45M, CPU, median of {reps}, {tokens:.0f} new tokens)"
+            if not name:
+                metric("ui_first_token_s", first, f"s {unit}")
+            metric(f"ui_tokens_per_s{name}", tps, f"tokens/s {unit}" + (", --stream_every=0" if name else ""))
+            metric(f"ui_reply_s{name}", total, f"s for the whole reply {unit}" + (", --stream_every=0" if name else ""))
         for dtype in ("", "float32"):
-            out = subprocess.run([sys.executable, "sample.py", f"--out_dir={tmp}/m", f"--start={question}",
+            out = subprocess.run([sys.executable, "sample.py", f"--out_dir={model_dir}", f"--start={question}",
                                   f"--max_new_tokens={new}", f"--dtype={dtype}"], cwd=ROOT, capture_output=True,
                                  text=True, check=True).stderr
             n, speed = re.search(r"\[(\d+) tokens, ([\d.]+) tokens/s", out).groups()

@@ -51,6 +51,7 @@ examples_path = "data/raw/sft_test.jsonl"   # example questions (falls back to c
 max_input_chars = 200       # longer questions are cut to this many characters, with a notice
 concurrency = 2             # generations at once (chat, arena sides and API share it); the rest queue
 queue_size = 64             # waiting requests beyond this are turned away with a message
+stream_every = 0.05         # seconds between streamed updates (0: one per piece); each costs the server time
 device = ""                 # "" = cuda, then mps, then cpu
 dtype = ""                  # "" = bfloat16 where the GPU or CPU computes it natively, else float32
 # -----------------------------------------------------------------------------
@@ -103,8 +104,7 @@ class ModelStore:
     and classmates' apps by URL (one gradio_client each)."""
 
     def __init__(self, paths: dict, device: str = "cpu", dtype: str = "float32", stream_every: float = 0.05):
-        self.paths, self.device, self.dtype = paths, device, dtype
-        self.stream_every = stream_every  # seconds between updates sent: each costs the server a few ms
+        self.paths, self.device, self.dtype, self.stream_every = paths, device, dtype, stream_every
         self.loaded, self.clients = {}, {}
         self.lock = threading.Lock()
 
@@ -142,18 +142,19 @@ class ModelStore:
             stats.setdefault("first_token_s", round(now - t0, 3))
             if now - sent >= self.stream_every:
                 sent = now
-                yield text, stats
+                yield text, dict(stats)
         stats.setdefault("first_token_s", None)
         stats["tokens_per_s"] = round(stats["new_tokens"] / max(stats["seconds"], 1e-9), 1)
         yield text, stats
 
     def _remote(self, target: str, question: str, mode: str, p: dict):
         url, _, name = target.partition("#")
+        job = None
         try:
-            with self.lock:
-                if url not in self.clients:
-                    self.clients[url] = Client(url, verbose=False, download_files=False, analytics_enabled=False)
-                client = self.clients[url]
+            client = self.clients.get(url)
+            if client is None:  # connecting can take a while: not under the lock
+                client = Client(url, verbose=False, download_files=False, analytics_enabled=False)
+                client = self.clients.setdefault(url, client)
             job = client.submit(question, mode, *(p[k] for k in LIMITS), name, p.get("seed", -1),
                                 api_name="/generate")
             out = None
@@ -164,6 +165,9 @@ class ModelStore:
                 yield final[0], final[1] | {"model": target}
         except (ValueError, httpx.HTTPError, OSError) as e:
             raise ModelError(f"无法使用 {target}：{e}") from e
+        finally:
+            if job is not None and not job.done():
+                job.cancel()  # stopped here: stop it on the classmate's app too
 
 
 def stream_together(streams: list) -> Iterator[list]:
@@ -476,8 +480,8 @@ if __name__ == "__main__":
     user, _, password = auth.partition(":")
     if auth and not (user and password):
         sys.exit(f"--auth={auth!r}: expected user:password")
-    if not 1 <= concurrency <= 64 or max_input_chars < 1:
-        sys.exit("--concurrency: expected 1..64; --max_input_chars: expected >= 1")
+    if not 1 <= concurrency <= 64 or max_input_chars < 1 or stream_every < 0:
+        sys.exit("--concurrency: expected 1..64; --max_input_chars: expected >= 1; --stream_every: expected >= 0")
     try:
         device, _ = select_device(device)
         dtype = inference_dtype(device, dtype)
@@ -490,7 +494,7 @@ if __name__ == "__main__":
                   file=sys.stderr)
     print(f"models: {', '.join(paths) or 'none found (train one first: make demo)'}; {device}, {dtype}",
           file=sys.stderr)
-    store = ModelStore(paths, device, dtype)
+    store = ModelStore(paths, device, dtype, stream_every)
     utf8_constraint()  # build the sampling table now rather than in the first request
     host = "0.0.0.0" if listen else "127.0.0.1"
     app = build_app(store, VoteBook(ROOT / votes_path), load_examples(examples_path), max_input_chars, concurrency,
