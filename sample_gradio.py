@@ -228,8 +228,12 @@ class VoteBook:
     def add(self, record: dict) -> None:
         with self.lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            with open(self.path, "ab+") as f:  # appends go to the end wherever the file position is
+                if f.seek(0, os.SEEK_END) > 0:
+                    f.seek(-1, os.SEEK_END)
+                    if f.read(1) != b"\n":  # a line cut short by a crash stays a line of its own
+                        f.write(b"\n")
+                f.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
                 f.flush()
                 os.fsync(f.fileno())
 

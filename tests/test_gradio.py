@@ -67,7 +67,7 @@ def test_vote_book_appends_and_skips_broken_lines_with_their_place(tmp_path, cap
     assert book.read()[0] == []
     book.add({"model_a": "x", "model_b": "y", "vote": "b", "question": "问"})
     with open(book.path, "a", encoding="utf-8") as f:
-        f.write('{"model_a": "x", "model_b": "y", "vo\n{"model_a": "x", "model_b": "", "vote": "a"}\n')
+        f.write('{"model_a": "x", "model_b": "", "vote": "a"}\n{"model_a": "x", "model_b": "y", "vo')  # a crash
     book.add({"model_a": "y", "model_b": "x", "vote": "a"})
     good, report = book.read()
     assert [v["vote"] for v in good] == ["b", "a"]
