@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
 
-.PHONY: setup browser demo test bench clean-data
+.PHONY: setup browser fonts demo test bench clean-data
 
 setup: $(STAMP)
 
@@ -16,16 +16,22 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
 	touch $@
 
+# apt needs root: sudo when not root.
+APT_INSTALL = sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); $$sudo apt-get update -qq && \
+	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
+
 # Debian's chromium for the end-to-end test (playwright drives it; it never downloads a browser)
-# and Noto CJK so pages and plots show Chinese. apt needs root: sudo when not root.
+# and Noto CJK so that pages, screenshots and plots show Chinese.
 browser:
 	@if [ ! -x /usr/bin/chromium ] || [ ! -d /usr/share/fonts/opentype/noto ]; then \
-	  sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
-	  $$sudo apt-get update -qq && \
-	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-noto-cjk; \
-	fi
+	  $(APT_INSTALL) chromium fonts-noto-cjk; fi
 
-demo: setup
+# The plots' Chinese labels: Noto CJK where apt exists; elsewhere (or if it fails) English labels.
+fonts:
+	@[ -d /usr/share/fonts/opentype/noto ] || ! command -v apt-get >/dev/null || { $(APT_INSTALL) fonts-noto-cjk; } \
+	  || echo "fonts-noto-cjk not installed: the plots get English labels"
+
+demo: setup fonts
 	$(PY) data/fetch_data.py
 	$(PY) data/prepare.py
 	$(PY) data/prepare_sft.py
@@ -33,6 +39,12 @@ demo: setup
 	$(PY) train.py config/train_cpu_sft.py
 	$(PY) sample.py --out_dir=out-cpu --start="《春日》" --max_new_tokens=80 --num_samples=2
 	$(PY) sample.py --out_dir=out-cpu-sft --start=FILE:config/demo_questions.txt --max_new_tokens=80
+	$(PY) evaluations.py --out_dir=out-cpu --max_samples=100 --max_new_tokens=64 --report=True
+	$(PY) evaluations.py --out_dir=out-cpu-sft --max_samples=200 --report=True
+	$(PY) visualize.py --out_dir=out-cpu,out-cpu-sft
+	@echo
+	@echo "完成。评测报告：out-cpu-sft/report.md、out-cpu/report.md（图：loss.png、eval.png，两次训练对比：out-cpu/loss_runs.png）"
+	@echo "打开网页版：.venv/bin/python sample_gradio.py ，然后用浏览器访问 http://127.0.0.1:7860"
 
 test: setup browser
 	$(PY) -m pytest

@@ -3,6 +3,7 @@
     from data_utils import load_dataset, get_batch
     ds = load_dataset("data/processed_pretrain", "train")
     x, y, loss_mask = get_batch(ds, batch_size=8, device="cpu")   # (B, T) each
+    x, y, loss_mask = batch_at(ds, [0, 256], device="cpu")        # the blocks at these offsets
 
 x holds token ids, y is x shifted left by one (the next token), loss_mask (bool, aligned with y)
 says which targets count:
@@ -74,24 +75,30 @@ def load_dataset(data_dir, split: str) -> Dataset:
 
 def get_batch(ds: Dataset, batch_size: int, device="cpu", generator: torch.Generator | None = None):
     """A random batch (x, y, loss_mask), each (B, T) with T = the data's block_size, on device."""
-    T = ds.block_size
+    if ds.aligned:
+        starts = torch.randint(ds.n_tokens // ds.block_size, (batch_size,), generator=generator) * ds.block_size
+    else:
+        starts = torch.randint(ds.n_tokens - ds.block_size, (batch_size,), generator=generator)
+    return batch_at(ds, starts.tolist(), device)
+
+
+def batch_at(ds: Dataset, starts: list, device="cpu"):
+    """The batch (x, y, loss_mask) of the blocks (aligned data) or windows (stream) at these token
+    offsets; evaluations.py walks a split with it, get_batch draws random ones."""
+    T, B = ds.block_size, len(starts)
     data = np.memmap(ds.path, dtype=np.uint16, mode="r")
     if ds.aligned:
-        starts = torch.randint(ds.n_tokens // T, (batch_size,), generator=generator) * T
-        blocks = np.stack([data[s:s + T] for s in starts.tolist()]).astype(np.int64)
-        x = torch.from_numpy(blocks)
+        x = torch.from_numpy(np.stack([data[s:s + T] for s in starts]).astype(np.int64))
         # (B, T): the target of the last position is PAD, i.e. never counted
-        y = torch.cat([x[:, 1:], torch.full((batch_size, 1), PAD_ID, dtype=torch.int64)], dim=1)
+        y = torch.cat([x[:, 1:], torch.full((B, 1), PAD_ID, dtype=torch.int64)], dim=1)
         if ds.mask_path is not None:
             marks = np.memmap(ds.mask_path, dtype=np.uint8, mode="r")
-            m = np.stack([marks[s + 1:s + T] for s in starts.tolist()])  # mark of each target token
-            mask = torch.cat([torch.from_numpy(m.astype(np.bool_)),
-                              torch.zeros(batch_size, 1, dtype=torch.bool)], dim=1)
+            m = np.stack([marks[s + 1:s + T] for s in starts])  # mark of each target token
+            mask = torch.cat([torch.from_numpy(m.astype(np.bool_)), torch.zeros(B, 1, dtype=torch.bool)], dim=1)
         else:
             mask = y != PAD_ID
     else:
-        starts = torch.randint(ds.n_tokens - T, (batch_size,), generator=generator)
-        windows = torch.from_numpy(np.stack([data[s:s + T + 1] for s in starts.tolist()]).astype(np.int64))
+        windows = torch.from_numpy(np.stack([data[s:s + T + 1] for s in starts]).astype(np.int64))
         x, y = windows[:, :-1], windows[:, 1:]
         mask = torch.ones_like(y, dtype=torch.bool)
     device = torch.device(device)

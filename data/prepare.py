@@ -20,7 +20,6 @@ deterministic, independent of file order and worker count, and duplicates never 
 """
 import json
 import os
-import re
 import signal
 import sys
 import time
@@ -31,8 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from blocks import MODES, BestFitPacker, document_pieces, pad_block
-from records import (Report, SplitWriter, check_block_args, commit_outputs, expand_inputs, file_format,
-                     in_val, line_ranges, read_json_array, read_records, string_field)
+from records import (Report, SplitWriter, check_block_args, clean_text, commit_outputs, expand_inputs,
+                     file_format, in_val, line_ranges, read_json_array, read_records, string_field)
 from tokenizer import encode_ordinary_array, get_tokenizer, tokenizer_meta
 
 SPLITS = ("train", "val")  # piece_split 0 and 1
@@ -48,25 +47,6 @@ num_workers = min(8, os.cpu_count() or 1)
 docs_per_task = 256      # documents sent to a worker at once
 max_open_blocks = 256    # packed mode: blocks kept open for best fit (bounds memory)
 # -----------------------------------------------------------------------------
-
-_EMPTY_BRACKETS = re.compile(r"（[\s，,；;、]*）|\([\s，,；;、]*\)|\[[\s，,；;、]*\]|【\s*】")
-_BLANK_RUNS = re.compile(r"\n[ \t\u3000]*\n(?:[ \t\u3000]*\n)+")
-_TRAILING_SPACE = re.compile(r"[ \t\u3000]+\n")
-
-
-def clean_text(text: str, title: str | None) -> str:
-    """Normalise line ends, drop a leading line that repeats the title (wiki style), remove
-    empty brackets left by stripped markup, fold runs of blank lines."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\ufeff", "").replace("\u200b", "")
-    if title and title.strip():
-        first, sep, rest = text.lstrip().partition("\n")
-        if sep and first.strip() == title.strip():
-            text = rest
-    text = _EMPTY_BRACKETS.sub("", text)
-    text = _TRAILING_SPACE.sub("\n", text)
-    text = _BLANK_RUNS.sub("\n\n", text)
-    return text.strip()
-
 
 def _init_worker(settings: dict) -> None:
     global _worker_settings

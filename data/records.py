@@ -17,6 +17,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -197,6 +198,25 @@ def string_field(obj: dict, key: str, where: str, report: Report, required: bool
     else:
         report.add(f"bad_{key}", where, f"\"{key}\" must be a string, got {type(value).__name__}; skipped")
     return None
+
+
+_EMPTY_BRACKETS = re.compile(r"（[\s，,；;、]*）|\([\s，,；;、]*\)|\[[\s，,；;、]*\]|【\s*】")
+_BLANK_RUNS = re.compile(r"\n[ \t\u3000]*\n(?:[ \t\u3000]*\n)+")
+_TRAILING_SPACE = re.compile(r"[ \t\u3000]+\n")
+
+
+def clean_text(text: str, title: str | None) -> str:
+    """Normalise line ends, drop a leading line that repeats the title (wiki style), remove
+    empty brackets left by stripped markup, fold runs of blank lines."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\ufeff", "").replace("\u200b", "")
+    if title and title.strip():
+        first, sep, rest = text.lstrip().partition("\n")
+        if sep and first.strip() == title.strip():
+            text = rest
+    text = _EMPTY_BRACKETS.sub("", text)
+    text = _TRAILING_SPACE.sub("\n", text)
+    text = _BLANK_RUNS.sub("\n\n", text)
+    return text.strip()
 
 
 def in_val(key: str, fraction: float) -> bool:

@@ -4,7 +4,7 @@ import pytest
 from conftest import read_bin, read_meta, run_script, write_jsonl
 
 from data.tokenizer import EOT_ID, PAD_ID
-from prepare import clean_text
+from records import clean_text
 
 BLOCK = 64
 

@@ -1,0 +1,263 @@
+"""Evaluate a MiniGLM checkpoint: perplexity on the held-out split, answers scored with Rouge
+(rouge-chinese over jieba words, the course metric) and the graders' checks; --report writes the
+report to hand in.
+
+    python evaluations.py --out_dir=out-sft                    # SFT: every question of the SFT test split
+    python evaluations.py --out_dir=out                        # pretrained: continue held-out documents
+    python evaluations.py --out_dir=out-sft --input=my_test.json --max_samples=200 --report
+
+SFT checkpoints answer each question of data/raw/sft_test.jsonl (or --input: a JSON array or
+JSONL of {"question", "answer"}). Pretrained checkpoints continue the first sentence of held-out
+documents (the val documents of the sources the checkpoint's data was prepared from, chosen by
+the same hash as prepare.py; or --input: JSON/JSONL of {"text"}), scored against the rest of the
+document (its first max_reference_chars characters). Perplexity: exp of the summed NLL over the
+counted tokens of ppl_split (masked positions excluded) divided once by their number.
+
+Checks on every answer: empty; garbled ("\ufffd", control or unassigned characters); repetitive
+(the same 2-20 characters three times in a row, or one character five times); truncated (no EOT
+within max_new_tokens). Rouge of an empty answer, or of a text over rouge_max_words words, is 0
+with a flag instead of an error (rouge-chinese refuses the one and is very slow on the other).
+Writes out_dir/eval.json and out_dir/eval_samples.jsonl and prints a table; with --report also
+out_dir/loss.png, out_dir/eval.png (visualize.py) and out_dir/report.md.
+"""
+import logging
+import math
+import random
+import re
+import sys
+import time
+import unicodedata
+from pathlib import Path
+
+import jieba
+import numpy as np
+import torch
+from rouge_chinese import Rouge
+from tqdm import tqdm
+
+from data.records import (Report, clean_text, expand_inputs, in_val, read_records, string_field, write_json_atomic,
+                          write_jsonl_atomic)
+from data_utils import batch_at, load_dataset
+from model import inference_dtype, select_device
+from sample import checkpoint_mode, load_checkpoint, stream_reply
+
+ROOT = Path(__file__).resolve().parent
+
+# ----------------------------------------------------------------------------- defaults
+out_dir = "out-sft"
+input = ""                  # "" = the SFT test split (SFT) or the held-out documents (pretrained)
+max_samples = 0             # 0 = all; else that many, chosen by --seed, kept in file order
+max_new_tokens = 128
+temperature = 0.0           # 0 = greedy: the answer the model finds most likely
+top_k = 50
+top_p = 0.95
+repetition_penalty = 1.1
+seed = 1337
+max_reference_chars = 200   # pretrained: the reference is this much of the document after the prompt
+ppl_split = "val"           # the split of the checkpoint's data_dir scored for perplexity
+ppl_max_blocks = 400        # evenly spaced blocks of it (0 = all)
+batch_size = 16
+rouge_max_words = 1000
+report = False              # also draw the plots and write out_dir/report.md
+device = ""                 # "" = cuda, then mps, then cpu
+dtype = ""                  # "" = bfloat16 where the GPU or CPU computes it natively, else float32
+# -----------------------------------------------------------------------------
+
+SFT_TEST = "data/raw/sft_test.jsonl"
+FLAGS = ("empty", "garbled", "repetitive", "truncated")
+_SENTENCE_END = re.compile(r"[。！？!?]")
+_LOOP = re.compile(r"(.{2,20}?)\1{2,}|(.)\2{4,}", re.DOTALL)
+
+
+def perplexity(model, ds, batch_size: int = 16, max_blocks: int = 0, device: str = "cpu") -> dict:
+    """exp(sum of NLL over the counted targets / their number) over evenly spaced blocks of a split
+    (windows for stream data), the NLL summed in float64 from each batch's masked mean."""
+    T = ds.block_size
+    starts = list(range(0, ds.n_tokens - (0 if ds.aligned else 1) - T + 1, T))
+    if max_blocks and len(starts) > max_blocks:
+        starts = [starts[i] for i in np.linspace(0, len(starts) - 1, max_blocks).round().astype(int)]
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(starts), batch_size):
+            x, y, mask = batch_at(ds, starts[i:i + batch_size], device)
+            n = int(mask.sum())
+            if n:
+                _, loss = model(x, y, mask)  # mean NLL over the n counted targets
+                nll += float(loss) * n
+                count += n
+    return {"perplexity": math.exp(nll / count) if count else None, "nll": nll / count if count else None,
+            "tokens": count, "blocks": len(starts)}
+
+
+def is_garbled(text: str) -> bool:
+    """A replacement character, or a control, unassigned, private-use or surrogate code point."""
+    return any(ch == "\ufffd" or (unicodedata.category(ch) in ("Cc", "Cn", "Co", "Cs") and ch not in "\n\t")
+               for ch in text)
+
+
+def is_repetitive(text: str) -> bool:
+    """A loop: the same 2-20 characters three times in a row, or one character five times."""
+    return _LOOP.search(text) is not None
+
+
+def distinct_2(text: str) -> float | None:
+    """Distinct character bigrams / all character bigrams (None under two characters)."""
+    grams = [text[i:i + 2] for i in range(len(text) - 1)]
+    return len(set(grams)) / len(grams) if grams else None
+
+
+def words(text: str) -> str:
+    return " ".join(w for w in jieba.cut(text) if w.strip())
+
+
+def rouge(prediction: str, reference: str, max_words: int = 1000) -> tuple[dict, str | None]:
+    """({rouge_1, rouge_2, rouge_l} F1 over jieba words, flag): all 0 with a flag where
+    rouge-chinese cannot score (empty text) or would take too long (over max_words words)."""
+    zero = {"rouge_1": 0.0, "rouge_2": 0.0, "rouge_l": 0.0}
+    hyp, ref = words(prediction), words(reference)
+    if not hyp or not ref:
+        return zero, "rouge_empty"
+    if max(hyp.count(" "), ref.count(" ")) + 1 > max_words:
+        return zero, "rouge_too_long"
+    try:
+        s = Rouge().get_scores(hyp, ref)[0]
+    except (ValueError, RecursionError) as e:
+        return zero, f"rouge_error: {e}"
+    return {"rouge_1": s["rouge-1"]["f"], "rouge_2": s["rouge-2"]["f"], "rouge_l": s["rouge-l"]["f"]}, None
+
+
+def split_document(text: str) -> tuple[str, str]:
+    """(first sentence, the rest): up to the first 。！？, else up to the first line break."""
+    end = _SENTENCE_END.search(text)
+    cut = end.end() if end else text.find("\n") + 1
+    return (text[:cut], text[cut:].strip()) if cut > 0 else (text, "")
+
+
+def load_cases(mode: str, source: str, data_meta: dict, report: Report, reference_chars: int = 200) -> list:
+    """[{"prompt", "reference"}] from the user's file or the default held-out data."""
+    if source:
+        paths = expand_inputs(source, report)
+        if not paths:
+            sys.exit(f"--input={source}: no .json or .jsonl file there")
+    elif mode == "chat":
+        paths = [ROOT / SFT_TEST]
+        if not paths[0].exists():
+            sys.exit(f"{SFT_TEST} not found: run python data/fetch_data.py, or pass --input=your_test.jsonl")
+    else:
+        paths = [ROOT / p for p in data_meta.get("sources", [])]
+        if not paths or not all(p.exists() for p in paths):
+            sys.exit(f"the checkpoint's source documents ({', '.join(map(str, paths)) or 'none recorded'}) are "
+                     "not here: pass --input= a JSONL of {\"text\"} documents")
+    cases, fraction = [], data_meta.get("val_fraction", 0)
+    for path in paths:
+        for where, obj in read_records(path, report):
+            if mode == "chat":
+                q, a = string_field(obj, "question", where, report), string_field(obj, "answer", where, report)
+                if q and a:
+                    cases.append({"prompt": q, "reference": a})
+                continue
+            text = string_field(obj, "text", where, report)
+            if text is None:
+                continue
+            text = clean_text(text, obj.get("title") if isinstance(obj.get("title"), str) else None)
+            if source or in_val(text, fraction):
+                prompt, rest = split_document(text)
+                if rest:
+                    cases.append({"prompt": prompt, "reference": rest[:reference_chars]})
+                else:
+                    report.add("one_sentence", where, "document has no text after its first sentence; skipped")
+    return cases
+
+
+def evaluate(model, ckpt: dict, mode: str, cases: list, settings: dict) -> tuple[list, dict]:
+    """Answer every case; (samples with scores and flags, the summary written to eval.json)."""
+    samples, seconds = [], 0.0
+    keys = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty")
+    for i, case in enumerate(tqdm(cases, desc="answering", unit="q", file=sys.stderr)):
+        stats, gen = {}, torch.Generator().manual_seed(settings["seed"] + i)
+        prediction = "".join(stream_reply(model, ckpt, case["prompt"], mode, generator=gen, stats=stats,
+                                          **{k: settings[k] for k in keys}))
+        scores, rouge_flag = rouge(prediction, case["reference"], settings["rouge_max_words"])
+        flags = [name for name, on in zip(FLAGS, (not prediction.strip(), is_garbled(prediction),
+                                                   is_repetitive(prediction), not stats["stopped_at_eot"]),
+                                          strict=True) if on]
+        samples.append({"question": case["prompt"], "reference": case["reference"], "prediction": prediction,
+                        **{k: round(v, 4) for k, v in scores.items()}, "flags": flags + [rouge_flag] * bool(rouge_flag),
+                        "distinct_2": distinct_2(prediction), "chars": len(prediction),
+                        "new_tokens": stats["new_tokens"], "seconds": round(stats["seconds"], 3)})
+        seconds += stats["seconds"]
+    n = len(samples)
+
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else None
+
+    summary = {k: mean(s[k] for s in samples) for k in ("rouge_1", "rouge_2", "rouge_l")}
+    summary |= {f"{f}_rate": sum(f in s["flags"] for s in samples) / n for f in FLAGS}
+    summary["repetition_rate"] = summary.pop("repetitive_rate")
+    summary["truncation_rate"] = summary.pop("truncated_rate")
+    summary |= {"rouge_unscored_rate": sum(any(f.startswith("rouge_") for f in s["flags"]) for s in samples) / n,
+                "distinct_2": mean(s["distinct_2"] for s in samples), "mean_chars": mean(s["chars"] for s in samples),
+                "tokens_per_s": sum(s["new_tokens"] for s in samples) / max(seconds, 1e-9), "samples": n}
+    return samples, summary
+
+
+def print_table(results: dict) -> None:
+    rows = [("perplexity", results["perplexity"]), ("Rouge-1 F1", results["rouge_1"]),
+            ("Rouge-2 F1", results["rouge_2"]), ("Rouge-L F1", results["rouge_l"]),
+            ("empty rate", results["empty_rate"]), ("garbled rate", results["garbled_rate"]),
+            ("repetition rate", results["repetition_rate"]), ("truncation rate", results["truncation_rate"]),
+            ("distinct-2", results["distinct_2"]), ("mean answer chars", results["mean_chars"]),
+            ("tokens/s", results["tokens_per_s"]), ("samples", results["samples"])]
+    for name, value in rows:
+        shown = "n/a" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+        print(f"{name:<20}{shown:>12}")
+
+
+if __name__ == "__main__":
+    exec(open(ROOT / "configurator.py", encoding="utf-8").read())
+    jieba.setLogLevel(logging.WARNING)
+    settings = {k: config[k] for k in config if k not in ("report",)}
+    try:
+        device, _ = select_device(device)
+        dtype = inference_dtype(device, dtype)
+        model, ckpt = load_checkpoint(ROOT / out_dir, device, dtype)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(str(e))
+    out = ROOT / out_dir
+    mode = checkpoint_mode(ckpt)
+    settings |= {"mode": mode, "device": device, "dtype": dtype, "iter_num": ckpt.get("iter_num")}
+    print(f"[{out_dir}: mode {mode}, {model.num_params() / 1e6:.1f}M parameters, {device}, {dtype}]", file=sys.stderr)
+
+    results = {"perplexity": None, "ppl_note": ""}
+    data_dir = ROOT / ckpt["config"].get("data_dir", "")
+    try:
+        ds = load_dataset(data_dir, ppl_split)
+        t0 = time.perf_counter()
+        ppl = perplexity(model, ds, batch_size, ppl_max_blocks, device)
+        results |= {"perplexity": ppl["perplexity"], "ppl_nll": ppl["nll"], "ppl_tokens": ppl["tokens"],
+                    "ppl_blocks": ppl["blocks"], "ppl_data": str(ds.path)}
+        print(f"perplexity {ppl['perplexity']:.3f} over {ppl['tokens']:,} tokens of {ds.path} "
+              f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        results["ppl_note"] = f"no perplexity: {data_dir} split {ppl_split!r} unavailable ({e})"
+        print(results["ppl_note"], file=sys.stderr)
+
+    bad = Report()
+    cases = load_cases(mode, input, ckpt["data_meta"], bad, max_reference_chars)
+    if bad.counts:
+        print(f"test cases: {bad.summary()}", file=sys.stderr)
+    if not cases:
+        sys.exit("no test cases to answer (see the messages above)")
+    if max_samples and len(cases) > max_samples:
+        keep = sorted(random.Random(seed).sample(range(len(cases)), max_samples))
+        cases = [cases[i] for i in keep]
+    samples, summary = evaluate(model, ckpt, mode, cases, settings)
+    results |= summary | {"settings": settings, "skipped_cases": dict(bad.counts)}
+    write_json_atomic(out / "eval.json", results)
+    write_jsonl_atomic(out / "eval_samples.jsonl", samples)
+    print_table(results)
+    print(f"wrote {out / 'eval.json'} and {out / 'eval_samples.jsonl'}", file=sys.stderr)
+    if report:
+        from visualize import write_report
+        print(f"wrote {write_report(out)}", file=sys.stderr)

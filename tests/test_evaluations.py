@@ -1,0 +1,190 @@
+"""evaluations.py and visualize.py: perplexity, Rouge, the graders' checks, plots and the report."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import PAIRS, read_bin, run_script, write_jsonl
+from test_prepare import corpus
+
+from data.records import clean_text, in_val
+from data_utils import load_dataset
+from evaluations import distinct_2, is_garbled, is_repetitive, perplexity, rouge, split_document
+from model import GPT, GPTConfig
+from visualize import plot_losses
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval_data")
+    docs = write_jsonl(tmp / "docs.jsonl", corpus(80))
+    run_script("data/prepare.py", f"--input={docs}", f"--out_dir={tmp / 'pre'}", "--block_size=32",
+               "--val_fraction=0.2")
+    run_script("data/prepare_sft.py", f"--input={write_jsonl(tmp / 'sft.jsonl', PAIRS)}", f"--out_dir={tmp / 'sft'}",
+               "--block_size=48", "--val_fraction=0.3")
+    return tmp
+
+
+def uniform_model(block_size):
+    model = GPT(GPTConfig(block_size=block_size, n_layer=1, n_head=2, n_embd=16)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # every logit 0: the uniform distribution over the whole vocabulary
+    return model
+
+
+@pytest.mark.parametrize("kind", ["pre", "sft"])
+def test_perplexity_of_uniform_logits_is_the_vocabulary_size(prepared, kind):
+    ds = load_dataset(prepared / kind, "val")
+    model = uniform_model(ds.block_size)
+    result = perplexity(model, ds, batch_size=3)
+    assert result["perplexity"] == pytest.approx(model.config.vocab_size, rel=1e-5)
+    # only counted targets: the answer tokens (SFT) or everything up to a block's padding
+    T = ds.block_size
+    if kind == "sft":
+        marks = read_bin(prepared / "sft" / "val_mask.bin", np.uint8).reshape(-1, T)
+        assert result["tokens"] == int(marks[:, 1:].sum())
+    else:
+        tokens = read_bin(prepared / "pre" / "val.bin").reshape(-1, T)
+        assert result["tokens"] == int((tokens[:, 1:] != 50257).sum())
+    assert perplexity(model, ds, max_blocks=2)["blocks"] == 2
+
+
+def test_perplexity_sums_nll_in_log_space(prepared):
+    """Equal to exp of the token-weighted mean of per-batch losses, even where a product of
+    probabilities would underflow to 0."""
+    ds = load_dataset(prepared / "pre", "val")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=ds.block_size, n_layer=1, n_head=2, n_embd=16)).eval()
+    result = perplexity(model, ds, batch_size=2)
+    assert math.isfinite(result["perplexity"]) and result["tokens"] > 300
+    assert math.exp(-result["nll"] * result["tokens"]) == 0.0  # the naive product underflows here
+    assert result["perplexity"] == pytest.approx(math.exp(result["nll"]))
+
+
+def test_rouge_of_identical_disjoint_empty_and_long_texts():
+    same, flag = rouge("床前明月光，疑是地上霜。", "床前明月光，疑是地上霜。")
+    assert flag is None and all(v == pytest.approx(1.0) for v in same.values())
+    apart, flag = rouge("春眠不觉晓", "大漠孤烟直")
+    assert flag is None and all(v == 0 for v in apart.values())
+    for hyp, ref in [("", "参考答案"), ("   ", "参考答案"), ("回答", "")]:
+        scores, flag = rouge(hyp, ref)
+        assert flag == "rouge_empty" and all(v == 0 for v in scores.values())
+    scores, flag = rouge("春风" * 3000, "春风" * 3000, max_words=1000)
+    assert flag == "rouge_too_long" and scores["rouge_l"] == 0
+
+
+def test_graders_checks_on_crafted_strings():
+    assert is_garbled("半个字\ufffd") and is_garbled("响铃\x07") and is_garbled("私用\ue000区")
+    assert not is_garbled("床前明月光，\n疑是地上霜。\tOK")
+    for text in ("好的好的好的", "啊啊啊啊啊", "前言。我爱你我爱你我爱你", "ab ab ab "):
+        assert is_repetitive(text), text
+    for text in ("床前明月光，疑是地上霜。", "行行重行行，与君生别离。", "哈哈哈", "好的好的"):
+        assert not is_repetitive(text), text
+    assert distinct_2("abab") == pytest.approx(2 / 3) and distinct_2("a") is None and distinct_2("abc") == 1
+
+
+def test_split_document_at_the_first_sentence():
+    poem = "《春日》\n宋·朱熹\n胜日寻芳泗水滨，无边光景一时新。\n等闲识得东风面，万紫千红总是春。"
+    assert split_document(poem) == ("《春日》\n宋·朱熹\n胜日寻芳泗水滨，无边光景一时新。",
+                                    "等闲识得东风面，万紫千红总是春。")
+    assert split_document("没有句号\n第二行") == ("没有句号\n", "第二行")
+    assert split_document("一句话。") == ("一句话。", "")
+
+
+def test_sft_evaluation_end_to_end_with_report(sft_model, tmp_path):
+    src = write_jsonl(tmp_path / "test.jsonl", PAIRS + [{"question": "缺答案"}])
+    with open(src, "a", encoding="utf-8") as f:
+        f.write("{broken\n")
+    proc = run_script("evaluations.py", f"--out_dir={sft_model}", f"--input={src}", "--report=True")
+    assert f"{src}:21" in proc.stderr and f"{src}:22" in proc.stderr  # bad lines: named and counted
+    results = json.loads((sft_model / "eval.json").read_text(encoding="utf-8"))
+    for key in ("perplexity", "rouge_1", "rouge_2", "rouge_l", "empty_rate", "garbled_rate", "repetition_rate",
+                "truncation_rate", "tokens_per_s", "settings"):
+        assert key in results
+    assert results["perplexity"] is None and "val" in results["ppl_note"]  # the tiny model has no val split
+    assert results["samples"] == len(PAIRS) and results["rouge_l"] == pytest.approx(1.0)  # memorized, greedy
+    assert results["empty_rate"] == results["garbled_rate"] == results["truncation_rate"] == 0
+    assert results["skipped_cases"] == {"missing_answer": 1, "invalid_json": 1}
+    samples = [json.loads(line) for line in (sft_model / "eval_samples.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [s["prediction"] for s in samples] == [p["answer"] for p in PAIRS]
+    assert {"question", "reference", "prediction", "rouge_l", "flags"} <= samples[0].keys()
+    assert "Rouge-L F1" in proc.stdout and "perplexity" in proc.stdout
+    report = (sft_model / "report.md").read_text(encoding="utf-8")
+    for section in ("## 数据", "## 训练", "## 评测", "## 较好的回答", "## 较差的回答", "![训练曲线](loss.png)",
+                    "![评测](eval.png)", PAIRS[0]["answer"]):
+        assert section in report, section
+    for png in ("loss.png", "eval.png"):
+        assert (sft_model / png).read_bytes()[:8] == PNG and (sft_model / png).stat().st_size > 10_000
+
+
+def test_sampling_is_deterministic_under_seed_and_cut_by_max_samples(sft_model, tmp_path):
+    src = write_jsonl(tmp_path / "test.jsonl", PAIRS)
+    runs = []
+    for seed in (7, 7, 8):
+        run_script("evaluations.py", f"--out_dir={sft_model}", f"--input={src}", "--temperature=1.5",
+                   "--max_samples=6", f"--seed={seed}", "--ppl_split=train")
+        lines = (sft_model / "eval_samples.jsonl").read_text(encoding="utf-8").splitlines()
+        runs.append([(s["question"], s["prediction"]) for s in map(json.loads, lines)])
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+    samples = [json.loads(line) for line in lines]
+    order = [p["question"] for p in PAIRS]
+    assert len(samples) == 6 and [order.index(s["question"]) for s in samples] == sorted(
+        order.index(s["question"]) for s in samples)
+    results = json.loads((sft_model / "eval.json").read_text(encoding="utf-8"))
+    assert 1 < results["perplexity"] < 50  # on the training pairs it memorized
+
+
+def test_pretrained_continuation_of_held_out_documents(prepared, tmp_path):
+    run_script("train.py", f"--data_dir={prepared / 'pre'}", f"--out_dir={tmp_path}", "--n_layer=1", "--n_head=2",
+               "--n_embd=32", "--batch_size=4", "--max_iters=2", "--eval_interval=2", "--eval_iters=1")
+    run_script("evaluations.py", f"--out_dir={tmp_path}", "--max_new_tokens=8", "--max_samples=5")
+    held_out = [t for t in (clean_text(d["text"], d["title"]) for d in corpus(80)) if in_val(t, 0.2)]
+    samples = [json.loads(line) for line in (tmp_path / "eval_samples.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(samples) == 5
+    for s in samples:
+        assert any(doc.startswith(s["question"]) and s["reference"] in doc for doc in held_out), s["question"]
+        assert s["question"].endswith("。") and s["new_tokens"] <= 8
+    results = json.loads((tmp_path / "eval.json").read_text(encoding="utf-8"))
+    assert results["perplexity"] > 1 and results["settings"]["mode"] == "generate"
+
+
+def test_evaluations_bad_input_messages(sft_model, tmp_path):
+    proc = run_script("evaluations.py", f"--out_dir={sft_model}", f"--input={tmp_path / 'none.jsonl'}", check=False)
+    assert proc.returncode != 0 and "none.jsonl" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_script("evaluations.py", f"--out_dir={tmp_path / 'no_run'}", check=False)
+    assert proc.returncode != 0 and "no checkpoint here" in proc.stderr
+
+
+def test_loss_plots_from_synthetic_metrics(tmp_path, capsys, monkeypatch):
+    runs = []
+    for k, name in enumerate(("pre", "sft")):
+        run = tmp_path / name
+        run.mkdir()
+        rows = [{"iter": i, "split": "train", "loss": 5 - i / 40 + k, "lr": 1e-3 * (1 - i / 100)}
+                for i in range(1, 100)]
+        rows += [{"iter": i, "split": "val", "train_loss": 5 - i / 40, "val_loss": 5.1 - i / 40 + k}
+                 for i in (0, 50, 99)]
+        write_jsonl(run / "metrics.jsonl", rows)
+        runs.append(run)
+    with open(runs[0] / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"iter": 100, "split": "tra\n{"iter": "x", "split": "train", "loss": 1}\n')
+    png = plot_losses(runs[:1], tmp_path / "one.png")
+    assert png.read_bytes()[:8] == PNG and png.stat().st_size > 10_000
+    err = capsys.readouterr().err
+    assert f"{runs[0] / 'metrics.jsonl'}:103" in err and f"{runs[0] / 'metrics.jsonl'}:104" in err
+    monkeypatch.setattr("visualize.CJK_FONTS", ("No Such Font",))  # no CJK font: English labels, still draws
+    both = plot_losses(runs, tmp_path / "both.png")
+    assert both.read_bytes()[:8] == PNG and both.stat().st_size > 10_000
+
+
+def test_visualize_command_line(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    write_jsonl(run / "metrics.jsonl", [{"iter": i, "split": "train", "loss": 3 - i / 9, "lr": 0.1} for i in range(5)])
+    proc = run_script("visualize.py", f"--out_dir={run}")
+    assert (run / "loss.png").exists() and "loss.png" in proc.stdout
+    proc = run_script("visualize.py", f"--out_dir={tmp_path / 'empty'}", check=False)
+    assert proc.returncode != 0 and "no metrics.jsonl" in proc.stderr
