@@ -17,27 +17,20 @@ for one of its models). The API, with gradio_client:
         print(text)                                           # the text so far, as it streams
     client.predict(api_name="/models")                        # the names /generate's model= takes
 """
-import json
-import math
 import os
-import pickle
-import queue
-import random
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home: set before gradio loads
 import gradio as gr  # noqa: E402
-import httpx  # noqa: E402
-import torch  # noqa: E402
-from gradio_client import Client  # noqa: E402
 
 from data.records import Report, read_records, string_field  # noqa: E402
 from model import inference_dtype, select_device  # noqa: E402
-from sample import checkpoint_mode, load_checkpoint, stream_reply, utf8_constraint  # noqa: E402
+from sample import checkpoint_mode, utf8_constraint  # noqa: E402
+from serving import (LIMITS, VOTES, ModelError, ModelStore, VoteBook, check_params, clean_question,  # noqa: E402
+                     discover_models, leaderboard, stream_together)
 
 ROOT = Path(__file__).resolve().parent
 
@@ -57,157 +50,6 @@ dtype = ""                  # "" = bfloat16 where the GPU or CPU computes it nat
 # -----------------------------------------------------------------------------
 
 MODES = {"问答": "chat", "续写": "generate"}
-LIMITS = {"max_new_tokens": (1, 1024), "temperature": (0.0, 2.0), "top_k": (0, 50304), "top_p": (0.0, 1.0),
-          "repetition_penalty": (1.0, 2.0)}
-VOTES = {"a": "A 更好", "b": "B 更好", "tie": "平局", "both_bad": "都不好"}
-ELO_K, ELO_START = 32, 1000
-
-
-class ModelError(Exception):
-    """A model that cannot answer (missing, broken, unreachable); the message is shown in the page."""
-
-
-def discover_models(root: Path = ROOT) -> dict:
-    """{name: checkpoint dir} for every ckpt.pt under root's out*/ folders, name = the dir relative to root."""
-    found = sorted(p.parent for d in root.glob("out*") if d.is_dir() for p in d.rglob("ckpt.pt"))
-    return {d.relative_to(root).as_posix(): d for d in found}
-
-
-def clean_question(text, limit: int) -> tuple[str, str]:
-    """(question, notice): stripped; "" if empty; cut to limit characters, with a notice saying so."""
-    text = (text or "").strip()
-    if len(text) > limit:
-        return text[:limit], f"输入过长（{len(text)} 字），已截断为前 {limit} 字。"
-    return text, ""
-
-
-def check_params(p: dict) -> dict:
-    """Sampling settings in their ranges (LIMITS), else ValueError naming the setting."""
-    for key, (lo, hi) in LIMITS.items():
-        v = p[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
-            raise ValueError(f"{key}={v!r}：应为 {lo} 到 {hi} 之间的数")
-    return p | {"max_new_tokens": int(p["max_new_tokens"]), "top_k": int(p["top_k"])}
-
-
-def peek_mode(path) -> str | None:
-    """A checkpoint's mode without reading its weights (mmap); None if it cannot be read."""
-    try:
-        ckpt = torch.load(Path(path) / "ckpt.pt", map_location="cpu", weights_only=True, mmap=True)
-        return checkpoint_mode(ckpt)
-    except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError):
-        return None
-
-
-class ModelStore:
-    """The models the app serves: local checkpoints, each loaded once and shared by all requests,
-    and classmates' apps by URL (one gradio_client each)."""
-
-    def __init__(self, paths: dict, device: str = "cpu", dtype: str = "float32", stream_every: float = 0.05):
-        self.paths, self.device, self.dtype, self.stream_every = paths, device, dtype, stream_every
-        self.loaded, self.clients = {}, {}
-        self.lock = threading.Lock()
-
-    def names(self) -> list:
-        """The local model names, chat (SFT) models first: the first is the default."""
-        return sorted(self.paths, key=lambda name: peek_mode(self.paths[name]) != "chat")
-
-    def local(self, name: str):
-        with self.lock:
-            if name not in self.loaded:
-                if name not in self.paths:
-                    raise ModelError(f"没有名为 {name!r} 的模型（可选：{', '.join(self.paths) or '无'}）")
-                try:
-                    self.loaded[name] = load_checkpoint(self.paths[name], self.device, self.dtype)
-                except (FileNotFoundError, ValueError) as e:
-                    raise ModelError(f"模型 {name} 无法加载：{e}") from e
-            return self.loaded[name]
-
-    def stream(self, name: str, question: str, mode: str, p: dict) -> Iterator[tuple[str, dict]]:
-        """Yield (reply so far, stats), at most one update every stream_every seconds and then the
-        whole reply; the last stats have new_tokens, seconds, tokens_per_s, first_token_s and
-        stopped_at_eot. mode "" = the model's own."""
-        if name.startswith(("http://", "https://")):
-            yield from self._remote(name, question, mode, p)
-            return
-        model, ckpt = self.local(name)
-        mode = mode or checkpoint_mode(ckpt)
-        seed = p["seed"] if p.get("seed", -1) >= 0 else random.randrange(2**31)
-        gen = torch.Generator(device=self.device).manual_seed(seed)
-        text, stats, t0, sent = "", {"model": name, "mode": mode}, time.perf_counter(), -math.inf
-        for piece in stream_reply(model, ckpt, question, mode, generator=gen, stats=stats,
-                                  **{k: p[k] for k in LIMITS}):
-            text += piece
-            now = time.perf_counter()
-            stats.setdefault("first_token_s", round(now - t0, 3))
-            if now - sent >= self.stream_every:
-                sent = now
-                yield text, dict(stats)
-        stats.setdefault("first_token_s", None)
-        stats["tokens_per_s"] = round(stats["new_tokens"] / max(stats["seconds"], 1e-9), 1)
-        yield text, stats
-
-    def _remote(self, target: str, question: str, mode: str, p: dict):
-        url, _, name = target.partition("#")
-        job = None
-        try:
-            client = self.clients.get(url)
-            if client is None:  # connecting can take a while: not under the lock
-                client = Client(url, verbose=False, download_files=False, analytics_enabled=False)
-                client = self.clients.setdefault(url, client)
-            job = client.submit(question, mode, *(p[k] for k in LIMITS), name, p.get("seed", -1),
-                                api_name="/generate")
-            out = None
-            for out in job:
-                yield out[0], out[1] | {"model": target}
-            final = job.result()
-            if final != out:
-                yield final[0], final[1] | {"model": target}
-        except (ValueError, httpx.HTTPError, OSError) as e:
-            raise ModelError(f"无法使用 {target}：{e}") from e
-        finally:
-            if job is not None and not job.done():
-                job.cancel()  # stopped here: stop it on the classmate's app too
-
-
-def stream_together(streams: list) -> Iterator[list]:
-    """Run several (text, stats) streams at once, one thread each; yield the list of their latest
-    values whenever one changes. A stream that fails ends with "【出错】message" and the others go on.
-    Closing this generator (the stop button) stops them all at their next piece."""
-    latest = [("", {}) for _ in streams]
-    updates, stop = queue.Queue(), threading.Event()
-
-    def run(i, stream):
-        try:
-            for value in stream:
-                if stop.is_set():
-                    break
-                updates.put((i, value))
-        except ModelError as e:
-            updates.put((i, (f"【出错】{e}", {})))
-        finally:
-            stream.close()
-            updates.put((i, None))
-
-    for i, stream in enumerate(streams):
-        threading.Thread(target=run, args=(i, stream), daemon=True).start()
-    running = len(streams)
-    try:
-        while running:
-            i, value = updates.get()
-            if value is None:
-                running -= 1
-                continue
-            latest[i] = value
-            while not updates.empty() and running:  # yield once per burst, not once per piece
-                j, more = updates.get()
-                if more is None:
-                    running -= 1
-                else:
-                    latest[j] = more
-            yield list(latest)
-    finally:
-        stop.set()
 
 
 def stats_line(stats: dict) -> str:
@@ -217,55 +59,6 @@ def stats_line(stats: dict) -> str:
     return (f"{stats.get('model', '')} · {'问答' if stats.get('mode') == 'chat' else '续写'} · "
             f"{stats['new_tokens']} tokens · 首字 {'-' if first is None else f'{first:.2f} s'} · "
             f"{stats['tokens_per_s']} tokens/s" + ("" if stats.get("stopped_at_eot") else " · 到达长度上限"))
-
-
-class VoteBook:
-    """Arena votes, one JSON object a line, appended (a whole line per write) under a lock."""
-
-    def __init__(self, path):
-        self.path, self.lock = Path(path), threading.Lock()
-
-    def add(self, record: dict) -> None:
-        with self.lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "ab+") as f:  # appends go to the end wherever the file position is
-                if f.seek(0, os.SEEK_END) > 0:
-                    f.seek(-1, os.SEEK_END)
-                    if f.read(1) != b"\n":  # a line cut short by a crash stays a line of its own
-                        f.write(b"\n")
-                f.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
-                f.flush()
-                os.fsync(f.fileno())
-
-    def read(self) -> tuple[list, Report]:
-        """(good votes, report of the skipped lines: file:line and why, printed to stderr)."""
-        report, votes = Report(), []
-        if self.path.exists():
-            for where, obj in read_records(self.path, report):
-                names_ok = all(isinstance(obj.get(k), str) and obj[k] for k in ("model_a", "model_b"))
-                if names_ok and obj.get("vote") in VOTES:
-                    votes.append(obj)
-                else:
-                    report.add("bad_vote", where, "expected model_a, model_b and vote "
-                               f"(one of {', '.join(VOTES)}); skipped")
-        return votes, report
-
-
-def leaderboard(votes: list) -> list:
-    """Rows [model, Elo, games, wins, losses, ties, win rate] by Elo (online updates in vote order,
-    K=32, start 1000; a tie and "both bad" score half a win each), best first."""
-    elo, rec = {}, {}
-    for v in votes:
-        a, b = v["model_a"], v["model_b"]
-        score_a = {"a": 1.0, "b": 0.0}.get(v["vote"], 0.5)
-        ra, rb = elo.setdefault(a, ELO_START), elo.setdefault(b, ELO_START)
-        expect_a = 1 / (1 + 10 ** ((rb - ra) / 400))
-        elo[a], elo[b] = ra + ELO_K * (score_a - expect_a), rb - ELO_K * (score_a - expect_a)
-        for m, s in ((a, score_a), (b, 1 - score_a)):
-            r = rec.setdefault(m, [0, 0, 0])
-            r[0 if s == 1 else 1 if s == 0 else 2] += 1
-    rows = [[m, round(elo[m]), sum(r), *r, f"{r[0] / sum(r):.0%}"] for m, r in rec.items()]
-    return sorted(rows, key=lambda row: -row[1])
 
 
 def load_examples(path, n: int = 8) -> list:

@@ -1,4 +1,4 @@
-"""sample_gradio.py: input limits, votes and the leaderboard, streams side by side, the model store,
+"""sample_gradio.py and serving.py: input limits, votes and the leaderboard, streams side by side, the model store,
 the API through gradio_client (streaming, queueing, errors, a classmate's app by URL)."""
 import shutil
 import socket
@@ -13,8 +13,9 @@ from gradio_client.exceptions import AppError
 
 from data.tokenizer import sft_prompt
 from sample import load_checkpoint, render_prompt
-from sample_gradio import (ELO_START, ModelError, ModelStore, VoteBook, build_app, check_params, clean_question,
-                           discover_models, leaderboard, stream_together)
+from sample_gradio import build_app
+from serving import (ELO_START, ModelError, ModelStore, VoteBook, check_params, clean_question, discover_models,
+                     leaderboard, stream_together)
 
 GREEDY = {"max_new_tokens": 20, "temperature": 0.0, "top_k": 50, "top_p": 0.95, "repetition_penalty": 1.0,
           "seed": 0}
