@@ -82,7 +82,7 @@ def perplexity(model, ds, batch_size: int = 16, max_blocks: int = 0, device: str
             x, y, mask = batch_at(ds, starts[i:i + batch_size], device)
             n = int(mask.sum())
             if n:
-                _, loss = model(x, y, mask)  # mean NLL over the n counted targets
+                _, loss = model(x, y, mask, return_logits=False)  # mean NLL over the n counted targets
                 nll += float(loss) * n
                 count += n
     return {"perplexity": math.exp(nll / count) if count else None, "nll": nll / count if count else None,
