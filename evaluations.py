@@ -217,6 +217,11 @@ def print_table(results: dict) -> None:
 if __name__ == "__main__":
     exec(open(ROOT / "configurator.py", encoding="utf-8").read())
     jieba.setLogLevel(logging.WARNING)
+    for key, ok in [("max_samples", max_samples >= 0), ("max_new_tokens", max_new_tokens >= 1),
+                    ("temperature", temperature >= 0), ("ppl_max_blocks", ppl_max_blocks >= 0),
+                    ("batch_size", batch_size >= 1), ("rouge_max_words", rouge_max_words >= 1)]:
+        if not ok:
+            sys.exit(f"--{key}={config[key]}: out of range (see --help)")
     settings = {k: config[k] for k in config if k not in ("report",)}
     try:
         device, _ = select_device(device)

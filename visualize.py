@@ -228,4 +228,6 @@ if __name__ == "__main__":
     if report:
         if len(dirs) > 1:
             sys.exit("--report: one --out_dir at a time")
+        if not (dirs[0] / "ckpt.pt").exists():
+            sys.exit(f"--report: {dirs[0] / 'ckpt.pt'} not found; the report describes a trained checkpoint")
         print(f"wrote {write_report(dirs[0])}")

@@ -156,6 +156,8 @@ def test_evaluations_bad_input_messages(sft_model, tmp_path):
     assert proc.returncode != 0 and "none.jsonl" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_script("evaluations.py", f"--out_dir={tmp_path / 'no_run'}", check=False)
     assert proc.returncode != 0 and "no checkpoint here" in proc.stderr
+    proc = run_script("evaluations.py", f"--out_dir={sft_model}", "--max_samples=-1", check=False)
+    assert proc.returncode != 0 and "--max_samples=-1: out of range" in proc.stderr
 
 
 def test_loss_plots_from_synthetic_metrics(tmp_path, capsys, monkeypatch):
@@ -188,3 +190,5 @@ def test_visualize_command_line(tmp_path):
     assert (run / "loss.png").exists() and "loss.png" in proc.stdout
     proc = run_script("visualize.py", f"--out_dir={tmp_path / 'empty'}", check=False)
     assert proc.returncode != 0 and "no metrics.jsonl" in proc.stderr
+    proc = run_script("visualize.py", f"--out_dir={run}", "--report=True", check=False)
+    assert proc.returncode != 0 and "ckpt.pt not found" in proc.stderr and "Traceback" not in proc.stderr
