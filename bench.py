@@ -30,12 +30,15 @@ across machines.
 """
 import json
 import re
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+from urllib.error import URLError
+from urllib.request import urlopen
 
 ROOT = Path(__file__).resolve().parent
 
@@ -196,44 +199,49 @@ def random_sft_checkpoint(out_dir: Path) -> None:
                 "config": {}}, out_dir / "ckpt.pt")
 
 
-def start_app(model_dir: Path, *args) -> tuple:
-    """sample_gradio.py serving model_dir in a subprocess on a free loopback port: (process, client)."""
-    import socket
-    from urllib.error import URLError
-    from urllib.request import urlopen
-
-    from gradio_client import Client
+def start_app(log: Path, *args) -> tuple[subprocess.Popen, str]:
+    """sample_gradio.py with args in a subprocess on a free loopback port, its output going to log
+    (a pipe nobody reads could fill and stall it): (process, url) once the page answers; a
+    RuntimeError with the log's tail if it exits or does not answer within 120 s."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    app = subprocess.Popen([sys.executable, "sample_gradio.py", f"--models={model_dir}", f"--port={port}",
-                            f"--votes_path={model_dir}/votes.jsonl", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, text=True)
-    for _ in range(240):
+    with open(log, "w", encoding="utf-8") as out:
+        app = subprocess.Popen([sys.executable, str(ROOT / "sample_gradio.py"), f"--port={port}", *map(str, args)],
+                               cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    url, deadline = f"http://127.0.0.1:{port}", time.time() + 120
+    while True:
         try:
-            urlopen(f"http://127.0.0.1:{port}", timeout=2)
-            break
+            urlopen(url, timeout=2)
+            return app, url
         except URLError:
-            if app.poll() is not None:
-                sys.exit(f"sample_gradio.py failed:\n{app.stderr.read()[-2000:]}")
+            if app.poll() is not None or time.time() > deadline:
+                app.kill()
+                tail = Path(log).read_text(encoding="utf-8")[-3000:]
+                raise RuntimeError(f"sample_gradio.py did not start:\n{tail}") from None
             time.sleep(0.5)
-    return app, Client(f"http://127.0.0.1:{port}", verbose=False, download_files=False, analytics_enabled=False)
 
 
 def bench_ui(reps: int = 5) -> None:
     import statistics
+
+    from gradio_client import Client
     question, new = "成语“画蛇添足”是什么意思？", 256
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "m"
         random_sft_checkpoint(model_dir)
         # the app as shipped, and one that sends an update per piece, called in turn in the same run
-        apps = {"": start_app(model_dir), "_every_piece": start_app(model_dir, "--stream_every=0")}
+        apps = {name: start_app(Path(tmp) / f"app{name}.log", f"--models={model_dir}",
+                                f"--votes_path={tmp}/votes.jsonl", *extra)
+                for name, extra in (("", ()), ("_every_piece", ("--stream_every=0",)))}
+        clients = {name: Client(url, verbose=False, download_files=False, analytics_enabled=False)
+                   for name, (_, url) in apps.items()}
         runs = {name: [] for name in apps}
         try:
-            for _, client in apps.values():
+            for client in clients.values():
                 client.predict(question, "", 8, api_name="/generate")  # warm-up
             for seed in range(reps):
-                for name, (_, client) in apps.items():
+                for name, client in clients.items():
                     t0, first = time.perf_counter(), None
                     for text, stats in client.submit(question, "", new, 0.8, 50, 0.95, 1.1, "", seed,
                                                      api_name="/generate"):

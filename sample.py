@@ -105,8 +105,11 @@ def load_checkpoint(path, device: str = "cpu", dtype: str = "float32") -> tuple[
         if ckpt["data_meta"].get(key) != ours[key]:
             raise ValueError(f"{path}: trained with {key}={ckpt['data_meta'].get(key)!r}, "
                              f"this code uses {key}={ours[key]!r}")
-    model = GPT(GPTConfig(**ckpt["model_args"]))
-    model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
+    try:
+        model = GPT(GPTConfig(**ckpt["model_args"]))
+        model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
+    except (TypeError, RuntimeError) as e:  # unknown model_args, or weights of another shape
+        raise ValueError(f"{path}: the weights do not fit the checkpoint's model_args ({e})") from e
     return model.to(device=device, dtype=getattr(torch, dtype)).eval(), ckpt
 
 

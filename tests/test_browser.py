@@ -4,17 +4,13 @@
 Screenshots are kept in test-artifacts/ (chat.png, arena.png)."""
 import json
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
-from urllib.error import URLError
-from urllib.request import urlopen
 
 import pytest
 from conftest import PAIRS, ROOT
 from playwright.sync_api import expect, sync_playwright
-from test_gradio import free_port
+
+from bench import start_app
 
 CHROMIUM = Path("/usr/bin/chromium")
 # for a machine with no network, as root: no sandbox, no GPU, no calls to Google's services
@@ -27,25 +23,12 @@ ARTIFACTS = ROOT / "test-artifacts"
 @pytest.fixture(scope="module")
 def server(sft_model, tmp_path_factory):
     """sample_gradio.py in a subprocess on a free loopback port, serving the tiny SFT model twice
-    (as "a" and "b" copies) and a checkpoint folder that holds no checkpoint."""
+    (the second time as a copy)."""
     tmp = tmp_path_factory.mktemp("browser")
     shutil.copytree(sft_model, tmp / "b")
-    port = free_port()
     votes = tmp / "votes.jsonl"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "sample_gradio.py"), f"--models={sft_model},{tmp / 'b'}",
-                             f"--port={port}", f"--votes_path={votes}", "--max_input_chars=40"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urlopen(url, timeout=2)
-            break
-        except URLError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                pytest.fail(f"sample_gradio.py did not start:\n{proc.communicate()[0]}")
-            time.sleep(0.5)
+    proc, url = start_app(tmp / "app.log", f"--models={sft_model},{tmp / 'b'}", f"--votes_path={votes}",
+                          "--max_input_chars=40")
     yield url, votes, str(sft_model), str(tmp / "b")
     proc.terminate()
     proc.wait(timeout=30)

@@ -128,11 +128,15 @@ def test_store_loads_each_model_once_and_explains_failures(sft_model, tmp_path):
     ckpt = torch.load(sft_model / "ckpt.pt", weights_only=True)
     ckpt["data_meta"]["kind"] = "pretrain"
     torch.save(ckpt, pre / "ckpt.pt")
-    store = ModelStore({"pre": pre, "sft": sft_model, "broken": tmp_path / "broken", "gone": tmp_path / "gone"})
+    (tmp_path / "misfit").mkdir()
+    ckpt["model_args"]["n_embd"] *= 2
+    torch.save(ckpt, tmp_path / "misfit" / "ckpt.pt")
+    store = ModelStore({"pre": pre, "sft": sft_model, "broken": tmp_path / "broken", "gone": tmp_path / "gone",
+                        "misfit": tmp_path / "misfit"})
     assert store.names()[0] == "sft"  # chat models first: the default
     assert store.local("sft") is store.local("sft")
     for name, words in [("broken", "not a readable MiniGLM checkpoint"), ("gone", "no checkpoint here"),
-                        ("nope", "没有名为")]:
+                        ("nope", "没有名为"), ("misfit", "do not fit the checkpoint's model_args")]:
         with pytest.raises(ModelError, match=words):
             list(store.stream(name, "你好", "", GREEDY))
     text, stats = list(store.stream("sft", PAIRS[1]["question"], "", GREEDY))[-1]
@@ -146,7 +150,8 @@ def test_store_loads_each_model_once_and_explains_failures(sft_model, tmp_path):
 def app(sft_model, tmp_path_factory):
     """The app in this process on a free loopback port, one generation at a time."""
     votes = VoteBook(tmp_path_factory.mktemp("votes") / "votes.jsonl")
-    demo = build_app(ModelStore({"sft": sft_model}, stream_every=0), votes, [PAIRS[0]["question"]], limit=30, concurrency=1)
+    store = ModelStore({"sft": sft_model}, stream_every=0)
+    demo = build_app(store, votes, [PAIRS[0]["question"]], limit=30, concurrency=1)
     demo.queue(default_concurrency_limit=1, max_size=16)
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, ssr_mode=False)
