@@ -105,29 +105,36 @@ def utf8_scan(raw: bytes, state: int = 0) -> int | None:
     return state
 
 
-class StreamDecoder:
-    """Turns a stream of token ids into text pieces that never end in a broken character.
+def complete_prefix(raw: bytes) -> int:
+    """The length of raw without a trailing character that still lacks bytes (0-3 of them kept):
+    the part that can be shown now. Invalid bytes count as complete (they show as "\ufffd")."""
+    for back in range(1, min(4, len(raw)) + 1):
+        b = raw[-back]
+        if b & 0xC0 != 0x80:  # an ASCII byte or a lead byte: the last character starts here
+            need = 2 if 0xC2 <= b <= 0xDF else 3 if 0xE0 <= b <= 0xEF else 4 if 0xF0 <= b <= 0xF4 else 1
+            return len(raw) - back if back < need else len(raw)
+    return len(raw)
 
-    GPT-2 spells many Chinese characters as several byte tokens; decoding them one by one would
-    print "\ufffd". push() decodes the whole pending run and returns text only once it no longer
-    ends in "\ufffd"; flush() returns whatever is left (invalid bytes then stay visible)."""
+
+class StreamDecoder:
+    """Turns a stream of token ids into text pieces made of whole characters.
+
+    GPT-2 spells many Chinese characters as several byte tokens, and one token can end one
+    character and begin the next (token 42062 is the bytes 88 e8). push() keeps the bytes of a
+    character that is not complete yet and returns only the text before it, so the pieces joined
+    equal decode(ids) and no piece shows "\ufffd" unless the bytes are really invalid."""
 
     def __init__(self):
         self.enc = get_tokenizer()
-        self.pending = []
+        self.pending = b""
 
     def push(self, token: int) -> str:
-        self.pending.append(token)
-        text = self.enc.decode(self.pending, errors="replace")
-        if text.endswith("\ufffd") and len(self.pending) < 4:  # a UTF-8 character has at most 4 bytes
-            return ""
-        self.pending = []
-        return text
+        raw = self.pending + self.enc.decode_single_token_bytes(token)
+        cut = complete_prefix(raw)
+        self.pending = raw[cut:]
+        return raw[:cut].decode("utf-8", errors="replace")
 
     def flush(self) -> str:
         """The rest; a character cut off by the end of generation is dropped, not shown as "\ufffd"."""
-        raw = self.enc.decode_bytes(self.pending)
-        self.pending = []
-        if utf8_scan(raw):  # a valid start of a character that never got its last bytes
-            raw = raw[:max(i for i, b in enumerate(raw) if not 0x80 <= b <= 0xBF)]
-        return raw.decode("utf-8", errors="replace")
+        raw, self.pending = self.pending, b""
+        return "" if utf8_scan(raw) else raw.decode("utf-8", errors="replace")

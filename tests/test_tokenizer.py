@@ -44,3 +44,49 @@ def test_loads_offline(monkeypatch, tmp_path):
 def test_sft_prompt_template():
     assert SFT_TEMPLATE == "问：{question}\n答："
     assert sft_prompt("李白是谁？") == "问：李白是谁？\n答："
+
+
+def _ends_one_and_begins_another(raw: bytes) -> bool:
+    """A token that starts with continuation bytes and also holds a lead byte."""
+    return raw[0] & 0xC0 == 0x80 and any(b >= 0xC0 for b in raw)
+
+
+def _stream(ids):
+    from data.tokenizer import StreamDecoder
+    decoder = StreamDecoder()
+    pieces = [decoder.push(t) for t in ids]
+    return pieces + [decoder.flush()]
+
+
+def test_stream_decoder_keeps_a_token_that_ends_one_character_and_begins_the_next(enc):
+    ids = enc.encode_ordinary("冯陈褚卫")
+    assert enc.decode_single_token_bytes(42062) == b"\x88\xe8" and 42062 in ids
+    pieces = _stream(ids)
+    assert "".join(pieces) == "冯陈褚卫"
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def test_stream_decoder_pieces_join_to_the_whole_text_and_never_show_a_broken_character(enc):
+    """Property: over many texts (CJK of every frequency, punctuation, rare planes, emoji, Latin),
+    the pieces joined equal decode(ids), and no piece holds "\ufffd" unless the text does."""
+    import random
+    rng = random.Random(0)
+    alphabet = ([chr(c) for c in range(0x4E00, 0x9FA6)] + list("，。！？、；：“”《》（）…—\n ")
+                + ["𠀀", "𪚥", "😀", "é", "ab", "12"])
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60))) for _ in range(2000)]
+    texts += ["冯陈褚卫，蒋沈韩杨。", "百家姓：赵钱孙李", "a\ufffdb 明月"]
+    split_pairs = 0
+    for text in texts:
+        ids = enc.encode_ordinary(text)
+        split_pairs += any(_ends_one_and_begins_another(enc.decode_single_token_bytes(t)) for t in ids)
+        pieces = _stream(ids)
+        assert "".join(pieces) == enc.decode(ids) == text
+        if "\ufffd" not in text:
+            assert not any("\ufffd" in p for p in pieces), (text, pieces)
+    assert split_pairs > 100  # the case under test: tokens that end a character and begin another
+
+
+def test_stream_decoder_drops_a_character_cut_off_by_the_end(enc):
+    ids = enc.encode_ordinary("明月")
+    pieces = _stream(ids[:-1])  # the last character loses its last byte(s)
+    assert "".join(pieces) in ("明", "") and not any("\ufffd" in p for p in pieces)
