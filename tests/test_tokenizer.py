@@ -85,8 +85,3 @@ def test_stream_decoder_pieces_join_to_the_whole_text_and_never_show_a_broken_ch
             assert not any("\ufffd" in p for p in pieces), (text, pieces)
     assert split_pairs > 100  # the case under test: tokens that end a character and begin another
 
-
-def test_stream_decoder_drops_a_character_cut_off_by_the_end(enc):
-    ids = enc.encode_ordinary("明月")
-    pieces = _stream(ids[:-1])  # the last character loses its last byte(s)
-    assert "".join(pieces) in ("明", "") and not any("\ufffd" in p for p in pieces)
