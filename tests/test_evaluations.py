@@ -10,7 +10,7 @@ from test_prepare import corpus
 
 from data.records import clean_text, in_val
 from data_utils import load_dataset
-from evaluations import distinct_2, is_garbled, is_repetitive, perplexity, rouge, split_document
+from evaluations import distinct_2, is_garbled, is_repetitive, perplexity, repeated_share, rouge, split_document
 from model import GPT, GPTConfig
 from visualize import plot_losses
 
@@ -52,16 +52,37 @@ def test_perplexity_of_uniform_logits_is_the_vocabulary_size(prepared, kind):
     assert perplexity(model, ds, max_blocks=2)["blocks"] == 2
 
 
-def test_perplexity_sums_nll_in_log_space(prepared):
-    """Equal to exp of the token-weighted mean of per-batch losses, even where a product of
-    probabilities would underflow to 0."""
-    ds = load_dataset(prepared / "pre", "val")
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=ds.block_size, n_layer=1, n_head=2, n_embd=16)).eval()
-    result = perplexity(model, ds, batch_size=2)
-    assert math.isfinite(result["perplexity"]) and result["tokens"] > 300
-    assert math.exp(-result["nll"] * result["tokens"]) == 0.0  # the naive product underflows here
-    assert result["perplexity"] == pytest.approx(math.exp(result["nll"]))
+@pytest.mark.parametrize("kind", ["pre", "sft"])
+def test_perplexity_matches_a_hand_computation_on_a_known_distribution(prepared, kind):
+    """A model whose next-token distribution is known: even ids have probability 3/Z, odd ids 1/Z
+    (Z = 3 * evens + odds), whatever the context. The expected perplexity is computed by hand from
+    the counted targets read straight from the files; batches of 3 count unequal numbers of targets,
+    and the product of the probabilities underflows to 0 where the summed logs do not."""
+    ds = load_dataset(prepared / kind, "val")
+    T = ds.block_size
+    model = GPT(GPTConfig(block_size=T, n_layer=1, n_head=2, n_embd=16, bias=True)).eval()
+    with torch.no_grad():  # final hidden state = e_0 at every position; logits = lm_head.weight[:, 0]
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.zero_()
+        model.transformer.ln_f.bias[0] = 1.0
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[0::2, 0] = math.log(3)
+    V = model.config.vocab_size
+    Z = 3 * len(range(0, V, 2)) + len(range(1, V, 2))
+    tokens = read_bin(prepared / kind / "val.bin").reshape(-1, T).astype(np.int64)
+    if kind == "sft":
+        counted = read_bin(prepared / kind / "val_mask.bin", np.uint8).reshape(-1, T)[:, 1:].astype(bool)
+    else:
+        counted = tokens[:, 1:] != 50257
+    targets = tokens[:, 1:][counted]
+    n_even, n_odd = int((targets % 2 == 0).sum()), int((targets % 2 == 1).sum())
+    expected = math.exp((n_even * math.log(Z / 3) + n_odd * math.log(Z)) / (n_even + n_odd))
+    per_batch = [int(counted[i:i + 3].sum()) for i in range(0, len(counted), 3)]
+    assert len(set(per_batch)) > 1, "batches should count unequal numbers of targets"
+    result = perplexity(model, ds, batch_size=3)
+    assert result["tokens"] == n_even + n_odd > 50 and n_even and n_odd
+    assert result["perplexity"] == pytest.approx(expected, rel=1e-4)
+    assert math.prod([3 / Z] * n_even + [1 / Z] * n_odd) == 0.0  # the naive product underflows
 
 
 def test_rouge_of_identical_disjoint_empty_and_long_texts():
@@ -79,10 +100,18 @@ def test_rouge_of_identical_disjoint_empty_and_long_texts():
 def test_graders_checks_on_crafted_strings():
     assert is_garbled("半个字\ufffd") and is_garbled("响铃\x07") and is_garbled("私用\ue000区")
     assert not is_garbled("床前明月光，\n疑是地上霜。\tOK")
-    for text in ("好的好的好的", "啊啊啊啊啊", "前言。我爱你我爱你我爱你", "ab ab ab "):
+    for text in ("好的好的好的", "啊啊啊啊啊", "前言。我爱你我爱你我爱你", "ab ab ab ",
+                 "春眠不觉晓。春眠不觉晓。",  # a sentence said twice
+                 "床前明月光，疑是地上霜。举头望明月，低头思故乡。床前明月光，疑是地上霜。",  # A-B-A
+                 "指做事多此一举，反而坏事。比喻做事不得要领。指做事多此一举，反而坏事。比喻做事不得要领。"):
         assert is_repetitive(text), text
-    for text in ("床前明月光，疑是地上霜。", "行行重行行，与君生别离。", "哈哈哈", "好的好的"):
+    for text in ("床前明月光，疑是地上霜。", "行行重行行，与君生别离。", "哈哈哈", "好的好的",
+                 "床前明月光，疑是地上霜。举头望明月，低头思故乡。",
+                 "“春眠不觉晓”的下一句是“处处闻啼鸟”。", "比喻做了多余的事，非但无益，反而不合适。也比喻虚构事实，无中生有。"):
         assert not is_repetitive(text), text
+    assert repeated_share("春眠不觉晓。春眠不觉晓。") == pytest.approx(0.5)
+    assert repeated_share("abcdefabcdefabcdef") == pytest.approx(2 / 3)  # a loop copies itself
+    assert repeated_share("") == 0 and repeated_share("春眠不觉晓") == 0
     assert distinct_2("abab") == pytest.approx(2 / 3) and distinct_2("a") is None and distinct_2("abc") == 1
 
 
