@@ -18,7 +18,10 @@ Checks on every answer: empty; garbled ("\ufffd", control or unassigned characte
 characters copied from earlier in the answer making up a third of it); truncated (no EOT within
 max_new_tokens; SFT only: a continuation has no end to reach, so its rate is n/a). Rouge of an empty answer, or of a text over rouge_max_words words, is 0
 with a flag instead of an error (rouge-chinese refuses the one and is very slow on the other).
-Writes out_dir/eval.json and out_dir/eval_samples.jsonl and prints a table; with --report also
+Beside the held-out scores, the same number of questions (documents) the model was trained on
+are answered and scored alike (--seen_samples): memorisation and generalisation are different
+claims. Writes out_dir/eval.json (held-out figures at the top level, trained-on ones under
+"seen") and out_dir/eval_samples.jsonl (each with "set": held_out or seen) and prints a table; with --report also
 out_dir/loss.png, out_dir/eval.png (visualize.py) and out_dir/report.md.
 """
 import logging
@@ -48,6 +51,8 @@ ROOT = Path(__file__).resolve().parent
 out_dir = "out-sft"
 input = ""                  # "" = the SFT test split (SFT) or the held-out documents (pretrained)
 max_samples = 0             # 0 = all; else that many, chosen by --seed, kept in file order
+seen_samples = -1           # also answer this many trained-on questions (documents), scored alike;
+                            # -1 = as many as the held-out ones, 0 = none
 max_new_tokens = 128
 temperature = 0.0           # 0 = greedy: the answer the model finds most likely
 top_k = 50
@@ -158,9 +163,18 @@ def split_document(text: str) -> tuple[str, str]:
     return (text[:cut], text[cut:].strip()) if cut > 0 else (text, "")
 
 
-def load_cases(mode: str, source: str, data_meta: dict, report: Report, reference_chars: int = 200) -> list:
-    """[{"prompt", "reference"}] from the user's file or the default held-out data."""
-    if source:
+def load_cases(mode: str, source: str, data_meta: dict, report: Report, reference_chars: int = 200,
+               seen: bool = False) -> list:
+    """[{"prompt", "reference"}]: held out (the user's file, the SFT test split, or the val
+    documents of the checkpoint's sources), or with seen=True what the model was trained on (the
+    records of the checkpoint's sources outside its val split; [] when those files are not here)."""
+    fraction = data_meta.get("val_fraction", 0)
+    sources = [ROOT / p for p in data_meta.get("sources", [])]
+    if seen:
+        if not sources or not all(p.exists() for p in sources):
+            return []
+        paths = sources
+    elif source:
         paths = expand_inputs(source, report)
         if not paths:
             sys.exit(f"--input={source}: no .json or .jsonl file there")
@@ -169,23 +183,23 @@ def load_cases(mode: str, source: str, data_meta: dict, report: Report, referenc
         if not paths[0].exists():
             sys.exit(f"{SFT_TEST} not found: run python data/fetch_data.py, or pass --input=your_test.jsonl")
     else:
-        paths = [ROOT / p for p in data_meta.get("sources", [])]
+        paths = sources
         if not paths or not all(p.exists() for p in paths):
             sys.exit(f"the checkpoint's source documents ({', '.join(map(str, paths)) or 'none recorded'}) are "
                      "not here: pass --input= a JSONL of {\"text\"} documents")
-    cases, fraction = [], data_meta.get("val_fraction", 0)
+    cases = []
     for path in paths:
         for where, obj in read_records(path, report):
             if mode == "chat":
                 q, a = string_field(obj, "question", where, report), string_field(obj, "answer", where, report)
-                if q and a:
+                if q and a and (not seen or not in_val(q.strip(), fraction)):
                     cases.append({"prompt": q, "reference": a})
                 continue
             text = string_field(obj, "text", where, report)
             if text is None:
                 continue
             text = clean_text(text, obj.get("title") if isinstance(obj.get("title"), str) else None)
-            if source or in_val(text, fraction):
+            if (not in_val(text, fraction)) if seen else (source or in_val(text, fraction)):
                 prompt, rest = split_document(text)
                 if rest:
                     cases.append({"prompt": prompt, "reference": rest[:reference_chars]})
@@ -194,17 +208,19 @@ def load_cases(mode: str, source: str, data_meta: dict, report: Report, referenc
     return cases
 
 
-def evaluate(model, ckpt: dict, mode: str, cases: list, settings: dict) -> tuple[list, dict]:
-    """Answer every case; (samples with scores and flags, the summary written to eval.json)."""
+def evaluate(model, ckpt: dict, mode: str, cases: list, settings: dict, label: str = "") -> tuple[list, dict]:
+    """Answer every case; (samples with scores and flags, the summary written to eval.json).
+    Truncation (no EOT) is an SFT check: a continuation has no end to reach, so it is n/a there."""
     samples, seconds = [], 0.0
     keys = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty")
-    for i, case in enumerate(tqdm(cases, desc="answering", unit="q", file=sys.stderr)):
+    chat = mode == "chat"
+    for i, case in enumerate(tqdm(cases, desc=f"answering{label}", unit="q", file=sys.stderr)):
         stats, gen = {}, torch.Generator().manual_seed(settings["seed"] + i)
         prediction = "".join(stream_reply(model, ckpt, case["prompt"], mode, generator=gen, stats=stats,
                                           **{k: settings[k] for k in keys}))
         scores, rouge_flag = rouge(prediction, case["reference"], settings["rouge_max_words"])
         flags = [name for name, on in zip(FLAGS, (not prediction.strip(), is_garbled(prediction),
-                                                   is_repetitive(prediction), not stats["stopped_at_eot"]),
+                                                   is_repetitive(prediction), chat and not stats["stopped_at_eot"]),
                                           strict=True) if on]
         samples.append({"question": case["prompt"], "reference": case["reference"], "prediction": prediction,
                         **{k: round(v, 4) for k, v in scores.items()}, "flags": flags + [rouge_flag] * bool(rouge_flag),
@@ -220,29 +236,34 @@ def evaluate(model, ckpt: dict, mode: str, cases: list, settings: dict) -> tuple
     summary = {k: mean(s[k] for s in samples) for k in ("rouge_1", "rouge_2", "rouge_l")}
     summary |= {f"{f}_rate": sum(f in s["flags"] for s in samples) / n for f in FLAGS}
     summary["repetition_rate"] = summary.pop("repetitive_rate")
-    summary["truncation_rate"] = summary.pop("truncated_rate")
+    summary["truncation_rate"] = summary.pop("truncated_rate") if chat else None
     summary |= {"rouge_unscored_rate": sum(any(f.startswith("rouge_") for f in s["flags"]) for s in samples) / n,
                 "distinct_2": mean(s["distinct_2"] for s in samples), "mean_chars": mean(s["chars"] for s in samples),
                 "tokens_per_s": sum(s["new_tokens"] for s in samples) / max(seconds, 1e-9), "samples": n}
     return samples, summary
 
 
+TABLE = (("perplexity", "perplexity"), ("Rouge-1 F1", "rouge_1"), ("Rouge-2 F1", "rouge_2"),
+         ("Rouge-L F1", "rouge_l"), ("empty rate", "empty_rate"), ("garbled rate", "garbled_rate"),
+         ("repetition rate", "repetition_rate"), ("truncation rate", "truncation_rate"),
+         ("distinct-2", "distinct_2"), ("mean answer chars", "mean_chars"), ("tokens/s", "tokens_per_s"),
+         ("samples", "samples"))
+
+
 def print_table(results: dict) -> None:
-    rows = [("perplexity", results["perplexity"]), ("Rouge-1 F1", results["rouge_1"]),
-            ("Rouge-2 F1", results["rouge_2"]), ("Rouge-L F1", results["rouge_l"]),
-            ("empty rate", results["empty_rate"]), ("garbled rate", results["garbled_rate"]),
-            ("repetition rate", results["repetition_rate"]), ("truncation rate", results["truncation_rate"]),
-            ("distinct-2", results["distinct_2"]), ("mean answer chars", results["mean_chars"]),
-            ("tokens/s", results["tokens_per_s"]), ("samples", results["samples"])]
-    for name, value in rows:
-        shown = "n/a" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
-        print(f"{name:<20}{shown:>12}")
+    """Held-out scores beside the scores on questions (documents) the model was trained on."""
+    seen = results.get("seen") or {}
+    print(f"{'':<20}{'held out':>12}{'trained on':>12}")
+    for name, key in TABLE:
+        shown = ["n/a" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+                 for v in (results.get(key), seen.get(key) if key != "perplexity" else None)]
+        print(f"{name:<20}{shown[0]:>12}{shown[1] if seen else '-':>12}")
 
 
 if __name__ == "__main__":
     exec(open(ROOT / "configurator.py", encoding="utf-8").read())
     jieba.setLogLevel(logging.WARNING)
-    for key, ok in [("max_samples", max_samples >= 0), ("max_new_tokens", max_new_tokens >= 1),
+    for key, ok in [("max_samples", max_samples >= 0), ("seen_samples", seen_samples >= -1), ("max_new_tokens", max_new_tokens >= 1),
                     ("temperature", temperature >= 0), ("ppl_max_blocks", ppl_max_blocks >= 0),
                     ("batch_size", batch_size >= 1), ("rouge_max_words", rouge_max_words >= 1)]:
         if not ok:
@@ -273,17 +294,31 @@ if __name__ == "__main__":
         results["ppl_note"] = f"no perplexity: {data_dir} split {ppl_split!r} unavailable ({e})"
         print(results["ppl_note"], file=sys.stderr)
 
+    def subset(cases: list, n: int) -> list:
+        """n cases chosen by --seed, kept in file order (all when n is 0 or more than there are)."""
+        if not n or len(cases) <= n:
+            return cases
+        return [cases[i] for i in sorted(random.Random(seed).sample(range(len(cases)), n))]
+
     bad = Report()
-    cases = load_cases(mode, input, ckpt["data_meta"], bad, max_reference_chars)
+    cases = subset(load_cases(mode, input, ckpt["data_meta"], bad, max_reference_chars), max_samples)
     if bad.counts:
         print(f"test cases: {bad.summary()}", file=sys.stderr)
     if not cases:
         sys.exit("no test cases to answer (see the messages above)")
-    if max_samples and len(cases) > max_samples:
-        keep = sorted(random.Random(seed).sample(range(len(cases)), max_samples))
-        cases = [cases[i] for i in keep]
     samples, summary = evaluate(model, ckpt, mode, cases, settings)
-    results |= summary | {"settings": settings, "skipped_cases": dict(bad.counts)}
+    samples = [s | {"set": "held_out"} for s in samples]
+    results |= summary | {"settings": settings, "skipped_cases": dict(bad.counts), "seen": None}
+    if seen_samples:
+        seen = load_cases(mode, "", ckpt["data_meta"], Report(), max_reference_chars, seen=True)
+        seen = subset(seen, len(cases) if seen_samples < 0 else seen_samples)
+        if seen:
+            more, results["seen"] = evaluate(model, ckpt, mode, seen, settings, " (trained on)")
+            samples += [s | {"set": "seen"} for s in more]
+        else:
+            print("no trained-on questions to compare with: the checkpoint's source files "
+                  f"({', '.join(ckpt['data_meta'].get('sources', [])) or 'none recorded'}) are not here",
+                  file=sys.stderr)
     write_json_atomic(out / "eval.json", results)
     write_jsonl_atomic(out / "eval_samples.jsonl", samples)
     print_table(results)

@@ -115,18 +115,24 @@ def plot_eval(out: Path) -> Path | None:
         return None
     t = labels()
     results = json.loads((out / "eval.json").read_text(encoding="utf-8"))
-    scores = [s["rouge_l"] for _, s in read_records(out / "eval_samples.jsonl", Report())
-              if isinstance(s.get("rouge_l"), (int, float))]
+    scores = [s["rouge_l"] for s in held_out_samples(out) if isinstance(s.get("rouge_l"), (int, float))]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     left.hist(scores, bins=20, range=(0, 1), color="C0")
     left.set(xlabel=t["rouge"], ylabel=t["count"], title=f"{t['hist']} (n={len(scores)})")
     names = ("empty", "garbled", "repetition", "truncation")
-    rates = [results.get(f"{n}_rate") or 0 for n in names]
-    bars = right.bar([t[n] for n in names], rates, color=["C1", "C3", "C4", "C2"])
-    right.bar_label(bars, labels=[f"{r:.1%}" for r in rates])
+    rates = [results.get(f"{n}_rate") for n in names]  # None: n/a (truncation of a continuation)
+    bars = right.bar([t[n] for n in names], [r or 0 for r in rates], color=["C1", "C3", "C4", "C2"])
+    right.bar_label(bars, labels=["n/a" if r is None else f"{r:.1%}" for r in rates])
     right.set(ylim=(0, 1), ylabel=t["rate"], title=t["rates"])
     fig.tight_layout()
     return save_figure(fig, out / "eval.png")
+
+
+def held_out_samples(out: Path) -> list:
+    """The held-out answers of eval_samples.jsonl (not those to questions the model trained on)."""
+    path = out / "eval_samples.jsonl"
+    return [s for _, s in read_records(path, Report()) if s.get("set", "held_out") == "held_out"] \
+        if path.exists() else []
 
 
 def save_figure(fig, path: Path) -> Path:
@@ -182,21 +188,23 @@ def write_report(out: Path) -> Path:
     if (out / "eval.json").exists():
         r = json.loads((out / "eval.json").read_text(encoding="utf-8"))
         st = r.get("settings", {})
-        lines += ["| 指标 | 数值 |", "|---|---|"]
+        seen = r.get("seen") or {}
+        lines += ["| 指标 | 留出集 | 训练过的问题（文档） |", "|---|---|---|"]
         for name, key in [("困惑度 perplexity", "perplexity"), ("Rouge-1 F1", "rouge_1"), ("Rouge-2 F1", "rouge_2"),
                           ("Rouge-L F1", "rouge_l"), ("空回答比例", "empty_rate"), ("乱码比例", "garbled_rate"),
                           ("重复比例", "repetition_rate"), ("截断比例（没有生成结束符）", "truncation_rate"),
                           ("distinct-2", "distinct_2"), ("平均回答字数", "mean_chars"),
                           ("生成速度 tokens/s", "tokens_per_s"), ("样本数", "samples")]:
-            lines.append(f"| {name} | {fmt(r.get(key))} |")
+            lines.append(f"| {name} | {fmt(r.get(key))} | {fmt(seen.get(key)) if seen and key != 'perplexity' else '-'} |")
         lines += ["", f"设置：max_new_tokens={st.get('max_new_tokens')}，temperature={st.get('temperature')}，"
                   f"top_k={st.get('top_k')}，top_p={st.get('top_p')}，repetition_penalty={st.get('repetition_penalty')}，"
                   f"seed={st.get('seed')}，max_samples={st.get('max_samples')}，{st.get('device')} {st.get('dtype')}。"
                   + (f"{r['ppl_note']}" if r.get("ppl_note") else ""), ""]
         if eval_png:
             lines += [f"![评测]({eval_png.name})", ""]
-        samples = [s for _, s in read_records(out / "eval_samples.jsonl", Report())] \
-            if (out / "eval_samples.jsonl").exists() else []
+        lines += ["留出集：模型没有训练过的问题（或文档）；训练过的问题：从它的训练数据里抽取的样本，同样打分。"
+                  "两列相差越大，模型越是在背诵训练数据，而不是举一反三。", ""]
+        samples = held_out_samples(out)
         ranked = sorted(samples, key=lambda s: (-len(s.get("flags", [])), s.get("rouge_l", 0)))
         good = sorted((s for s in samples if not s.get("flags")), key=lambda s: -s.get("rouge_l", 0))[:3]
         for title, chosen in (("## 较好的回答", good), ("## 较差的回答", ranked[:3])):

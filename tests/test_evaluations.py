@@ -138,12 +138,16 @@ def test_sft_evaluation_end_to_end_with_report(sft_model, tmp_path):
     assert results["empty_rate"] == results["garbled_rate"] == results["truncation_rate"] == 0
     assert results["skipped_cases"] == {"missing_answer": 1, "invalid_json": 1}
     samples = [json.loads(line) for line in (sft_model / "eval_samples.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert [s["prediction"] for s in samples] == [p["answer"] for p in PAIRS]
-    assert {"question", "reference", "prediction", "rouge_l", "flags"} <= samples[0].keys()
+    assert [s["prediction"] for s in samples if s["set"] == "held_out"] == [p["answer"] for p in PAIRS]
+    assert {"question", "reference", "prediction", "rouge_l", "flags", "set"} <= samples[0].keys()
+    # beside them, as many questions of the training file (here the same pairs: it trained on all)
+    assert results["seen"]["samples"] == len(PAIRS) and results["seen"]["rouge_l"] == pytest.approx(1.0)
+    assert sorted(s["question"] for s in samples if s["set"] == "seen") == sorted(p["question"] for p in PAIRS)
+    assert "trained on" in proc.stdout
     assert "Rouge-L F1" in proc.stdout and "perplexity" in proc.stdout
     report = (sft_model / "report.md").read_text(encoding="utf-8")
     for section in ("## 数据", "## 训练", "## 评测", "## 较好的回答", "## 较差的回答", "![训练曲线](loss.png)",
-                    "![评测](eval.png)", PAIRS[0]["answer"]):
+                    "![评测](eval.png)", PAIRS[0]["answer"], "| 指标 | 留出集 | 训练过的问题（文档） |"):
         assert section in report, section
     for png in ("loss.png", "eval.png"):
         assert (sft_model / png).read_bytes()[:8] == PNG and (sft_model / png).stat().st_size > 10_000
@@ -154,7 +158,7 @@ def test_sampling_is_deterministic_under_seed_and_cut_by_max_samples(sft_model, 
     runs = []
     for seed in (7, 7, 8):
         run_script("evaluations.py", f"--out_dir={sft_model}", f"--input={src}", "--temperature=1.5",
-                   "--max_samples=6", f"--seed={seed}", "--ppl_split=train")
+                   "--max_samples=6", f"--seed={seed}", "--ppl_split=train", "--seen_samples=0")
         lines = (sft_model / "eval_samples.jsonl").read_text(encoding="utf-8").splitlines()
         runs.append([(s["question"], s["prediction"]) for s in map(json.loads, lines)])
     assert runs[0] == runs[1] and runs[0] != runs[2]
@@ -169,15 +173,19 @@ def test_sampling_is_deterministic_under_seed_and_cut_by_max_samples(sft_model, 
 def test_pretrained_continuation_of_held_out_documents(prepared, tmp_path):
     run_script("train.py", f"--data_dir={prepared / 'pre'}", f"--out_dir={tmp_path}", "--n_layer=1", "--n_head=2",
                "--n_embd=32", "--batch_size=4", "--max_iters=2", "--eval_interval=2", "--eval_iters=1")
-    run_script("evaluations.py", f"--out_dir={tmp_path}", "--max_new_tokens=8", "--max_samples=5")
-    held_out = [t for t in (clean_text(d["text"], d["title"]) for d in corpus(80)) if in_val(t, 0.2)]
+    run_script("evaluations.py", f"--out_dir={tmp_path}", "--max_new_tokens=8", "--max_samples=5", "--seen_samples=3")
+    docs = [clean_text(d["text"], d["title"]) for d in corpus(80)]
     samples = [json.loads(line) for line in (tmp_path / "eval_samples.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert len(samples) == 5
+    assert [s["set"] for s in samples] == ["held_out"] * 5 + ["seen"] * 3
     for s in samples:
-        assert any(doc.startswith(s["question"]) and s["reference"] in doc for doc in held_out), s["question"]
+        source = [t for t in docs if in_val(t, 0.2) == (s["set"] == "held_out")]
+        assert any(doc.startswith(s["question"]) and s["reference"] in doc for doc in source), s["question"]
         assert s["question"].endswith("。") and s["new_tokens"] <= 8
+        assert "truncated" not in s["flags"]  # a continuation has no end to reach
     results = json.loads((tmp_path / "eval.json").read_text(encoding="utf-8"))
     assert results["perplexity"] > 1 and results["settings"]["mode"] == "generate"
+    assert results["truncation_rate"] is None and results["seen"]["truncation_rate"] is None
+    assert results["seen"]["samples"] == 3
 
 
 def test_evaluations_bad_input_messages(sft_model, tmp_path):
