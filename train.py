@@ -245,8 +245,10 @@ if __name__ == "__main__":
         return x[s], y[s], m[s]
 
     def save_checkpoint(best: bool):
-        """ckpt_last.pt, and ckpt.pt too when best (a hard link to the same bytes, a copy where links
-        are not supported). Atomic: a temp file, then os.replace; a kill mid-save changes neither."""
+        """ckpt_last.pt, and ckpt.pt too when best or when there is no best yet (a hard link to the
+        same bytes, a copy where links are not supported). Atomic: a temp file, then os.replace; a
+        kill mid-save changes neither file."""
+        best = best or not best_path.exists()
         rngs = [(torch.get_rng_state(), torch.cuda.get_rng_state(device) if device_type == "cuda" else None)]
         if ddp:
             gathered = [None] * world
@@ -382,7 +384,7 @@ if __name__ == "__main__":
     except KeyboardInterrupt:
         if master:
             print(f"interrupted at iter {iter_num}: saving the latest state before exiting", file=sys.stderr)
-        save_checkpoint(best=not best_path.exists())  # an unevaluated state never replaces the best
+        save_checkpoint(best=False)  # an unevaluated state never replaces the best
         sys.exit(130)
     finally:
         if metrics:
