@@ -9,16 +9,14 @@
 
 init_from: "scratch" (new model), "resume" (out_dir/ckpt_last.pt, else ckpt.pt: weights, optimizer,
 iteration, RNG and GradScaler states, so the run continues exactly), or "pretrained" (weights of
-init_checkpoint, e.g. the pretrained out dir for SFT; fresh optimizer). A new run (scratch or
-pretrained) refuses an out_dir that holds a checkpoint unless --overwrite=True.
-The loss is the cross-entropy summed over the targets the data's loss mask counts (every token
-for pretraining, answer + EOT for SFT) and divided by their number over all micro-batches and
-processes: accumulation and DDP give the gradient of one big batch. tokens/s counts those targets;
-MFU counts every position computed; the log shows the uncounted share beside both.
-Writes out_dir/ckpt.pt (the best val loss so far: what sample.py, evaluations.py and the web app
-load), out_dir/ckpt_last.pt (the latest state: with every new best, at the end, on Ctrl-C; every
-eval with always_save_checkpoint), both atomically, and out_dir/metrics.jsonl (one JSON object per
-log line: train and val series).
+init_checkpoint, e.g. the pretrained out dir for SFT; fresh optimizer). A new run refuses an out_dir
+that holds a checkpoint unless --overwrite=True.
+The loss is the cross-entropy summed over the targets the loss mask counts (every token for
+pretraining, answer + EOT for SFT), divided by their number over all micro-batches and processes:
+the gradient of one big batch. tokens/s counts those targets, MFU every position computed.
+Writes out_dir/ckpt.pt (the best val loss: what sample.py, evaluations.py and the web app load),
+out_dir/ckpt_last.pt (the latest state, for resume: with each new best, at the end, on Ctrl-C),
+both atomically, and out_dir/metrics.jsonl (one JSON object per log line: train and val series).
 """
 import json
 import math
@@ -103,26 +101,20 @@ def fail(message: str):
     sys.exit(1)
 
 
-def process_alive(pid: int) -> bool:
-    if os.name == "nt":  # os.kill(pid, 0) sends Ctrl-C there: treat every writer as alive
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 def remove_stale_temp_files(out: Path):
     """A kill between torch.save and os.replace leaves a checkpoint-sized ckpt*.pt.tmp-PID behind;
     remove those whose process is gone (a live one may still be writing)."""
+    if os.name == "nt":  # os.kill(pid, 0) would send Ctrl-C there
+        return
     for p in sorted(out.glob("ckpt*.pt.tmp-*")):
         pid = p.name.rpartition("-")[2]
-        if pid.isdigit() and not process_alive(int(pid)):
+        try:
+            os.kill(int(pid), 0)  # raises ProcessLookupError once the process is gone
+        except ProcessLookupError:
             p.unlink()
             print(f"removed {p}: left by an interrupted save of process {pid}, which is gone")
+        except (ValueError, PermissionError):  # not a PID; a live process of another user
+            pass
 
 
 if __name__ == "__main__":
