@@ -31,12 +31,13 @@ fonts:
 	@[ -d /usr/share/fonts/opentype/noto ] || ! command -v apt-get >/dev/null || { $(APT_INSTALL) fonts-noto-cjk; } \
 	  || echo "fonts-noto-cjk not installed: the plots get English labels"
 
+# make demo starts over: its two runs replace out-cpu and out-cpu-sft (--overwrite=True)
 demo: setup fonts
 	$(PY) data/fetch_data.py
 	$(PY) data/prepare.py
 	$(PY) data/prepare_sft.py
-	$(PY) train.py config/train_cpu.py
-	$(PY) train.py config/train_cpu_sft.py
+	$(PY) train.py config/train_cpu.py --overwrite=True
+	$(PY) train.py config/train_cpu_sft.py --overwrite=True
 	$(PY) sample.py --out_dir=out-cpu --start="《春日》" --max_new_tokens=80 --num_samples=2
 	$(PY) sample.py --out_dir=out-cpu-sft --start=FILE:config/demo_questions.txt --max_new_tokens=80
 	$(PY) evaluations.py --out_dir=out-cpu --max_samples=100 --max_new_tokens=64 --report=True

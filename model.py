@@ -2,7 +2,7 @@
 
     from model import GPT, GPTConfig
     model = GPT(GPTConfig(block_size=256))        # 6 layers, 512 wide, 8 heads: about 45M params
-    logits, loss = model(x, y, loss_mask)         # x, y, loss_mask: (B, T)
+    logits, loss = model(x, y, loss_mask)         # x, y, loss_mask: (B, T); loss: mean over counted targets
     for token in model.generate(prompt_ids, max_new_tokens=256, eot_id=50256): ...
 
 No I/O here: no paths, no tokenizer, no argparse. Attention is torch's scaled_dot_product_attention
@@ -177,15 +177,20 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())  # the tied embedding counts once
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def forward(self, idx, targets=None, loss_mask=None, cache: KVCache | None = None, return_logits=True):
+    def forward(self, idx, targets=None, loss_mask=None, cache: KVCache | None = None, return_logits=True,
+                reduction: str = "mean"):
         """idx, targets, loss_mask: (B, T). Returns (logits, loss).
 
         With targets: logits (B, T, vocab) and loss = sum(ce * mask) / sum(mask), the mean
         cross-entropy over counted targets (all of them when loss_mask is None); 0 when the
-        mask counts nothing. return_logits=False (training) skips the vocabulary projection of
+        mask counts nothing. reduction="sum" returns sum(ce * mask) instead (float32), for a
+        caller that divides by the targets counted over several batches (gradient accumulation,
+        DDP, evaluation). return_logits=False (training) skips the vocabulary projection of
         positions the mask does not count and returns logits None: for SFT blocks, mostly
         question and padding, that is most of the work. Without targets: logits of the last
         position only, (B, 1, vocab), and loss None. With a cache, idx continues the cached tokens."""
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction={reduction!r}: expected mean or sum")
         B, T = idx.size()
         past = cache.length if cache is not None else 0
         if past + T > self.config.block_size:
@@ -202,11 +207,13 @@ class GPT(nn.Module):
         if return_logits:
             logits = self.lm_head(x)
             ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets, reduction="none")
-            return logits, (ce * mask).sum() / mask.sum().clamp(min=1)
-        keep = mask.nonzero().squeeze(1)  # (N,) counted positions
-        h = x.view(-1, x.size(-1)).index_select(0, keep)
-        ce = F.cross_entropy(self.lm_head(h).float(), targets.index_select(0, keep), reduction="sum")
-        return None, ce / max(1, keep.numel())
+            nll, count = (ce * mask).sum(), mask.sum().clamp(min=1)
+        else:
+            keep = mask.nonzero().squeeze(1)  # (N,) counted positions
+            h = x.view(-1, x.size(-1)).index_select(0, keep)
+            logits, count = None, max(1, keep.numel())
+            nll = F.cross_entropy(self.lm_head(h).float(), targets.index_select(0, keep), reduction="sum")
+        return logits, nll if reduction == "sum" else nll / count
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW; 2-D weights (matmuls, embeddings) decay, biases and norms do not."""

@@ -7,16 +7,21 @@
     python train.py config/train_cpu.py --max_iters=100 --batch_size=8   # overrides after the file
     torchrun --standalone --nproc_per_node=2 train.py config/train_config.py   # DDP, one machine
 
-init_from: "scratch" (new model), "resume" (out_dir/ckpt.pt: weights, optimizer, iteration and
-RNG states, so the run continues exactly), or "pretrained" (weights of init_checkpoint, e.g. the
-pretrained out dir for SFT; fresh optimizer). The loss is the mean cross-entropy over the targets
-the data's loss mask counts: every token for pretraining, answer + EOT for SFT.
-Writes out_dir/ckpt.pt (atomically: on a new best val loss and at the end, also on Ctrl-C) and
-out_dir/metrics.jsonl (one JSON object per log line: train and val series).
+init_from: "scratch" (new model), "resume" (out_dir/ckpt_last.pt, else ckpt.pt: weights, optimizer,
+iteration, RNG and GradScaler states, so the run continues exactly), or "pretrained" (weights of
+init_checkpoint, e.g. the pretrained out dir for SFT; fresh optimizer). A new run refuses an out_dir
+that holds a checkpoint unless --overwrite=True.
+The loss is the cross-entropy summed over the targets the loss mask counts (every token for
+pretraining, answer + EOT for SFT), divided by their number over all micro-batches and processes:
+the gradient of one big batch. tokens/s counts those targets, MFU every position computed.
+Writes out_dir/ckpt.pt (the best val loss: what sample.py, evaluations.py and the web app load),
+out_dir/ckpt_last.pt (the latest state, for resume: with each new best, at the end, on Ctrl-C),
+both atomically, and out_dir/metrics.jsonl (one JSON object per log line: train and val series).
 """
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -37,10 +42,11 @@ out_dir = "out"
 data_dir = "data/processed_pretrain"
 init_from = "scratch"           # scratch | resume | pretrained
 init_checkpoint = ""            # init_from=pretrained: an out_dir or ckpt.pt
+overwrite = False               # a new run may replace the checkpoints an earlier run left in out_dir
 eval_interval = 250
 eval_iters = 50
 log_interval = 10
-always_save_checkpoint = False  # save at every eval, not only on a new best val loss
+always_save_checkpoint = False  # write ckpt_last.pt at every eval, not only with a new best
 # model (block_size comes from the data's meta.json)
 n_layer = 6
 n_head = 8
@@ -95,10 +101,32 @@ def fail(message: str):
     sys.exit(1)
 
 
+def remove_stale_temp_files(out: Path):
+    """A kill between torch.save and os.replace leaves a checkpoint-sized ckpt*.pt.tmp-PID behind;
+    remove those whose process is gone (a live one may still be writing)."""
+    if os.name == "nt":  # os.kill(pid, 0) would send Ctrl-C there
+        return
+    for p in sorted(out.glob("ckpt*.pt.tmp-*")):
+        pid = p.name.rpartition("-")[2]
+        try:
+            os.kill(int(pid), 0)  # raises ProcessLookupError once the process is gone
+        except ProcessLookupError:
+            p.unlink()
+            print(f"removed {p}: left by an interrupted save of process {pid}, which is gone")
+        except (ValueError, PermissionError):  # not a PID; a live process of another user
+            pass
+
+
 if __name__ == "__main__":
     exec(open(Path(__file__).resolve().parent / "configurator.py", encoding="utf-8").read())
     if init_from not in ("scratch", "resume", "pretrained"):
         fail(f"init_from={init_from!r}: expected scratch, resume or pretrained")
+    best_path, last_path = Path(out_dir) / "ckpt.pt", Path(out_dir) / "ckpt_last.pt"
+    earlier = [p for p in (best_path, last_path) if p.exists() and init_from != "resume"]
+    if earlier and not overwrite:
+        fail(f"{out_dir} already holds {' and '.join(p.name for p in earlier)} of an earlier run, which "
+             f"init_from={init_from} would replace. Continue that run with --init_from=resume, train into "
+             "another --out_dir, or pass --overwrite=True to start over here.")
 
     # ------------------------------------------------------------------ setup
     ddp = int(os.environ.get("RANK", -1)) != -1
@@ -120,7 +148,7 @@ if __name__ == "__main__":
     if expect_cuda and device_type != "cuda" and master:
         print("warning: this config is sized for a CUDA GPU and there is none; it runs on "
               f"{device} but slowly. For a laptop use config/train_cpu.py.", file=sys.stderr)
-    torch.manual_seed(seed + rank)
+    torch.manual_seed(seed + rank)  # dropout differs per process; the batches come from batch_gen
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -136,14 +164,16 @@ if __name__ == "__main__":
         print(f"warning: {data_dir} has no val split; best checkpoints are chosen by train loss", file=sys.stderr)
     block_size = meta["block_size"]
 
-    ckpt_path = Path(out_dir) / "ckpt.pt"
     iter_num, best_val_loss, ckpt = 0, float("inf"), None
     model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
                       vocab_size=MODEL_VOCAB_SIZE, dropout=dropout, bias=bias)
     if init_from == "scratch":
         model = GPT(GPTConfig(**model_args))
     else:
-        source = ckpt_path if init_from == "resume" else init_checkpoint
+        source = (last_path if last_path.exists() else best_path) if init_from == "resume" else init_checkpoint
+        if init_from == "resume" and source == best_path and best_path.exists() and master:
+            print(f"note: no {last_path} (the latest state; older versions of train.py wrote only ckpt.pt): "
+                  f"resuming from the best checkpoint {best_path}", file=sys.stderr)
         if not source:
             fail("init_from=pretrained needs init_checkpoint=<the pretrained out_dir or ckpt.pt>")
         try:
@@ -163,69 +193,103 @@ if __name__ == "__main__":
             iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
     model.to(device)
     optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
-    batch_gen = torch.Generator().manual_seed(seed + rank)
+    batch_gen = torch.Generator().manual_seed(seed)  # one stream of global batches, shared by all processes
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == "float16")
     if init_from == "resume":
         optimizer.load_state_dict(ckpt["optimizer"])
-        batch_gen.set_state(ckpt["rng"]["batch"][rank % len(ckpt["rng"]["batch"])])
-        torch.set_rng_state(ckpt["rng"]["torch"])
+        rng = ckpt["rng"]
+
+        def mine(states):  # this process's state (per-process lists; older checkpoints: one state)
+            return states[rank % len(states)] if isinstance(states, list) else states
+        batch_gen.set_state(mine(rng["batch"]))
+        torch.set_rng_state(mine(rng["torch"]))
+        if device_type == "cuda" and rng.get("cuda"):
+            torch.cuda.set_rng_state(mine(rng["cuda"]), device)
+        if ckpt.get("scaler"):  # {} from a disabled scaler (float32, bfloat16)
+            scaler.load_state_dict(ckpt["scaler"])
+        if master:
+            print(f"resuming from {source} (iter {iter_num}, best val loss {best_val_loss:.4f})")
     ckpt = None  # free memory
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == "float16")
     raw_model = model
     if compile:
         model = torch.compile(model)
     if ddp:
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
     ctx = autocast_context(device, dtype)
-    tokens_per_iter = gradient_accumulation_steps * world * batch_size * block_size
+    positions_per_iter = gradient_accumulation_steps * world * batch_size * block_size
     peak = peak_flops(device)
     if master:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(Path(out_dir))
+        for p in earlier:
+            p.unlink()
+            print(f"overwrite=True: removed {p} of the earlier run")
         print(json.dumps(config, ensure_ascii=False))
         print(f"{raw_model.num_params() / 1e6:.2f}M parameters; data {data_dir} ({meta['kind']}, "
-              f"mode {meta['mode']}, block_size {block_size}); {tokens_per_iter:,} tokens/iter; "
+              f"mode {meta['mode']}, block_size {block_size}); {positions_per_iter:,} positions/iter; "
               f"device {device}, {dtype}, {world} process(es)")
 
-    def save_checkpoint():
-        """Atomic: write to a temp file, then os.replace; a kill mid-save never corrupts ckpt.pt."""
-        rngs = [batch_gen.get_state()]
+    def train_batch():
+        """This process's slice of the next global micro-batch (world * batch_size blocks from the
+        shared generator): the data seen does not depend on the number of processes."""
+        x, y, m = get_batch(train_ds, world * batch_size, device, batch_gen)
+        s = slice(rank * batch_size, (rank + 1) * batch_size)
+        return x[s], y[s], m[s]
+
+    def save_checkpoint(best: bool):
+        """ckpt_last.pt, and ckpt.pt too when best or when there is no best yet (a hard link to the
+        same bytes, a copy where links are not supported). Atomic: a temp file, then os.replace; a
+        kill mid-save changes neither file."""
+        best = best or not best_path.exists()
+        rngs = [(torch.get_rng_state(), torch.cuda.get_rng_state(device) if device_type == "cuda" else None)]
         if ddp:
             gathered = [None] * world
             torch.distributed.all_gather_object(gathered, rngs[0])
             rngs = gathered
         if not master:
             return
+        rng = {"batch": batch_gen.get_state(), "torch": [cpu for cpu, _ in rngs]}
+        if device_type == "cuda":
+            rng["cuda"] = [gpu for _, gpu in rngs]
         state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                  "model_args": model_args, "config": config, "iter_num": iter_num,
-                 "best_val_loss": best_val_loss, "data_meta": meta,
-                 "rng": {"torch": torch.get_rng_state(), "batch": rngs}}
-        tmp = ckpt_path.with_name(f"ckpt.pt.tmp-{os.getpid()}")
+                 "best_val_loss": best_val_loss, "data_meta": meta, "rng": rng, "scaler": scaler.state_dict()}
+        tmp = last_path.with_name(f"{last_path.name}.tmp-{os.getpid()}")
         torch.save(state, tmp)
-        os.replace(tmp, ckpt_path)
-        print(f"saved {ckpt_path} (iter {iter_num})")
+        os.replace(tmp, last_path)
+        if best:
+            tmp = best_path.with_name(f"{best_path.name}.tmp-{os.getpid()}")
+            try:
+                os.link(last_path, tmp)
+            except OSError:
+                shutil.copyfile(last_path, tmp)
+            os.replace(tmp, best_path)
+        print(f"saved iter {iter_num}: latest state {last_path}" + (f", best {best_path}" if best else
+              f"; the best ({best_val_loss:.4f}) stays in {best_path}"))
 
     @torch.no_grad()
     def estimate_loss() -> dict:
-        """Mean masked loss over eval_iters batches of each split (fixed batches, own RNG)."""
-        out = {}
+        """Per split: NLL summed over the counted targets of eval_iters batches on every process,
+        divided by their number (fixed batches, own RNG)."""
         model.eval()
-        for split, ds in (("train", train_ds), ("val", val_ds)) if val_ds else (("train", train_ds),):
+        splits = (("train", train_ds), ("val", val_ds)) if val_ds else (("train", train_ds),)
+        sums = torch.zeros(len(splits), 2, device=device)  # (split, [nll, count])
+        for i, (_, ds) in enumerate(splits):
             g = torch.Generator().manual_seed(seed + 1000 + rank)
-            losses = torch.zeros(eval_iters)
-            for k in range(eval_iters):
+            for _ in range(eval_iters):
                 x, y, m = get_batch(ds, batch_size, device, g)
                 with ctx:
-                    _, loss = model(x, y, m, return_logits=False)
-                losses[k] = loss.item()
-            out[split] = losses.mean().item()
-        out.setdefault("val", out["train"])  # no val split: checkpoints follow the train loss
+                    _, nll = model(x, y, m, return_logits=False, reduction="sum")
+                sums[i] += torch.stack([nll, m.sum().float()])
         model.train()
         if ddp:
-            t = torch.tensor([out["train"], out["val"]], device=device)
-            torch.distributed.all_reduce(t)
-            out = {"train": t[0].item() / world, "val": t[1].item() / world}
+            torch.distributed.all_reduce(sums)
+        out = {name: (s[0] / s[1].clamp(min=1)).item() for (name, _), s in zip(splits, sums, strict=True)}
+        out.setdefault("val", out["train"])  # no val split: checkpoints follow the train loss
         return out
 
-    metrics = open(Path(out_dir) / "metrics.jsonl", "a", encoding="utf-8") if master else None
+    metrics = open(Path(out_dir) / "metrics.jsonl", "a" if init_from == "resume" else "w",
+                   encoding="utf-8") if master else None
 
     def log(record: dict):
         metrics.write(json.dumps(record) + "\n")
@@ -234,7 +298,7 @@ if __name__ == "__main__":
     interrupted = []
     signal.signal(signal.SIGTERM, lambda *_: interrupted.append("SIGTERM"))
     t_start = time.time()
-    t_log, eval_seconds, done_iters = time.time(), 0.0, 0  # step timing leaves evals out
+    t_log, eval_seconds, done_iters, counted = time.time(), 0.0, 0, 0.0  # step timing leaves evals out
     try:
         while True:
             lr = lr_at(iter_num)
@@ -249,29 +313,40 @@ if __name__ == "__main__":
                     log({"iter": iter_num, "split": "val", "train_loss": losses["train"],
                          "val_loss": losses["val"] if val_ds else None, "lr": lr, "time": time.time() - t_start})
                 if not math.isfinite(losses["val"]):
-                    fail(f"val loss is {losses['val']} at iter {iter_num}; stopped. The last good "
-                         f"checkpoint {ckpt_path} is untouched. Lower learning_rate or check the data.")
+                    fail(f"val loss is {losses['val']} at iter {iter_num}; stopped. The checkpoints in "
+                         f"{out_dir} are untouched. Lower learning_rate or check the data.")
                 improved = losses["val"] < best_val_loss
                 if improved:
                     best_val_loss = losses["val"]
                 if iter_num > 0 and (improved or always_save_checkpoint or iter_num == max_iters):
-                    save_checkpoint()
+                    save_checkpoint(best=improved)
                 eval_seconds += time.time() - t_eval
             if iter_num >= max_iters:
                 if ddp:
                     torch.distributed.barrier()  # rank 0 may still be saving; leave together
                 break
-            for micro in range(gradient_accumulation_steps):
-                x, y, m = get_batch(train_ds, batch_size, device, batch_gen)
+            # the step's micro-batches first: the summed NLL is divided by the targets counted in
+            # all of them on all processes, so the gradient is that of one big batch's mean
+            batches = [train_batch() for _ in range(gradient_accumulation_steps)]
+            count = sum(m.sum() for _, _, m in batches).float()
+            if ddp:
+                torch.distributed.all_reduce(count)
+            sums = torch.zeros(2, device=device)  # [nll, micro-batches with a non-finite loss]
+            for micro, (x, y, m) in enumerate(batches):
                 if ddp:
                     model.require_backward_grad_sync = micro == gradient_accumulation_steps - 1
                 with ctx:
-                    _, loss = model(x, y, m, return_logits=False)
-                    loss = loss / gradient_accumulation_steps
-                scaler.scale(loss).backward()
-            if not torch.isfinite(loss):
-                fail(f"train loss is {loss.item() * gradient_accumulation_steps} at iter {iter_num}; "
-                     f"stopped. The last good checkpoint {ckpt_path} is untouched. Lower learning_rate.")
+                    _, nll = model(x, y, m, return_logits=False, reduction="sum")
+                sums += torch.stack([nll.detach(), (~torch.isfinite(nll)).float()])
+                # DDP averages the processes' gradients; * world turns that into their sum
+                scaler.scale(nll * world / count.clamp(min=1)).backward()
+            if ddp:  # every process learns of a bad micro-batch anywhere, so all stop together
+                torch.distributed.all_reduce(sums)
+            nll_sum, bad = sums.tolist()
+            if bad:
+                fail(f"train loss is not finite at iter {iter_num} (in {bad:.0f} of "
+                     f"{gradient_accumulation_steps * world} micro-batches); stopped before the update. "
+                     f"The checkpoints in {out_dir} are untouched. Lower learning_rate or check the data.")
             if grad_clip > 0:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -280,24 +355,28 @@ if __name__ == "__main__":
             optimizer.zero_grad(set_to_none=True)
             iter_num += 1
             done_iters += 1
+            counted += count.item()
             if master and (iter_num % log_interval == 0 or iter_num == max_iters):
-                lossf = loss.item() * gradient_accumulation_steps  # syncs with the device
+                lossf = nll_sum / max(1.0, count.item())
                 dt = (time.time() - t_log - eval_seconds) / done_iters
-                tps = tokens_per_iter / dt
-                mfu = raw_model.flops_per_token() * tps / peak if peak else None
+                tps = counted / (dt * done_iters)  # targets the loss counts
+                pps = positions_per_iter / dt  # every position computed: the work MFU measures
+                uncounted = 1 - counted / (positions_per_iter * done_iters)  # padding (+ SFT prompts)
+                mfu = raw_model.flops_per_token() * pps / peak if peak else None
                 eta = (max_iters - iter_num) * dt
                 print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
                       f"{tps:,.0f} tokens/s, mfu {f'{mfu:.1%}' if mfu is not None else 'n/a'}, "
-                      f"ETA {eta / 60:.1f} min")
+                      f"{uncounted:.1%} of positions uncounted, ETA {eta / 60:.1f} min")
                 log({"iter": iter_num, "split": "train", "loss": lossf, "lr": lr, "ms_per_iter": dt * 1000,
-                     "tokens_per_s": tps, "mfu": mfu, "time": time.time() - t_start})
-                t_log, eval_seconds, done_iters = time.time(), 0.0, 0
+                     "tokens_per_s": tps, "positions_per_s": pps, "mfu": mfu, "uncounted_share": uncounted,
+                     "time": time.time() - t_start})
+                t_log, eval_seconds, done_iters, counted = time.time(), 0.0, 0, 0.0
             if interrupted:
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
         if master:
-            print(f"interrupted at iter {iter_num}: saving a checkpoint before exiting", file=sys.stderr)
-        save_checkpoint()
+            print(f"interrupted at iter {iter_num}: saving the latest state before exiting", file=sys.stderr)
+        save_checkpoint(best=False)  # an unevaluated state never replaces the best
         sys.exit(130)
     finally:
         if metrics:
