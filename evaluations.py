@@ -83,7 +83,7 @@ REPEAT_SHARE = 1 / 3
 
 def perplexity(model, ds, batch_size: int = 16, max_blocks: int = 0, device: str = "cpu") -> dict:
     """exp(sum of NLL over the counted targets / their number) over evenly spaced blocks of a split
-    (windows for stream data), the NLL summed in float64 from each batch's masked mean."""
+    (windows for stream data), each batch's summed NLL added up in float64."""
     T = ds.block_size
     starts = list(range(0, ds.n_tokens - (0 if ds.aligned else 1) - T + 1, T))
     if max_blocks and len(starts) > max_blocks:
@@ -94,8 +94,8 @@ def perplexity(model, ds, batch_size: int = 16, max_blocks: int = 0, device: str
             x, y, mask = batch_at(ds, starts[i:i + batch_size], device)
             n = int(mask.sum())
             if n:
-                _, loss = model(x, y, mask, return_logits=False)  # mean NLL over the n counted targets
-                nll += float(loss) * n
+                _, loss = model(x, y, mask, return_logits=False, reduction="sum")  # summed NLL of the n targets
+                nll += float(loss)
                 count += n
     return {"perplexity": math.exp(nll / count) if count else None, "nll": nll / count if count else None,
             "tokens": count, "blocks": len(starts)}
