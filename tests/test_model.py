@@ -1,6 +1,10 @@
-"""model.py: size, masked loss, learning, KV-cache generation; the streaming decoder."""
+"""model.py: size, masked loss, learning, KV-cache generation; the streaming decoder; sample.py's prompts
+and command line."""
+import dataclasses
+
 import pytest
 import torch
+from conftest import run_script
 
 from data.tokenizer import EOT_ID, MODEL_VOCAB_SIZE, VOCAB_SIZE, StreamDecoder
 from model import GPT, GPTConfig
@@ -240,3 +244,20 @@ def test_chat_mode_without_a_question_template_is_refused(monkeypatch):
     with pytest.raises(ValueError, match="chat mode needs an SFT checkpoint"):
         list(stream_reply(model, pretrained, "你好", "chat"))
     assert fed_prompt(monkeypatch, model, pretrained, "你好", "generate")[0]  # continuation still works
+
+
+def test_sample_cli_names_bad_settings_refuses_chat_without_a_template_and_says_when_it_cuts(tmp_path):
+    from data.tokenizer import tokenizer_meta
+    model = tiny(block_size=32)
+    torch.save({"model": model.state_dict(), "model_args": dataclasses.asdict(model.config),
+                "data_meta": tokenizer_meta() | {"kind": "pretrain", "block_size": 32}, "config": {}},
+               tmp_path / "ckpt.pt")
+    for arg, words in [("--top_p=1.5", "--top_p=1.5: expected a number from 0.0 to 1.0"),
+                       ("--max_new_tokens=0", "--max_new_tokens=0: expected a whole number from 1 to 1024"),
+                       ("--temperature=-0.1", "--temperature=-0.1: expected a number from 0.0 to 2.0"),
+                       ("--mode=chat", "--mode=chat needs an SFT checkpoint")]:
+        proc = run_script("sample.py", f"--out_dir={tmp_path}", "--start=你好", arg, check=False)
+        assert proc.returncode == 1 and words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    proc = run_script("sample.py", f"--out_dir={tmp_path}", "--start=" + "床前明月光" * 10, "--max_new_tokens=3",
+                      "--temperature=0", "--top_p=0")
+    assert "[input shortened to fit the model's 32-token context with 3 tokens for the answer: kept the last" in proc.stderr
