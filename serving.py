@@ -153,11 +153,13 @@ class ModelStore:
         client = Client(url, verbose=False, download_files=False, analytics_enabled=False,
                         httpx_kwargs={"timeout": httpx.Timeout(self.timeout)})
         with self.clients_lock:
-            client = self.clients.setdefault(url, client)
+            kept = self.clients.setdefault(url, client)  # another request may have connected meanwhile
             self.clients.move_to_end(url)
             while len(self.clients) > self.max_clients:
                 self.clients.popitem(last=False)[1].close()
-        return client
+        if kept is not client:
+            client.close()
+        return kept
 
     def _remote(self, target: str, question: str, mode: str, p: dict):
         url, _, name = target.partition("#")
