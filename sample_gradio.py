@@ -262,11 +262,12 @@ def build_app(store: ModelStore, votes: VoteBook, examples: list, limit: int = 2
             gr.Markdown(API_HELP.format(url=url, limit=limit))
         with gr.Accordion("采样参数（对话和竞技场共用）", open=False):
             with gr.Row():
+                lim = {k: v[:2] for k, v in SAMPLING_LIMITS.items()}  # max_new_tokens, top_k: a useful part only
                 sampling = [gr.Slider(1, 512, 256, step=1, label="最多生成 token 数（max_new_tokens）"),
-                            gr.Slider(0, 2, 0.8, step=0.05, label="温度（temperature，0 为贪心）"),
+                            gr.Slider(*lim["temperature"], 0.8, step=0.05, label="温度（temperature，0 为贪心）"),
                             gr.Slider(0, 200, 50, step=1, label="top_k（0 为不限）"),
-                            gr.Slider(0, 1, 0.95, step=0.05, label="top_p（0 为只取最可能的 token）"),
-                            gr.Slider(1, 2, 1.1, step=0.05, label="重复惩罚（repetition_penalty）")]
+                            gr.Slider(*lim["top_p"], 0.95, step=0.05, label="top_p（0 为只取最可能的 token）"),
+                            gr.Slider(*lim["repetition_penalty"], 1.1, step=0.05, label="重复惩罚（repetition_penalty）")]
 
         model_box.change(mode_label, model_box, mode_box, **ui)
         chat_inputs = [box, chatbot, model_box, mode_box, *sampling]

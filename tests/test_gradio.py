@@ -333,7 +333,8 @@ def test_login_is_required_when_auth_is_set(sft_model, tmp_path):
 
 
 def test_listening_without_a_login_warns(sft_model, tmp_path):
-    proc, _ = start_app(tmp_path / "app.log", f"--models={sft_model}", "--listen=True", f"--votes_path={tmp_path / 'v'}")
+    proc, _ = start_app(tmp_path / "app.log", f"--models={sft_model}", "--listen=True",
+                        f"--votes_path={tmp_path / 'v.jsonl'}")
     proc.terminate()
     proc.wait(timeout=30)
     log = (tmp_path / "app.log").read_text(encoding="utf-8")

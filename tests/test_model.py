@@ -260,4 +260,5 @@ def test_sample_cli_names_bad_settings_refuses_chat_without_a_template_and_says_
         assert proc.returncode == 1 and words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     proc = run_script("sample.py", f"--out_dir={tmp_path}", "--start=" + "床前明月光" * 10, "--max_new_tokens=3",
                       "--temperature=0", "--top_p=0")
-    assert "[input shortened to fit the model's 32-token context with 3 tokens for the answer: kept the last" in proc.stderr
+    assert ("[input shortened to fit the model's 32-token context with 3 tokens for the answer: kept the last"
+            in proc.stderr)
