@@ -239,7 +239,9 @@ class GPT(nn.Module):
         context reaches block_size, the oldest half is dropped and the cache is rebuilt from the
         remaining tokens (positions restart at 0), so generation can run past block_size; the
         uncached path applies the same rule, so both give the same tokens.
-        temperature 0 means greedy. top_k / top_p filter the distribution; repetition_penalty > 1
+        temperature 0 means greedy, and any temperature > 0 however small samples without overflow.
+        top_k (0 or None: all tokens) / top_p (0: only the most likely token, 1 or None: no cut)
+        filter the distribution; repetition_penalty > 1
         divides the positive logits (multiplies the negative) of tokens already in the context.
         Ids >= max_token_id (e.g. PAD and the vocabulary padding) are never sampled. constraint
         (optional) restricts each step to constraint.allowed(state), a (vocab,) bool mask, with
@@ -274,11 +276,14 @@ class GPT(nn.Module):
             else:
                 # candidates: the top_k logits (already sorted), else the whole sorted vocabulary;
                 # top_p on the sorted candidates keeps the first whose cumulative mass passes top_p
+                # (top_p 0: the first alone). Shifted so the best is 0 before dividing, in float64: a
+                # tiny temperature then sends the others to -inf, never the best to inf or nan
                 if top_k:
-                    cand, order = torch.topk(logits / temperature, min(top_k, logits.size(-1)))  # (1, k)
+                    cand, order = torch.topk(logits, min(top_k, logits.size(-1)))  # (1, k)
                 else:
-                    cand, order = torch.sort(logits / temperature, descending=True)
-                if top_p is not None and 0 < top_p < 1:
+                    cand, order = torch.sort(logits, descending=True)
+                cand = (cand - cand[:, :1]).double() / temperature
+                if top_p is not None and top_p < 1:
                     probs = torch.softmax(cand, dim=-1)
                     cand = cand.masked_fill(probs.cumsum(dim=-1) - probs > top_p, -float("inf"))
                 pick = torch.multinomial(torch.softmax(cand, dim=-1), 1, generator=generator)

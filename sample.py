@@ -6,7 +6,10 @@
     python sample.py --out_dir=out-sft        # no --start, in a terminal: an interactive chat
 
 The mode comes from the checkpoint: a pretrained model continues text ("generate"), an SFT model
-answers questions ("chat") with exactly the template it was trained on; --mode overrides.
+answers questions ("chat") with exactly the template it was trained on; --mode overrides (chat
+needs an SFT checkpoint: a pretrained one has no question template and is refused with a message).
+A prompt longer than the model's context is cut to fit (fit_prompt: the template stays whole, the
+answer keeps its room) and stderr says so. Sampling settings out of SAMPLING_LIMITS are refused.
 Tokens stream to the terminal as they come. --save_path writes the results as JSONL.
 The interactive chat (like ChatGLM's cli_demo): type a question, the answer streams; "clear"
 starts over, "stop" or Ctrl-D quits, Ctrl-C cuts an answer short. It is single-turn by default,
@@ -15,6 +18,7 @@ as the SFT data is; --history_turns=N puts the last N exchanges before the quest
 import pickle
 import sys
 import time
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -44,7 +48,28 @@ dtype = ""                  # "" = bfloat16 where the GPU or CPU computes it nat
 save_path = ""
 # -----------------------------------------------------------------------------
 
+# The sampling settings' ranges, (low, high, whole number?): sample.py's flags, the web app's
+# sliders and its API all check against this one table (sampling_error).
+SAMPLING_LIMITS = {"max_new_tokens": (1, 1024, True), "temperature": (0.0, 2.0, False),
+                   "top_k": (0, MODEL_VOCAB_SIZE, True), "top_p": (0.0, 1.0, False),
+                   "repetition_penalty": (1.0, 2.0, False)}
+# Room for the answer when a prompt is cut to fit: min(max_new_tokens, block_size // ANSWER_SHARE)
+# tokens. A quarter (64 of 256) holds a typical SFT answer, and 3/4 of the context stays for the
+# question; a prompt never takes more than block_size - 1, so the first step sees all of it.
+ANSWER_SHARE = 4
+
 _CONTINUATION_BYTES = bytes(range(0x80, 0xC0))
+
+
+def sampling_error(p: dict) -> tuple | None:
+    """The first setting in p out of SAMPLING_LIMITS as (key, value, low, high, whole), else None.
+    temperature 0 is greedy, top_k 0 keeps every token, top_p 0 keeps only the most likely one."""
+    for key, (lo, hi, whole) in SAMPLING_LIMITS.items():
+        v = p[key]
+        number = not isinstance(v, bool) and isinstance(v, (int, float))
+        if not number or not lo <= v <= hi or (whole and v != int(v)):
+            return key, v, lo, hi, whole
+    return None
 
 
 class Utf8Constraint:
@@ -117,13 +142,69 @@ def checkpoint_mode(ckpt: dict) -> str:
     return "chat" if ckpt["data_meta"].get("kind") == "sft" else "generate"
 
 
+def can_chat(ckpt: dict) -> bool:
+    """True for a checkpoint trained on a question template (SFT); a pretrained one only continues text."""
+    return "sft_template" in ckpt["data_meta"]
+
+
 def render_prompt(ckpt: dict, text: str, mode: str, history: tuple = ()) -> str:
     """The text the model sees: the checkpoint's own SFT template in chat mode (after the given
     earlier (question, answer) exchanges, one a line), else the text itself."""
     if mode != "chat":
         return text
+    if not can_chat(ckpt):
+        raise ValueError("chat mode needs an SFT checkpoint; this one is pretrained and has no question "
+                         "template (it only continues text: use mode generate)")
     template = ckpt["data_meta"]["sft_template"]
     return "".join(template.format(question=q) + a + "\n" for q, a in history) + template.format(question=text)
+
+
+@dataclass
+class Prompt:
+    """A prompt cut to fit the model (fit_prompt)."""
+    ids: list        # the tokens the model is given
+    text: str        # the part of the user's text in them
+    history: tuple   # the earlier exchanges in them, the most recent ones
+    chars: int       # the user's text length in characters
+    room: int        # tokens kept free for the answer
+    block_size: int
+
+    @property
+    def shortened(self) -> bool:
+        return len(self.text) < self.chars
+
+
+def fit_prompt(ckpt: dict, text: str, mode: str, block_size: int, max_new_tokens: int,
+               history: tuple = ()) -> Prompt:
+    """The prompt in at most block_size - room tokens, room = min(max_new_tokens, block_size //
+    ANSWER_SHARE): the oldest exchanges go first, then the text is cut in characters (chat keeps
+    the question's beginning, as the web app's character limit does; generate keeps the text's
+    end, which is what gets continued). The template stays whole and the kept text is tokenized
+    exactly as training tokenized it. ValueError if not even the template fits."""
+    enc = get_tokenizer()
+    room = max(1, min(max_new_tokens, block_size // ANSWER_SHARE))
+    budget = block_size - room
+    history = tuple(history)
+    while history and len(enc.encode_ordinary(render_prompt(ckpt, text, mode, history))) > budget:
+        history = history[1:]
+
+    def cut(n: int) -> str:
+        return text[:n] if mode == "chat" else text[len(text) - n:]
+
+    def fits(n: int) -> list | None:
+        ids = enc.encode_ordinary(render_prompt(ckpt, cut(n), mode, history))
+        return ids if len(ids) <= budget else None
+
+    n = len(text)
+    if fits(n) is None:
+        if fits(0) is None:
+            raise ValueError(f"block_size {block_size} leaves no room for the prompt template")
+        lo, hi = 0, n  # binary search for the longest cut that fits: fits(lo), not fits(hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) is not None else (lo, mid)
+        n = lo
+    return Prompt(fits(n), cut(n), history, len(text), room, block_size)
 
 
 def stream_reply(model: GPT, ckpt: dict, text: str, mode: str, max_new_tokens: int = 256,
@@ -131,12 +212,14 @@ def stream_reply(model: GPT, ckpt: dict, text: str, mode: str, max_new_tokens: i
                  repetition_penalty: float = 1.1, generator: torch.Generator | None = None,
                  stats: dict | None = None, utf8_only: bool = True, stop: tuple = (), history: tuple = ()):
     """Yield the reply as text pieces that are whole characters; it ends at EOT, after
-    max_new_tokens, or before the first of the stop strings. stats (if given) gets new_tokens,
-    stopped_at_eot and seconds."""
-    enc = get_tokenizer()
+    max_new_tokens, or before the first of the stop strings. The prompt is cut to fit the model
+    (fit_prompt). stats (if given) gets prompt_tokens, input_chars and kept_chars at once, then
+    new_tokens, stopped_at_eot and seconds."""
     device = next(model.parameters()).device
-    ids = enc.encode_ordinary(render_prompt(ckpt, text, mode, history))
-    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    prompt = fit_prompt(ckpt, text, mode, model.config.block_size, max_new_tokens, history)
+    if stats is not None:
+        stats.update(prompt_tokens=len(prompt.ids), input_chars=prompt.chars, kept_chars=len(prompt.text))
+    idx = torch.tensor([prompt.ids], dtype=torch.long, device=device)
     decoder, n, eot, t0 = StreamDecoder(), 0, False, time.perf_counter()
     held, stopped = "", False  # held: text not yet shown, it could be the start of a stop string
     keep = max((len(s) for s in stop), default=1) - 1
@@ -172,6 +255,14 @@ if __name__ == "__main__":
     exec(open(Path(__file__).resolve().parent / "configurator.py", encoding="utf-8").read())
     if mode not in ("", "chat", "generate"):
         sys.exit(f"--mode={mode!r}: expected chat or generate")
+    bad = sampling_error(config)
+    if bad:
+        key, value, lo, hi, whole = bad
+        sys.exit(f"--{key}={value!r}: expected a {'whole ' if whole else ''}number from {lo} to {hi}")
+    if num_samples < 1:
+        sys.exit(f"--num_samples={num_samples}: expected a whole number >= 1")
+    if history_turns < 0:
+        sys.exit(f"--history_turns={history_turns}: expected a whole number >= 0")
     try:
         device, _ = select_device(device)
         dtype = inference_dtype(device, dtype)
@@ -179,6 +270,9 @@ if __name__ == "__main__":
     except (FileNotFoundError, ValueError) as e:
         sys.exit(str(e))
     mode = mode or checkpoint_mode(ckpt)
+    if mode == "chat" and not can_chat(ckpt):
+        sys.exit(f"{out_dir}: --mode=chat needs an SFT checkpoint (trained on question/answer pairs); this one "
+                 "is pretrained and only continues text: drop --mode, or use --mode=generate")
     stops = tuple(s for s in stop.split("|") if s)
     gen = torch.Generator(device=device).manual_seed(seed)
     print(f"[{out_dir}: mode {mode}, {model.num_params() / 1e6:.1f}M parameters, {device}, {dtype}]", file=sys.stderr)
@@ -186,6 +280,15 @@ if __name__ == "__main__":
     def answer(prompt: str, history: tuple = ()) -> dict:
         """Stream one reply to the terminal; the record saved with --save_path."""
         stats, pieces = {}, []
+        fit = fit_prompt(ckpt, prompt, mode, model.config.block_size, max_new_tokens, history)
+        cuts = []
+        if fit.shortened:
+            cuts.append(f"kept the {'first' if mode == 'chat' else 'last'} {len(fit.text)} of {fit.chars} characters")
+        if len(fit.history) < len(history):
+            cuts.append(f"left out the {len(history) - len(fit.history)} oldest exchanges")
+        if cuts:
+            print(f"[input shortened to fit the model's {fit.block_size}-token context with {fit.room} tokens for the "
+                  f"answer: {', '.join(cuts)}]", file=sys.stderr, flush=True)
         try:
             for piece in stream_reply(model, ckpt, prompt, mode, max_new_tokens=max_new_tokens,
                                       temperature=temperature, top_k=top_k, top_p=top_p,

@@ -4,11 +4,15 @@ and an API that classmates' apps (and their arenas) call.
     python sample_gradio.py                                   # http://127.0.0.1:7860, every out*/ checkpoint
     python sample_gradio.py --models=out-cpu-sft,out-cpu --port=7861
     python sample_gradio.py --listen=True --auth=user:pass    # classmates on the LAN: http://<your LAN IP>:7860
+    python sample_gradio.py --remotes=http://192.168.1.20:7860,http://192.168.1.21:7860   # their apps in the arena
 
 Each checkpoint is loaded once (the first at start, the others on first use) and shared by every
 user; requests queue, at most `concurrency` generations run at a time. In the arena a model is a
 local checkpoint or a classmate's running app by URL (http://host:7860, or http://host:7860#out-sft
-for one of its models). The API, with gradio_client:
+for one of its models): only the URLs given with --remotes (the server connects to them, so a
+visitor must not choose any address; --any_remote=True allows every URL, on a trusted network),
+each connection and each streamed piece waiting at most --remote_timeout seconds. A question
+longer than the model's context is cut to fit (the page says so). The API, with gradio_client:
 
     from gradio_client import Client
     client = Client("http://127.0.0.1:7860")
@@ -28,8 +32,8 @@ import gradio as gr  # noqa: E402
 
 from data.records import Report, read_records, string_field  # noqa: E402
 from model import inference_dtype, select_device  # noqa: E402
-from sample import checkpoint_mode, utf8_constraint  # noqa: E402
-from serving import (LIMITS, VOTES, ModelError, ModelStore, VoteBook, check_params, clean_question,  # noqa: E402
+from sample import SAMPLING_LIMITS, checkpoint_mode, utf8_constraint  # noqa: E402
+from serving import (VOTES, ModelError, ModelStore, VoteBook, check_params, clean_question,  # noqa: E402
                      discover_models, leaderboard, stream_together)
 
 ROOT = Path(__file__).resolve().parent
@@ -39,6 +43,9 @@ models = ""                 # out dirs, comma-separated; "" = every out*/ folder
 listen = False              # True: listen on all interfaces so classmates on the LAN can connect
 port = 7860
 auth = ""                   # "user:password" to ask for a login
+remotes = ""                # classmates' app URLs the arena may call, comma-separated ("" = none)
+any_remote = False          # True: the arena may call any URL typed in (the server connects to it)
+remote_timeout = 60.0       # seconds a classmate's app may take to connect, and for each streamed piece
 votes_path = "out-arena/votes.jsonl"
 examples_path = "data/raw/sft_test.jsonl"   # example questions (falls back to config/demo_questions.txt)
 max_input_chars = 200       # longer questions are cut to this many characters, with a notice
@@ -50,6 +57,7 @@ dtype = ""                  # "" = bfloat16 where the GPU or CPU computes it nat
 # -----------------------------------------------------------------------------
 
 MODES = {"问答": "chat", "续写": "generate"}
+REMOTE_INFO = "本地模型，或同学应用的地址 http://IP:端口（须在启动时用 --remotes 允许）"
 
 
 def stats_line(stats: dict) -> str:
@@ -58,7 +66,8 @@ def stats_line(stats: dict) -> str:
     first = stats.get("first_token_s")
     return (f"{stats.get('model', '')} · {'问答' if stats.get('mode') == 'chat' else '续写'} · "
             f"{stats['new_tokens']} tokens · 首字 {'-' if first is None else f'{first:.2f} s'} · "
-            f"{stats['tokens_per_s']} tokens/s" + ("" if stats.get("stopped_at_eot") else " · 到达长度上限"))
+            f"{stats['tokens_per_s']} tokens/s" + ("" if stats.get("stopped_at_eot") else " · 到达长度上限")
+            + (f"  \n{stats['notice']}" if stats.get("notice") else ""))
 
 
 def load_examples(path, n: int = 8) -> list:
@@ -94,8 +103,10 @@ client.predict(api_name="/models")    # 可用的模型名
 ```
 `/generate` 的参数依次为：question，mode（"chat" 问答 / "generate" 续写 / "" 按模型自己的模式），
 max_new_tokens，temperature，top_k，top_p，repetition_penalty，model（"" 为第一个模型），seed（-1 为随机）。
-返回 (目前的文字, 统计信息)。问题最多 {limit} 字，超出部分会被截掉。
-在竞技场里填 `http://同学的IP:端口`（或 `http://同学的IP:端口#模型名`）就能让同学的模型参赛。"""
+返回 (目前的文字, 统计信息)。问题最多 {limit} 字，超出部分会被截掉；超过模型上下文的问题只用能放下的部分，
+统计信息里的 notice 会说明。
+在竞技场里填 `http://同学的IP:端口`（或 `http://同学的IP:端口#模型名`）就能让同学的模型参赛，
+前提是启动本应用时用 `--remotes=http://同学的IP:端口` 允许了这个地址。"""
 
 
 def build_app(store: ModelStore, votes: VoteBook, examples: list, limit: int = 200, concurrency: int = 2,
@@ -124,7 +135,7 @@ def build_app(store: ModelStore, votes: VoteBook, examples: list, limit: int = 2
         try:
             if not name:
                 raise ModelError("没有可用的模型：先训练一个（make demo），再重新启动本应用。")
-            p = check_params(dict(zip(LIMITS, sampling, strict=True)))
+            p = check_params(dict(zip(SAMPLING_LIMITS, sampling, strict=True)))
             for text, stats in store.stream(name, question, MODES[label], p):
                 if not text and "new_tokens" in stats:
                     text = "（空回答：模型一开始就结束了）"
@@ -143,7 +154,7 @@ def build_app(store: ModelStore, votes: VoteBook, examples: list, limit: int = 2
             yield "", "", None, "请先选好模型 A 和模型 B。"
             return
         try:
-            p = check_params(dict(zip(LIMITS, sampling, strict=True)))
+            p = check_params(dict(zip(SAMPLING_LIMITS, sampling, strict=True)))
         except ValueError as e:
             yield "", "", None, f"【出错】{e}"
             return
@@ -177,7 +188,8 @@ def build_app(store: ModelStore, votes: VoteBook, examples: list, limit: int = 2
                  seed: int = -1) -> Iterator[tuple[str, dict]]:
         """Stream a reply: yields (text so far, stats). mode: "chat" (问答), "generate" (续写) or "" (the
         model's own); model: one of /models ("" = the first); seed: -1 = random. Questions over the
-        app's limit are cut (stats["notice"] says so); an empty question gives ("", notice)."""
+        app's limit or the model's context are cut (stats["notice"] says so); an empty question
+        gives ("", notice)."""
         if not isinstance(question, str) or mode not in ("", *MODES.values(), *MODES):
             raise gr.Error("question 应为字符串；mode 应为 chat、generate 或空")
         if not isinstance(model, str) or model.startswith(("http://", "https://")):
@@ -194,7 +206,8 @@ def build_app(store: ModelStore, votes: VoteBook, examples: list, limit: int = 2
             if not (model or default):
                 raise ModelError("这个应用里没有模型")
             for text, stats in store.stream(model or default, question, MODES.get(mode, mode), p):
-                yield text, stats | ({"notice": notice} if notice else {})
+                notices = " ".join(n for n in (notice, stats.get("notice")) if n)
+                yield text, stats | ({"notice": notices} if notices else {})
         except (ModelError, ValueError) as e:
             raise gr.Error(str(e)) from e
 
@@ -226,9 +239,9 @@ def build_app(store: ModelStore, votes: VoteBook, examples: list, limit: int = 2
         with gr.Tab("竞技场", elem_id="tab-arena"):
             with gr.Row():
                 a_box = gr.Dropdown(names, value=default, label="模型 A", allow_custom_value=True, elem_id="arena-a",
-                                    info="本地模型，或同学应用的地址 http://IP:端口")
+                                    info=REMOTE_INFO)
                 b_box = gr.Dropdown(names, value=names[-1] if names else None, label="模型 B",
-                                    allow_custom_value=True, elem_id="arena-b", info="本地模型，或同学应用的地址 http://IP:端口")
+                                    allow_custom_value=True, elem_id="arena-b", info=REMOTE_INFO)
             arena_box = gr.Textbox(placeholder=f"输入问题，两个模型同时作答（最多 {limit} 字）", show_label=False,
                                    elem_id="arena-input")
             with gr.Row():
@@ -249,11 +262,12 @@ def build_app(store: ModelStore, votes: VoteBook, examples: list, limit: int = 2
             gr.Markdown(API_HELP.format(url=url, limit=limit))
         with gr.Accordion("采样参数（对话和竞技场共用）", open=False):
             with gr.Row():
+                lim = {k: v[:2] for k, v in SAMPLING_LIMITS.items()}  # max_new_tokens, top_k: a useful part only
                 sampling = [gr.Slider(1, 512, 256, step=1, label="最多生成 token 数（max_new_tokens）"),
-                            gr.Slider(0, 2, 0.8, step=0.05, label="温度（temperature，0 为贪心）"),
+                            gr.Slider(*lim["temperature"], 0.8, step=0.05, label="温度（temperature，0 为贪心）"),
                             gr.Slider(0, 200, 50, step=1, label="top_k（0 为不限）"),
-                            gr.Slider(0.05, 1, 0.95, step=0.05, label="top_p"),
-                            gr.Slider(1, 2, 1.1, step=0.05, label="重复惩罚（repetition_penalty）")]
+                            gr.Slider(*lim["top_p"], 0.95, step=0.05, label="top_p（0 为只取最可能的 token）"),
+                            gr.Slider(*lim["repetition_penalty"], 1.1, step=0.05, label="重复惩罚（repetition_penalty）")]
 
         model_box.change(mode_label, model_box, mode_box, **ui)
         chat_inputs = [box, chatbot, model_box, mode_box, *sampling]
@@ -277,8 +291,13 @@ if __name__ == "__main__":
     user, _, password = auth.partition(":")
     if auth and not (user and password):
         sys.exit(f"--auth={auth!r}: expected user:password")
-    if not 1 <= concurrency <= 64 or max_input_chars < 1 or stream_every < 0:
-        sys.exit("--concurrency: expected 1..64; --max_input_chars: expected >= 1; --stream_every: expected >= 0")
+    if not 1 <= concurrency <= 64 or max_input_chars < 1 or stream_every < 0 or remote_timeout <= 0:
+        sys.exit("--concurrency: expected 1..64; --max_input_chars: expected >= 1; --stream_every: expected >= 0; "
+                 "--remote_timeout: expected > 0")
+    allowed = [u for u in remotes.split(",") if u]
+    for u in allowed:
+        if not u.startswith(("http://", "https://")):
+            sys.exit(f"--remotes: {u!r} is not a URL; expected http://host:port, comma-separated")
     try:
         device, _ = select_device(device)
         dtype = inference_dtype(device, dtype)
@@ -291,7 +310,7 @@ if __name__ == "__main__":
                   file=sys.stderr)
     print(f"models: {', '.join(paths) or 'none found (train one first: make demo)'}; {device}, {dtype}",
           file=sys.stderr)
-    store = ModelStore(paths, device, dtype, stream_every)
+    store = ModelStore(paths, device, dtype, stream_every, allowed, any_remote, timeout=remote_timeout)
     utf8_constraint()  # build the sampling table now rather than in the first request
     host = "0.0.0.0" if listen else "127.0.0.1"
     app = build_app(store, VoteBook(ROOT / votes_path), load_examples(examples_path), max_input_chars, concurrency,
@@ -299,6 +318,15 @@ if __name__ == "__main__":
     app.queue(default_concurrency_limit=concurrency, max_size=queue_size)
     lan = f"（同学用 http://<你的局域网 IP>:{port} 访问；ip addr 或 ipconfig 查看 IP）" if listen else ""
     print(f"MiniGLM 网页版：http://{host}:{port}{lan}", file=sys.stderr)
+    print(f"arena remotes: {'any URL (--any_remote=True)' if any_remote else ', '.join(allowed) or 'none'}",
+          file=sys.stderr)
+    if listen and not auth:
+        print("WARNING: --listen=True without --auth: anyone on your network can use this app and its API, "
+              "no password asked. Add --auth=user:password.\n"
+              "警告：局域网里的任何人都能不登录直接使用本应用和它的 API，请加上 --auth=用户名:密码。", file=sys.stderr)
+    if listen and any_remote:
+        print("WARNING: --any_remote=True with --listen=True: anyone who can open the page can make this "
+              "machine connect to any address. Prefer --remotes=URL,URL.", file=sys.stderr)
     try:
         app.launch(server_name=host, server_port=port, auth=(user, password) if auth else None, ssr_mode=False,
                    show_error=False, quiet=True)

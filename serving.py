@@ -1,9 +1,10 @@
 """The web app's engine, without its pages (sample_gradio.py builds those): the models, each
-loaded once and shared, or a classmate's MiniGLM app reached by URL through its API; streams run
-side by side for the arena; arena votes and the Elo leaderboard.
+loaded once and shared, or a classmate's MiniGLM app reached by URL through its API (only the URLs
+allowed at start, a bounded number of clients, a timeout on connecting and on every piece);
+streams run side by side for the arena; arena votes and the Elo leaderboard.
 
     from serving import ModelStore, stream_together
-    store = ModelStore({"out-sft": Path("out-sft")})
+    store = ModelStore({"out-sft": Path("out-sft")}, remotes=["http://192.168.1.20:7860"])
     for text, stats in store.stream("out-sft", "成语“画蛇添足”是什么意思？", "", params): ...
 """
 import json
@@ -14,7 +15,9 @@ import queue
 import random
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import CancelledError
 from pathlib import Path
 
 import httpx
@@ -22,11 +25,10 @@ import torch
 from gradio_client import Client
 
 from data.records import Report, read_records
-from sample import checkpoint_mode, load_checkpoint, stream_reply
+from sample import (SAMPLING_LIMITS, can_chat, checkpoint_mode, fit_prompt, load_checkpoint, sampling_error,
+                    stream_reply)
 
 ROOT = Path(__file__).resolve().parent
-LIMITS = {"max_new_tokens": (1, 1024), "temperature": (0.0, 2.0), "top_k": (0, 50304), "top_p": (0.0, 1.0),
-          "repetition_penalty": (1.0, 2.0)}
 VOTES = {"a": "A 更好", "b": "B 更好", "tie": "平局", "both_bad": "都不好"}
 ELO_K, ELO_START = 32, 1000
 
@@ -50,12 +52,21 @@ def clean_question(text, limit: int) -> tuple[str, str]:
 
 
 def check_params(p: dict) -> dict:
-    """Sampling settings in their ranges (LIMITS), else ValueError naming the setting."""
-    for key, (lo, hi) in LIMITS.items():
-        v = p[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
-            raise ValueError(f"{key}={v!r}：应为 {lo} 到 {hi} 之间的数")
+    """Sampling settings in their ranges (sample.SAMPLING_LIMITS), else ValueError naming the setting."""
+    bad = sampling_error(p)
+    if bad:
+        key, value, lo, hi, whole = bad
+        raise ValueError(f"{key}={value!r}：应为 {lo} 到 {hi} 之间的{'整数' if whole else '数'}")
     return p | {"max_new_tokens": int(p["max_new_tokens"]), "top_k": int(p["top_k"])}
+
+
+def cut_notice(ckpt: dict, question: str, mode: str, block_size: int, max_new_tokens: int) -> str:
+    """The page's notice when the question does not fit the model's context (sample.fit_prompt), else ""."""
+    fit = fit_prompt(ckpt, question, mode, block_size, max_new_tokens)
+    if not fit.shortened:
+        return ""
+    return (f"输入过长：模型一次只能看 {fit.block_size} 个 token，还要给回答留 {fit.room} 个，"
+            f"所以只用了{'前' if mode == 'chat' else '最后'} {len(fit.text)} 字（共 {fit.chars} 字）。")
 
 
 def peek_mode(path) -> str | None:
@@ -69,12 +80,17 @@ def peek_mode(path) -> str | None:
 
 class ModelStore:
     """The models the app serves: local checkpoints, each loaded once and shared by all requests,
-    and classmates' apps by URL (one gradio_client each)."""
+    and classmates' apps by URL: only those in remotes (base URLs) unless any_remote, one
+    gradio_client each for the max_clients used last; connecting, and each streamed piece, may
+    take at most timeout seconds."""
 
-    def __init__(self, paths: dict, device: str = "cpu", dtype: str = "float32", stream_every: float = 0.05):
+    def __init__(self, paths: dict, device: str = "cpu", dtype: str = "float32", stream_every: float = 0.05,
+                 remotes=(), any_remote: bool = False, max_clients: int = 8, timeout: float = 60.0):
         self.paths, self.device, self.dtype, self.stream_every = paths, device, dtype, stream_every
-        self.loaded, self.clients = {}, {}
-        self.lock = threading.Lock()
+        self.remotes, self.any_remote = [u.rstrip("/") for u in remotes], any_remote
+        self.max_clients, self.timeout = max_clients, timeout
+        self.loaded, self.clients = {}, OrderedDict()
+        self.lock, self.clients_lock = threading.Lock(), threading.Lock()
 
     def names(self) -> list:
         """The local model names, chat (SFT) models first: the first is the default."""
@@ -100,11 +116,17 @@ class ModelStore:
             return
         model, ckpt = self.local(name)
         mode = mode or checkpoint_mode(ckpt)
+        if mode == "chat" and not can_chat(ckpt):
+            raise ModelError(f"{name} 是预训练模型，没有学过问答模板，只会接着文字往下写：请改用“续写”模式，"
+                             "或换一个 SFT（问答）模型。")
         seed = p["seed"] if p.get("seed", -1) >= 0 else random.randrange(2**31)
         gen = torch.Generator(device=self.device).manual_seed(seed)
         text, stats, t0, sent = "", {"model": name, "mode": mode}, time.perf_counter(), -math.inf
+        notice = cut_notice(ckpt, question, mode, model.config.block_size, p["max_new_tokens"])
+        if notice:
+            stats["notice"] = notice
         for piece in stream_reply(model, ckpt, question, mode, generator=gen, stats=stats,
-                                  **{k: p[k] for k in LIMITS}):
+                                  **{k: p[k] for k in SAMPLING_LIMITS}):
             text += piece
             now = time.perf_counter()
             stats.setdefault("first_token_s", round(now - t0, 3))
@@ -115,22 +137,54 @@ class ModelStore:
         stats["tokens_per_s"] = round(stats["new_tokens"] / max(stats["seconds"], 1e-9), 1)
         yield text, stats
 
+    def client(self, url: str) -> Client:
+        """The gradio_client of an allowed URL, made on first use; the least recently used beyond
+        max_clients is closed. ModelError for a URL not allowed, before any connection."""
+        url = url.rstrip("/")
+        if not (self.any_remote or url in self.remotes):
+            allowed = "、".join(self.remotes) if self.remotes else "无（本应用启动时没有给 --remotes）"
+            raise ModelError(f"{url} 不在允许的远程模型地址里，没有连接它。允许的地址：{allowed}。"
+                             "要用同学的模型，请在启动时加上 --remotes=http://同学的IP:端口")
+        with self.clients_lock:
+            if url in self.clients:
+                self.clients.move_to_end(url)
+                return self.clients[url]
+        # connecting can take a while: not under the lock
+        client = Client(url, verbose=False, download_files=False, analytics_enabled=False,
+                        httpx_kwargs={"timeout": httpx.Timeout(self.timeout)})
+        with self.clients_lock:
+            kept = self.clients.setdefault(url, client)  # another request may have connected meanwhile
+            self.clients.move_to_end(url)
+            while len(self.clients) > self.max_clients:
+                self.clients.popitem(last=False)[1].close()
+        if kept is not client:
+            client.close()
+        return kept
+
     def _remote(self, target: str, question: str, mode: str, p: dict):
         url, _, name = target.partition("#")
         job = None
+        late = f"{target} 超过 {self.timeout:g} 秒没有回应或连接中断，已停止等待（对方可能太忙或已经关闭）。"
         try:
-            client = self.clients.get(url)
-            if client is None:  # connecting can take a while: not under the lock
-                client = Client(url, verbose=False, download_files=False, analytics_enabled=False)
-                client = self.clients.setdefault(url, client)
-            job = client.submit(question, mode, *(p[k] for k in LIMITS), name, p.get("seed", -1),
+            client = self.client(url)
+            job = client.submit(question, mode, *(p[k] for k in SAMPLING_LIMITS), name, p.get("seed", -1),
                                 api_name="/generate")
-            out = None
-            for out in job:
-                yield out[0], out[1] | {"model": target}
+            out, seen, last = None, 0, time.monotonic()
+            while not job.done():  # poll rather than iterate: job's iterator waits without a deadline
+                outputs = job.outputs()
+                for out in outputs[seen:]:
+                    yield out[0], out[1] | {"model": target}
+                if len(outputs) > seen:
+                    seen, last = len(outputs), time.monotonic()
+                elif time.monotonic() - last > self.timeout:
+                    raise ModelError(late)
+                else:
+                    time.sleep(0.01)
             final = job.result()
             if final != out:
                 yield final[0], final[1] | {"model": target}
+        except (httpx.TimeoutException, CancelledError) as e:  # CancelledError: the client's event stream broke
+            raise ModelError(late) from e
         except (ValueError, httpx.HTTPError, OSError) as e:
             raise ModelError(f"无法使用 {target}：{e}") from e
         finally:

@@ -3,6 +3,7 @@
 `make test` installs chromium (apt) before the tests; playwright never downloads a browser here.
 Screenshots are kept in test-artifacts/ (chat.png, arena.png)."""
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -60,13 +61,15 @@ def test_chat_and_arena_in_a_real_browser(server, browser):
     expect(chat).to_contain_text(question)
     expect(page.locator("#chat-status")).to_contain_text("tokens/s")
     page.screenshot(path=ARTIFACTS / "chat.png", full_page=True)
-    # empty input is ignored; an overlong one is cut with a notice
+    # empty input is ignored; an overlong one is cut with a notice, and cut again to fit the model's context
     page.locator("#chat-send").click()
     page.locator("#chat-input textarea").fill("问" * 60)
     page.locator("#chat-input textarea").press("Enter")
     expect(page.get_by_text("已截断为前 40 字")).to_be_visible(timeout=30_000)
     expect(chat).to_contain_text("问" * 40)
     expect(chat).not_to_contain_text("问" * 41)
+    expect(page.locator("#chat-status")).to_contain_text("输入过长：模型一次只能看 48 个 token，还要给回答留 12 个",
+                                                         timeout=30_000)
     page.locator("#chat-clear").click()
     expect(chat).not_to_contain_text(question)
     assert "\ufffd" not in chat.inner_text()
@@ -99,4 +102,10 @@ def test_chat_and_arena_in_a_real_browser(server, browser):
                                                              f"（可选：{name_a}, {name_b}）", timeout=30_000)
     expect(page.locator("#answer-a textarea")).to_have_value(answer)
     expect(page.locator("#arena-status")).to_contain_text("这一轮不能投票")
+    # a classmate's URL that was not allowed at start is refused, not connected to
+    b_input.fill("http://127.0.0.1:9")
+    b_input.press("Enter")
+    page.locator("#arena-send").click()
+    expect(page.locator("#answer-b textarea")).to_have_value(
+        re.compile(r"^【出错】http://127\.0\.0\.1:9 不在允许的远程模型地址里，没有连接它"), timeout=30_000)
     assert hosts == {url.split("/")[2]}, hosts  # nothing fetched from anywhere else

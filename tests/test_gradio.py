@@ -1,18 +1,20 @@
 """sample_gradio.py and serving.py: input limits, votes and the leaderboard, streams side by side, the model store,
-the API through gradio_client (streaming, queueing, errors, a classmate's app by URL)."""
+the API through gradio_client (streaming, queueing, errors, a classmate's app by URL: allowed, bounded, timed out)."""
 import shutil
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 import torch
 from conftest import PAIRS, read_bin, run_script
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
-from data.tokenizer import sft_prompt
-from sample import load_checkpoint, render_prompt
+import serving
+from bench import start_app
+from data.tokenizer import EOT_ID
+from sample import load_checkpoint, stream_reply
 from sample_gradio import build_app
 from serving import (ELO_START, ModelError, ModelStore, VoteBook, check_params, clean_question, discover_models,
                      leaderboard, stream_together)
@@ -27,14 +29,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_prompt_template_equals_training(sft_model, enc):
-    _, ckpt = load_checkpoint(sft_model)
-    question = PAIRS[0]["question"]
-    assert render_prompt(ckpt, question, "chat") == sft_prompt(question)
-    first_block = read_bin(sft_model.parent / "data" / "train.bin")[:ckpt["data_meta"]["block_size"]]
-    prompts = [enc.encode_ordinary(render_prompt(ckpt, p["question"], "chat")) for p in PAIRS]
-    assert any(first_block[:len(ids)].tolist() == ids for ids in prompts)
-    assert render_prompt(ckpt, "床前明月光", "generate") == "床前明月光"
+def test_the_model_is_prompted_with_the_tokens_it_was_trained_on(sft_model, enc, monkeypatch):
+    """What sample.py feeds the model for a question equals what prepare_sft.py wrote into train.bin
+    before that question's answer (all pairs are in train, one block each, in file order)."""
+    model, ckpt = load_checkpoint(sft_model)
+    block = ckpt["data_meta"]["block_size"]
+    tokens = read_bin(sft_model.parent / "data" / "train.bin").reshape(-1, block)
+    masks = read_bin(sft_model.parent / "data" / "train_mask.bin", dtype="uint8").reshape(-1, block)
+    assert len(tokens) == len(PAIRS)
+    fed = []
+    monkeypatch.setattr(model, "generate", lambda idx, *a, **k: fed.append(idx[0].tolist()) or iter([EOT_ID]))
+    for pair, row, mask in zip(PAIRS, tokens, masks, strict=True):
+        list(stream_reply(model, ckpt, pair["question"], "chat", max_new_tokens=20))
+        start = int(mask.argmax())  # the first trained target: the answer's first token
+        assert fed[-1] == row[:start].tolist()
+        assert enc.decode(row[start:start + int(mask.sum()) - 1].tolist()) == pair["answer"]
 
 
 def test_clean_question_ignores_empty_and_cuts_long_input():
@@ -47,9 +56,11 @@ def test_clean_question_ignores_empty_and_cuts_long_input():
 
 def test_check_params_names_the_setting():
     assert check_params(GREEDY | {"max_new_tokens": 5.0})["max_new_tokens"] == 5
-    for key, bad in [("max_new_tokens", 0), ("temperature", -1), ("top_p", 1.5), ("repetition_penalty", "x"),
-                     ("top_k", True)]:
-        with pytest.raises(ValueError, match=key):
+    assert check_params(GREEDY | {"top_p": 0, "temperature": 0, "top_k": 0})  # greedy-like edges are allowed
+    for key, bad, words in [("max_new_tokens", 0, "1 到 1024 之间的整数"), ("temperature", -1, "0.0 到 2.0 之间的数"),
+                            ("top_p", 1.5, "0.0 到 1.0"), ("repetition_penalty", "x", "1.0 到 2.0"),
+                            ("top_k", True, "0 到 50304 之间的整数"), ("top_k", 2.5, "0 到 50304 之间的整数")]:
+        with pytest.raises(ValueError, match=f"{key}={bad!r}：应为 {words}"):
             check_params(GREEDY | {key: bad})
 
 
@@ -127,6 +138,7 @@ def test_store_loads_each_model_once_and_explains_failures(sft_model, tmp_path):
     pre.mkdir()
     ckpt = torch.load(sft_model / "ckpt.pt", weights_only=True)
     ckpt["data_meta"]["kind"] = "pretrain"
+    del ckpt["data_meta"]["sft_template"]  # as prepare.py's data: no question template
     torch.save(ckpt, pre / "ckpt.pt")
     (tmp_path / "misfit").mkdir()
     ckpt["model_args"]["n_embd"] *= 2
@@ -139,6 +151,12 @@ def test_store_loads_each_model_once_and_explains_failures(sft_model, tmp_path):
                         ("nope", "没有名为"), ("misfit", "do not fit the checkpoint's model_args")]:
         with pytest.raises(ModelError, match=words):
             list(store.stream(name, "你好", "", GREEDY))
+    with pytest.raises(ModelError, match="pre 是预训练模型.*请改用“续写”模式"):
+        list(store.stream("pre", "你好", "chat", GREEDY))
+    assert list(store.stream("pre", "你好", "", GREEDY))[-1][1]["mode"] == "generate"
+    _, stats = list(store.stream("sft", "问" * 30, "", GREEDY))[-1]  # 71 tokens, the model sees 48
+    assert stats["notice"].startswith("输入过长：模型一次只能看 48 个 token，还要给回答留 12 个，所以只用了前 ")
+    assert stats["prompt_tokens"] <= 36 and stats["kept_chars"] < 30
     text, stats = list(store.stream("sft", PAIRS[1]["question"], "", GREEDY))[-1]
     assert text == PAIRS[1]["answer"] and stats["stopped_at_eot"] and stats["mode"] == "chat"
     store.stream_every = 60  # updates are rationed: the first piece, then the whole reply
@@ -146,12 +164,33 @@ def test_store_loads_each_model_once_and_explains_failures(sft_model, tmp_path):
     assert texts == [PAIRS[1]["answer"][0], PAIRS[1]["answer"]]
 
 
+class WatchedStore(ModelStore):
+    """A store that records when each local generation starts and ends, and waits pause seconds after each piece."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.runs, self.pause = [], 0.0
+
+    def stream(self, *args):
+        start = time.monotonic()
+        try:
+            for value in super().stream(*args):
+                yield value
+                time.sleep(self.pause)
+        finally:
+            self.runs.append((start, time.monotonic()))
+
+
 @pytest.fixture(scope="module")
-def app(sft_model, tmp_path_factory):
+def watched(sft_model):
+    return WatchedStore({"sft": sft_model}, stream_every=0)
+
+
+@pytest.fixture(scope="module")
+def app(watched, tmp_path_factory):
     """The app in this process on a free loopback port, one generation at a time."""
     votes = VoteBook(tmp_path_factory.mktemp("votes") / "votes.jsonl")
-    store = ModelStore({"sft": sft_model}, stream_every=0)
-    demo = build_app(store, votes, [PAIRS[0]["question"]], limit=30, concurrency=1)
+    demo = build_app(watched, votes, [PAIRS[0]["question"]], limit=30, concurrency=1)
     demo.queue(default_concurrency_limit=1, max_size=16)
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, ssr_mode=False)
@@ -174,19 +213,29 @@ def test_api_streams_the_answer(app):
     assert stats["stopped_at_eot"] and stats["new_tokens"] >= 3 and stats["tokens_per_s"] > 0
 
 
-def test_api_queues_requests_from_several_users(app):
-    with ThreadPoolExecutor(6) as pool:
-        jobs = [pool.submit(lambda p: client(app).predict(p["question"], "chat", 20, 0.0, api_name="/generate"), p)
-                for p in PAIRS[:6]]
-        got = [j.result(timeout=120)[0] for j in jobs]
-    assert got == [p["answer"] for p in PAIRS[:6]]
+def test_api_runs_one_generation_at_a_time_and_queues_the_others(app, watched):
+    """Four users ask at once (all sent before the first answer ends); the app (concurrency=1)
+    generates one answer at a time: no two generations overlap, and every user gets their answer."""
+    users = [client(app) for _ in range(4)]
+    watched.runs.clear()
+    watched.pause = 0.05  # a generation takes a while, so without the limit they would overlap
+    try:
+        jobs = [c.submit(p["question"], "chat", 20, 0.0, api_name="/generate") for c, p in zip(users, PAIRS)]
+        sent = time.monotonic()
+        got = [job.result(timeout=120)[0] for job in jobs]
+    finally:
+        watched.pause = 0.0
+    assert got == [p["answer"] for p in PAIRS[:4]]
+    runs = sorted(watched.runs)
+    assert len(runs) == 4 and sent < runs[0][1]
+    assert all(end <= next_start for (_, end), (next_start, _) in zip(runs, runs[1:])), runs
 
 
 def test_api_input_limits_and_errors(app):
     c = client(app)
     assert c.predict("   ", api_name="/generate") == ["", {"notice": "输入为空，已忽略。"}]
     _, stats = c.predict("问" * 50, "chat", 3, api_name="/generate")
-    assert "已截断为前 30 字" in stats["notice"]
+    assert "已截断为前 30 字" in stats["notice"] and "输入过长：模型一次只能看 48 个 token" in stats["notice"]
     for args, words in [((PAIRS[0]["question"], "chat", 0), "max_new_tokens"), (("问", "sing"), "mode"),
                         (("问", "", 5, 0.8, 50, 0.95, 1.1, "nope"), "没有名为"),
                         (("问", "", 5, 0.8, 50, 0.95, 1.1, "http://127.0.0.1:1"), "本应用的模型名")]:
@@ -196,13 +245,68 @@ def test_api_input_limits_and_errors(app):
 
 def test_arena_reaches_a_classmate_app_by_url(app):
     """Another app's store streams from this app's API, as the arena does with a URL."""
-    store = ModelStore({})
+    nobody = f"http://127.0.0.1:{free_port()}"
+    store = ModelStore({}, remotes=[app + "/", nobody])
     text, stats = list(store.stream(f"{app}#sft", PAIRS[4]["question"], "", GREEDY))[-1]
     assert text == PAIRS[4]["answer"] and stats["model"] == f"{app}#sft" and stats["stopped_at_eot"]
     assert list(store.stream(app, PAIRS[5]["question"], "chat", GREEDY))[-1][0] == PAIRS[5]["answer"]
-    nobody = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(ModelError, match=f"无法使用 {nobody}"):
         list(store.stream(nobody, "问", "", GREEDY))
+
+
+def test_a_url_not_allowed_is_refused_without_connecting():
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        server.setblocking(False)
+        url = f"http://127.0.0.1:{server.getsockname()[1]}"
+        for store in (ModelStore({}), ModelStore({}, remotes=["http://127.0.0.1:1"])):
+            with pytest.raises(ModelError, match=f"{url} 不在允许的远程模型地址里，没有连接它"):
+                list(store.stream(f"{url}#sft", "问", "", GREEDY))
+        with pytest.raises(BlockingIOError):
+            server.accept()  # nobody knocked
+
+
+def test_remote_clients_are_bounded_and_timed(monkeypatch):
+    made, closed = [], []
+
+    class FakeClient:
+        def __init__(self, url, **kwargs):
+            self.url, self.kwargs = url, kwargs
+            made.append(url)
+
+        def close(self):
+            closed.append(self.url)
+
+    monkeypatch.setattr(serving, "Client", FakeClient)
+    store = ModelStore({}, any_remote=True, max_clients=2, timeout=7)
+    for url in ["http://a:1", "http://b:1", "http://a:1/", "http://c:1", "http://a:1"]:
+        store.client(url)
+    assert made == ["http://a:1", "http://b:1", "http://c:1"] and closed == ["http://b:1"]
+    assert list(store.clients) == ["http://c:1", "http://a:1"]
+    assert store.clients["http://a:1"].kwargs["httpx_kwargs"]["timeout"] == httpx.Timeout(7)
+
+
+def test_a_remote_that_stops_answering_ends_with_a_timeout_message(app, watched):
+    with socket.socket() as silent:  # accepts connections (the kernel's backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        store = ModelStore({}, remotes=[url, app], timeout=1)
+        t0 = time.monotonic()
+        with pytest.raises(ModelError, match=f"{url} 超过 1 秒没有回应"):
+            list(store.stream(url, "问", "", GREEDY))
+        assert time.monotonic() - t0 < 10
+    list(watched.stream("sft", PAIRS[3]["question"], "chat", GREEDY))  # loaded and warm: the first piece is quick
+    got = []
+    watched.pause = 3  # the classmate's app sends its first piece, then falls silent
+    try:
+        with pytest.raises(ModelError, match="超过 1 秒没有回应"):
+            for text, _ in store.stream(app, PAIRS[3]["question"], "chat", GREEDY):
+                got.append(text)
+    finally:
+        watched.pause = 0.0
+    assert got and got[-1] != PAIRS[3]["answer"]
 
 
 def test_two_models_stream_side_by_side_through_the_store(sft_model, tmp_path):
@@ -228,8 +332,19 @@ def test_login_is_required_when_auth_is_set(sft_model, tmp_path):
         demo.close()
 
 
+def test_listening_without_a_login_warns(sft_model, tmp_path):
+    proc, _ = start_app(tmp_path / "app.log", f"--models={sft_model}", "--listen=True",
+                        f"--votes_path={tmp_path / 'v.jsonl'}")
+    proc.terminate()
+    proc.wait(timeout=30)
+    log = (tmp_path / "app.log").read_text(encoding="utf-8")
+    assert "WARNING: --listen=True without --auth" in log and "请加上 --auth=用户名:密码" in log
+    assert "arena remotes: none" in log
+
+
 def test_command_line_errors_are_clear(tmp_path):
     for arg, words in [("--auth=nopassword", "expected user:password"), ("--concurrency=0", "--concurrency"),
-                       ("--dtype=int8", "expected float32, bfloat16 or float16")]:
+                       ("--dtype=int8", "expected float32, bfloat16 or float16"),
+                       ("--remotes=192.168.1.2:7860", "'192.168.1.2:7860' is not a URL")]:
         proc = run_script("sample_gradio.py", arg, f"--votes_path={tmp_path / 'v.jsonl'}", check=False)
         assert proc.returncode != 0 and words in proc.stderr and "Traceback" not in proc.stderr

@@ -1,6 +1,10 @@
-"""model.py: size, masked loss, learning, KV-cache generation; the streaming decoder."""
+"""model.py: size, masked loss, learning, KV-cache generation; the streaming decoder; sample.py's prompts
+and command line."""
+import dataclasses
+
 import pytest
 import torch
+from conftest import run_script
 
 from data.tokenizer import EOT_ID, MODEL_VOCAB_SIZE, VOCAB_SIZE, StreamDecoder
 from model import GPT, GPTConfig
@@ -107,6 +111,8 @@ def test_never_samples_padding_ids_and_stops_at_eot(monkeypatch):
     (3, None, {0, 1, 2}),
     (None, 0.6, {0, 1}),     # masses 0.4, 0.3, 0.2, 0.1: 0.4 < 0.6, so the second is kept too
     (None, 0.4, {0}),
+    (None, 0.0, {0}),        # top_p 0: only the most likely token
+    (3, 0.0, {0}),
     (2, 0.95, {0, 1}),
 ])
 def test_top_k_and_top_p_sample_only_from_their_set(monkeypatch, top_k, top_p, allowed):
@@ -121,6 +127,18 @@ def test_top_k_and_top_p_sample_only_from_their_set(monkeypatch, top_k, top_p, a
     out = list(model.generate(torch.zeros(1, 1, dtype=torch.long), 400, temperature=1.0, top_k=top_k,
                               top_p=top_p, generator=torch.Generator().manual_seed(0)))
     assert set(out) == allowed
+
+
+@pytest.mark.parametrize("temperature", [1e-6, 1e-30, 1e-45, 5e-324])
+def test_a_temperature_near_zero_is_greedy(monkeypatch, temperature):
+    model = tiny()
+    logits = torch.linspace(-40.0, 60.0, MODEL_VOCAB_SIZE)[torch.randperm(MODEL_VOCAB_SIZE)]
+    monkeypatch.setattr(model, "forward", lambda idx, cache=None: (logits.expand(idx.size(0), 1, -1), None))
+    x = torch.zeros(1, 1, dtype=torch.long)
+    for top_k, top_p in [(None, None), (50, 0.95), (0, 1.0)]:
+        out = list(model.generate(x, 5, temperature=temperature, top_k=top_k, top_p=top_p,
+                                  generator=torch.Generator().manual_seed(0)))
+        assert out == [int(logits.argmax())] * 5
 
 
 def test_forward_rejects_sequences_over_the_block():
@@ -185,3 +203,62 @@ def test_stream_reply_stops_at_stop_strings_and_eot(monkeypatch, enc):
     stats = {}
     assert "".join(stream_reply(model, ckpt, "问题", "chat", stats=stats)) == "答案是画蛇添足。\n问：下一个问题"
     assert stats["stopped_at_eot"] and stats["new_tokens"] == len(scripted)
+
+
+def fed_prompt(monkeypatch, model, ckpt, text, mode, **kwargs) -> tuple[list, dict]:
+    """(the token ids stream_reply gives the model, its stats)."""
+    from sample import stream_reply
+    fed = []
+    monkeypatch.setattr(model, "generate", lambda idx, *a, **k: fed.append(idx[0].tolist()) or iter([EOT_ID]))
+    stats = {}
+    list(stream_reply(model, ckpt, text, mode, stats=stats, **kwargs))
+    return fed[0], stats
+
+
+def test_long_prompts_are_cut_to_fit_keeping_the_template_and_room_for_the_answer(monkeypatch, enc):
+    from data.tokenizer import sft_prompt
+    from sample import fit_prompt
+    model = tiny(block_size=64)
+    ckpt = {"data_meta": {"sft_template": "问：{question}\n答："}}
+    question = "成语“画蛇添足”是什么意思？" * 6  # 84 characters, about 160 tokens
+    for max_new, room in [(256, 16), (5, 5)]:  # room = min(max_new_tokens, block_size // 4)
+        ids, stats = fed_prompt(monkeypatch, model, ckpt, question, "chat", max_new_tokens=max_new)
+        kept = stats["kept_chars"]
+        assert ids == enc.encode_ordinary(sft_prompt(question[:kept]))  # the template whole, the start kept
+        assert len(ids) <= 64 - room < len(enc.encode_ordinary(sft_prompt(question[:kept + 1])))
+        assert stats["input_chars"] == len(question) and stats["prompt_tokens"] == len(ids)
+    text = "床前明月光，疑是地上霜。" * 10
+    ids, stats = fed_prompt(monkeypatch, model, ckpt, text, "generate")
+    assert ids == enc.encode_ordinary(text[-stats["kept_chars"]:]) and 40 < len(ids) <= 48  # the end kept
+    short, stats = fed_prompt(monkeypatch, model, ckpt, "你好", "chat")
+    assert short == enc.encode_ordinary(sft_prompt("你好")) and stats["kept_chars"] == 2
+    history = (("问题一" * 5, "回答一" * 5), ("问题二", "回答二"))
+    fit = fit_prompt(ckpt, "你好", "chat", 64, 16, history)
+    assert fit.history == history[1:] and not fit.shortened  # the oldest exchange goes first
+
+
+def test_chat_mode_without_a_question_template_is_refused(monkeypatch):
+    from sample import stream_reply
+    model = tiny()
+    pretrained = {"data_meta": {"kind": "pretrain"}}
+    with pytest.raises(ValueError, match="chat mode needs an SFT checkpoint"):
+        list(stream_reply(model, pretrained, "你好", "chat"))
+    assert fed_prompt(monkeypatch, model, pretrained, "你好", "generate")[0]  # continuation still works
+
+
+def test_sample_cli_names_bad_settings_refuses_chat_without_a_template_and_says_when_it_cuts(tmp_path):
+    from data.tokenizer import tokenizer_meta
+    model = tiny(block_size=32)
+    torch.save({"model": model.state_dict(), "model_args": dataclasses.asdict(model.config),
+                "data_meta": tokenizer_meta() | {"kind": "pretrain", "block_size": 32}, "config": {}},
+               tmp_path / "ckpt.pt")
+    for arg, words in [("--top_p=1.5", "--top_p=1.5: expected a number from 0.0 to 1.0"),
+                       ("--max_new_tokens=0", "--max_new_tokens=0: expected a whole number from 1 to 1024"),
+                       ("--temperature=-0.1", "--temperature=-0.1: expected a number from 0.0 to 2.0"),
+                       ("--mode=chat", "--mode=chat needs an SFT checkpoint")]:
+        proc = run_script("sample.py", f"--out_dir={tmp_path}", "--start=你好", arg, check=False)
+        assert proc.returncode == 1 and words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    proc = run_script("sample.py", f"--out_dir={tmp_path}", "--start=" + "床前明月光" * 10, "--max_new_tokens=3",
+                      "--temperature=0", "--top_p=0")
+    assert ("[input shortened to fit the model's 32-token context with 3 tokens for the answer: kept the last"
+            in proc.stderr)
