@@ -6,7 +6,7 @@
             ...   # where is "file:line", obj a dict; bad lines were reported and skipped
 
 Also the output side shared by the prepare scripts: the hash that picks the validation split,
-and writers that only ever leave complete files behind (temp file, then os.replace).
+the entity of a question (entity_of, what an SFT split holds out), and writers that only ever leave complete files behind (temp file, then os.replace).
 
 Accepts JSONL (one object a line) and JSON arrays, a UTF-8 BOM, CRLF line ends. Reports
 (file:line, what was expected) and counts: malformed JSON, a value that is not an object,
@@ -219,10 +219,67 @@ def clean_text(text: str, title: str | None) -> str:
     return text.strip()
 
 
+def split_hash(key: str) -> float:
+    """A fixed pseudo-random number in [0, 1) for a key: it decides the key's split."""
+    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64
+
+
 def in_val(key: str, fraction: float) -> bool:
     """Deterministic split: the fraction of keys whose hash falls below it go to validation."""
-    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2**64 < fraction
+    return split_hash(key) < fraction
+
+
+_SUBJECT = re.compile(r"“([^“”]+)”|《([^《》]+)》")
+
+
+def entity_of(question: str) -> str:
+    """What a question is about, the unit of a held-out split: the first quoted subject of the
+    question (“…” or 《…》) when there is one, else the question itself. "成语“画蛇添足”是什么
+    意思？" and "请用成语“画蛇添足”造一个句子。" are both about 画蛇添足, so they land on one side."""
+    m = _SUBJECT.search(question)
+    subject = (m.group(1) or m.group(2)).strip() if m else ""
+    return subject or question
+
+
+class ValReserve:
+    """Small data must still get a val split. Keeps back, in arrival order, every train item
+    whose split hash is the lowest so far (about ln(n) items, plus copies with the same hash).
+    At the end, if no item fell in val, those with the lowest hash of all go there, so two or
+    more usable items always give a non-empty val split. Which items are kept depends only on
+    the items' order, not on batch sizes or worker counts."""
+
+    def __init__(self, unit: str):
+        self.unit = unit          # "documents", "pairs": for the messages
+        self.low = 2.0
+        self.items = []           # (hash, item)
+
+    def keep(self, h: float, item) -> bool:
+        """Keep item back if its hash is the lowest so far; False: write it to train now."""
+        if h > self.low:
+            return False
+        self.low = h
+        self.items.append((h, item))
+        return True
+
+    def settle(self, n_items: int, n_val: int, val_fraction: float) -> tuple[list, list]:
+        """(items for val, items for train), each in arrival order; prints what it did."""
+        if n_val or val_fraction == 0 or not self.items:
+            return [], [item for _, item in self.items]
+        if n_items == 1:
+            print(f"warning: only 1 usable {self.unit.removesuffix('s')}: wrote train only, the val "
+                  "split is empty (training then picks checkpoints by train loss)", file=sys.stderr)
+            return [], [item for _, item in self.items]
+        lowest = {i for i, (h, _) in enumerate(self.items) if h == self.low}
+        same = len(lowest) == n_items
+        if same:
+            lowest = {min(lowest)}
+        print(f"note: no {self.unit} fell in val (val_fraction={val_fraction}, {n_items} {self.unit}); "
+              f"moved {len(lowest)} with the lowest split hash there so that training can measure a "
+              "held-out loss" + ("; they all share one split key, so val repeats train" if same else ""),
+              file=sys.stderr)
+        return ([item for i, (_, item) in enumerate(self.items) if i in lowest],
+                [item for i, (_, item) in enumerate(self.items) if i not in lowest])
 
 
 def write_text_atomic(path: Path, text: str) -> None:
