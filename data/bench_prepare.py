@@ -55,14 +55,14 @@ if __name__ == "__main__":
         t_many = time.perf_counter() - t0
     del texts, _texts
 
-    settings = {"mode": "stream", "block_size": 256, "val_fraction": 0.01}
+    settings = {"mode": "stream", "block_size": 256}
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     with Pool(num_workers, _init_worker, (settings,)) as pool:
         pool.map(abs, range(num_workers))  # workers started and tokenizers loaded before timing
         t0 = time.perf_counter()
         work = tasks([path], Report(), docs_per_task)
-        parallel = sum(c["doc_tokens"] for res in bounded_imap(pool, process_task, work, 4 * num_workers)
-                       for c in res["counts"])
+        parallel = sum(int(res["doc_stats"][:, 0].sum())
+                       for res in bounded_imap(pool, process_task, work, 4 * num_workers))
         t_parallel = time.perf_counter() - t0
     assert parallel == single, f"token counts differ: {parallel} vs {single}"
     for name, value, unit in [("encode_ordinary_tokens_per_s", single / t_single, "tokens/s"),

@@ -17,6 +17,9 @@ Modes (--mode):
 In aligned and packed files every block is block_size tokens; PAD targets are never trained on.
 Validation documents are chosen by a hash of their text (--val_fraction), so the split is
 deterministic, independent of file order and worker count, and duplicates never straddle it.
+Small data: when no document falls in val, the one with the lowest hash goes there (a note
+says so), so two or more usable documents always give a val split; a single document is
+written to train only, with a warning.
 """
 import json
 import os
@@ -30,12 +33,14 @@ from pathlib import Path
 import numpy as np
 
 from blocks import MODES, BestFitPacker, document_pieces, pad_block
-from records import (Report, SplitWriter, check_block_args, clean_text, commit_outputs, expand_inputs,
-                     file_format, in_val, line_ranges, read_json_array, read_records, string_field)
+from records import (Report, SplitWriter, ValReserve, check_block_args, clean_text, commit_outputs,
+                     expand_inputs, file_format, line_ranges, read_json_array, read_records, split_hash,
+                     string_field)
 from tokenizer import encode_ordinary_array, get_tokenizer, tokenizer_meta
 
-SPLITS = ("train", "val")  # piece_split 0 and 1
-COUNT_KEYS = ("documents", "doc_tokens", "tokens", "dropped_tokens", "truncated_documents")
+SPLITS = ("train", "val")
+DOC_STATS = ("doc_tokens", "tokens", "dropped_tokens", "truncated_documents")  # doc_stats columns
+COUNT_KEYS = ("documents",) + DOC_STATS
 
 # ----------------------------------------------------------------------------- defaults
 input = "data/raw/pretrain.jsonl"
@@ -56,11 +61,11 @@ def _init_worker(settings: dict) -> None:
 
 def process_docs(docs: list) -> dict:
     """Worker: a batch of (where, title, text) -> one compact result, cheap to send back:
-    tokens (every piece of every document, concatenated, uint16), piece_len and piece_split
-    (0 train, 1 val) per piece, per-split counts, forced-cut kinds and problems."""
+    tokens (every piece of every document, concatenated, uint16), piece_len and piece_doc (the
+    document's index) per piece, doc_hash (the split hash of the text) and doc_stats (DOC_STATS)
+    per usable document, forced-cut kinds and problems."""
     s = _worker_settings
-    pieces_all, piece_split = [], []
-    counts = [dict.fromkeys(COUNT_KEYS, 0) for _ in SPLITS]
+    pieces_all, piece_doc, doc_hash, doc_stats = [], [], [], []
     cuts, problems = Counter(), []
     for where, title, text in docs:
         text = clean_text(text, title)
@@ -69,15 +74,10 @@ def process_docs(docs: list) -> dict:
             continue
         ids = encode_ordinary_array(text)
         pieces, kinds, dropped = document_pieces(ids, s["mode"], s["block_size"])
-        split = int(in_val(text, s["val_fraction"]))
         pieces_all += pieces
-        piece_split += [split] * len(pieces)
-        c = counts[split]
-        c["documents"] += 1
-        c["doc_tokens"] += len(ids)
-        c["tokens"] += len(ids) + 1 - dropped
-        c["dropped_tokens"] += dropped
-        c["truncated_documents"] += dropped > 0
+        piece_doc += [len(doc_hash)] * len(pieces)
+        doc_hash.append(split_hash(text))
+        doc_stats.append((len(ids), len(ids) + 1 - dropped, dropped, dropped > 0))
         if kinds:
             cuts.update(kinds)
             forced = Counter(k for k in kinds if k != "sentence")
@@ -88,8 +88,17 @@ def process_docs(docs: list) -> dict:
                                      f"{n} {k} boundar{'y' if n == 1 else 'ies'}" for k, n in forced.items()), 1))
     return {"tokens": np.concatenate(pieces_all) if pieces_all else np.zeros(0, np.uint16),
             "piece_len": np.array([len(p) for p in pieces_all], dtype=np.int64),
-            "piece_split": np.array(piece_split, dtype=np.int8), "counts": counts, "cuts": cuts,
+            "piece_doc": np.array(piece_doc, dtype=np.int64), "doc_hash": np.array(doc_hash, dtype=np.float64),
+            "doc_stats": np.array(doc_stats, dtype=np.int64).reshape(-1, len(DOC_STATS)), "cuts": cuts,
             "problems": problems}
+
+
+def document_of(res: dict, d: int):
+    """(tokens, piece lengths, stats) of document d of a worker result (its pieces are adjacent)."""
+    first, last = np.flatnonzero(res["piece_doc"] == d)[[0, -1]]
+    ends = np.cumsum(res["piece_len"])
+    lens = res["piece_len"][first:last + 1]
+    return res["tokens"][ends[last] - lens.sum():ends[last]].copy(), lens, res["doc_stats"][d].tolist()
 
 
 def documents(records, report: Report) -> list:
@@ -165,7 +174,20 @@ if __name__ == "__main__":
     packers = {s: BestFitPacker(block_size, writers[s].write, max_open_blocks) for s in writers}
     cut_kinds = Counter()
     counts = {s: Counter(dict.fromkeys(COUNT_KEYS, 0)) for s in writers}
-    settings = {"mode": mode, "block_size": block_size, "val_fraction": val_fraction}
+    reserve = ValReserve("documents")
+    settings = {"mode": mode, "block_size": block_size}
+
+    def place(split: str, tokens: np.ndarray, lens: np.ndarray) -> None:
+        """Write the pieces (lens) that tokens holds end to end into a split."""
+        if mode == "stream":
+            writers[split].write(tokens)
+            return
+        for end, length in zip(np.cumsum(lens).tolist(), lens.tolist()):
+            if mode == "aligned":
+                writers[split].write(pad_block([tokens[end - length:end]], block_size))
+            else:
+                packers[split].add(tokens[end - length:end])
+
     t0 = last = time.time()
     # Workers ignore Ctrl-C (they inherit SIG_IGN): the parent catches it and stops the pool.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -182,35 +204,34 @@ if __name__ == "__main__":
         for res in results:
             for event in res["problems"]:
                 report.add(*event)
-            for i, split in enumerate(SPLITS):
-                counts[split].update(res["counts"][i])
             cut_kinds.update(res["cuts"])
-            tokens, lens, owners = res["tokens"], res["piece_len"], res["piece_split"]
-            if mode == "stream":
-                owner = np.repeat(owners, lens)
-                for i, split in enumerate(SPLITS):
-                    writers[split].write(tokens[owner == i])
-            else:
-                ends = np.cumsum(lens)
-                for k, (end, length) in enumerate(zip(ends.tolist(), lens.tolist())):
-                    piece, split = tokens[end - length:end], SPLITS[owners[k]]
-                    if mode == "aligned":
-                        writers[split].write(pad_block([piece], block_size))
-                    else:
-                        packers[split].add(piece)
+            hashes = res["doc_hash"]
+            doc_split = (hashes < val_fraction).astype(np.int8)  # 0 train, 1 val, 2 kept back
+            if val_fraction > 0:
+                for d in np.flatnonzero((doc_split == 0) & (hashes <= reserve.low)).tolist():
+                    if reserve.keep(hashes[d], document_of(res, d)):
+                        doc_split[d] = 2
+            piece_split = doc_split[res["piece_doc"]]
+            for i, split in enumerate(SPLITS):
+                rows = res["doc_stats"][doc_split == i]
+                counts[split].update(dict(zip(COUNT_KEYS, [len(rows)] + rows.sum(0).tolist())))
+                chosen = piece_split == i
+                place(split, res["tokens"][np.repeat(chosen, res["piece_len"])], res["piece_len"][chosen])
             if time.time() - last > 5:
                 last = time.time()
                 n = counts["train"]["tokens"] + counts["val"]["tokens"]
                 print(f"  {counts['train']['documents'] + counts['val']['documents']:,} documents, "
                       f"{n:,} tokens, {n / (last - t0):,.0f} tokens/s", file=sys.stderr)
-        for p in packers.values():
-            p.close()
-        n_docs = counts["train"]["documents"] + counts["val"]["documents"]
+        n_docs = counts["train"]["documents"] + counts["val"]["documents"] + len(reserve.items)
         if n_docs == 0:
             sys.exit(f"no usable documents in {len(paths)} file(s); {report.summary()}")
-        if counts["val"]["documents"] == 0 and val_fraction > 0:
-            sys.exit(f"the val split is empty ({n_docs} documents, val_fraction={val_fraction}); "
-                     "add data or raise --val_fraction")
+        to_val, to_train = reserve.settle(n_docs, counts["val"]["documents"], val_fraction)
+        for split, docs in (("val", to_val), ("train", to_train)):
+            for tokens, lens, stats in docs:
+                place(split, tokens, lens)
+                counts[split].update(dict(zip(COUNT_KEYS, [1] + stats)))
+        for p in packers.values():
+            p.close()
         splits = {}
         for s, w in writers.items():
             c = dict(counts[s]) | dict(w.stats)
@@ -219,7 +240,7 @@ if __name__ == "__main__":
             splits[s] = c
         meta = tokenizer_meta() | {
             "kind": "pretrain", "mode": mode, "block_size": block_size,
-            "block_aligned": mode != "stream", "val_fraction": val_fraction,
+            "block_aligned": mode != "stream", "val_fraction": val_fraction, "val_moved": len(to_val),
             "splits": splits, "cuts": dict(cut_kinds), "problems": dict(report.counts),
             "sources": [str(p) for p in paths],
         }

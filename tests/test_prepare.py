@@ -4,7 +4,7 @@ import pytest
 from conftest import read_bin, read_meta, run_script, write_jsonl
 
 from data.tokenizer import EOT_ID, PAD_ID
-from records import clean_text
+from records import clean_text, split_hash
 
 BLOCK = 64
 
@@ -182,3 +182,36 @@ def test_packer_bounds_open_blocks():
     # 6,6 open two blocks; the third 6 forces the fullest out (6); 3 joins a 6 (9); the first 4
     # fills the other 6 (10, written at once); the last 4 opens a block of its own.
     assert lengths == [4, 6, 9, 10]
+
+
+@pytest.mark.parametrize("mode", ["stream", "aligned", "packed"])
+def test_ten_documents_get_a_val_split(tmp_path, mode, enc):
+    """A first try with a sample file: ten documents, none of which the hash puts in val."""
+    docs = corpus(10)
+    assert all(split_hash(t) >= 0.01 for t in expected_texts(docs))
+    out = prepare(tmp_path, docs, mode, val_fraction=0.01, num_workers=1)
+    (tmp_path / "w").mkdir()
+    again = prepare(tmp_path / "w", docs, mode, val_fraction=0.01, num_workers=2, docs_per_task=3)
+    meta = read_meta(out)
+    assert meta["splits"]["val"]["documents"] == meta["val_moved"] == 1
+    assert meta["splits"]["train"]["documents"] == 9
+    for split in ("train", "val"):
+        assert (out / f"{split}.bin").read_bytes() == (again / f"{split}.bin").read_bytes()
+    if mode == "stream":
+        got = [enc.decode(r) for s in ("train", "val") for r in segments(read_bin(out / f"{s}.bin"))[0]]
+        assert sorted(got) == sorted(expected_texts(docs))
+
+
+def test_small_data_messages(tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", corpus(10))
+    proc = run_script("data/prepare.py", f"--input={src}", f"--out_dir={tmp_path / 'a'}", f"--block_size={BLOCK}")
+    assert "note: no documents fell in val (val_fraction=0.01, 10 documents); moved 1" in proc.stderr
+    src = write_jsonl(tmp_path / "same.jsonl", corpus(1) * 3)
+    proc = run_script("data/prepare.py", f"--input={src}", f"--out_dir={tmp_path / 'b'}", f"--block_size={BLOCK}")
+    assert "share one split key, so val repeats train" in proc.stderr
+    assert read_meta(tmp_path / "b")["splits"]["val"]["documents"] == 1
+    src = write_jsonl(tmp_path / "one.jsonl", corpus(1))
+    proc = run_script("data/prepare.py", f"--input={src}", f"--out_dir={tmp_path / 'c'}", f"--block_size={BLOCK}")
+    assert "warning: only 1 usable document: wrote train only" in proc.stderr
+    meta = read_meta(tmp_path / "c")
+    assert meta["splits"]["train"]["documents"] == 1 and meta["splits"]["val"]["documents"] == 0
