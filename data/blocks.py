@@ -62,24 +62,24 @@ def best_cut(cuts: dict, start: int, limit: int) -> tuple[int, str]:
 def document_pieces(tokens: np.ndarray, mode: str, block_size: int):
     """Split one document's tokens (uint16) into pieces for a mode.
 
-    Returns (pieces, cut_kinds, dropped): each piece is a uint16 array of at most block_size
-    tokens (any length in stream mode, which has no blocks); the document's last piece ends
-    with EOT. cut_kinds lists how each forced cut was made; dropped counts tokens left out
-    (aligned mode keeps only the first block of a document)."""
-    eot = np.array([EOT_ID], dtype=np.uint16)
+    Returns (pieces, cut_kinds, dropped): each piece is a view of tokens; the document's EOT
+    follows its last piece (the caller appends it: no copy of every document just to add one
+    token). Each piece, the last one with its EOT, is at most block_size tokens (any length in
+    stream mode, which has no blocks). cut_kinds lists how each forced cut was made; dropped counts tokens
+    left out (aligned mode keeps only the first block of a document)."""
     if mode == "stream" or len(tokens) < block_size:
-        return [np.concatenate([tokens, eot])], [], 0
+        return [tokens], [], 0
     cuts = cut_points(tokens)
     if mode == "aligned":
         cut, kind = best_cut(cuts, 0, block_size - 1)
-        return [np.concatenate([tokens[:cut], eot])], [kind], len(tokens) - cut
+        return [tokens[:cut]], [kind], len(tokens) - cut
     pieces, kinds, start = [], [], 0
     while len(tokens) - start >= block_size:  # the last piece needs room for its EOT
         cut, kind = best_cut(cuts, start, min(block_size, len(tokens) - start - 1))
         pieces.append(tokens[start:cut])
         kinds.append(kind)
         start = cut
-    pieces.append(np.concatenate([tokens[start:], eot]))
+    pieces.append(tokens[start:])
     return pieces, kinds, 0
 
 

@@ -36,11 +36,13 @@ from blocks import MODES, BestFitPacker, document_pieces, pad_block
 from records import (Report, SplitWriter, ValReserve, check_block_args, clean_text, commit_outputs,
                      expand_inputs, file_format, line_ranges, read_json_array, read_records, split_hash,
                      string_field)
-from tokenizer import encode_ordinary_array, get_tokenizer, tokenizer_meta
+from tokenizer import EOT_ID, encode_ordinary_array, get_tokenizer, tokenizer_meta
 
 SPLITS = ("train", "val")
 DOC_STATS = ("doc_tokens", "tokens", "dropped_tokens", "truncated_documents")  # doc_stats columns
 COUNT_KEYS = ("documents",) + DOC_STATS
+EOT_ARRAY = np.array([EOT_ID], dtype=np.uint16)
+SEP = "\x0b"   # vertical tab: joins a batch's texts for one tokenizer call (encode_documents)
 
 # ----------------------------------------------------------------------------- defaults
 input = "data/raw/pretrain.jsonl"
@@ -59,38 +61,72 @@ def _init_worker(settings: dict) -> None:
     get_tokenizer()
 
 
+def encode_documents(texts: list) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, lens): each text's encode_ordinary followed by EOT, end to end (uint16), and each
+    text's token count without its EOT. One tokenizer call for the whole batch (a call costs
+    about 2 us on top of the BPE, for every document): the texts are joined by SEP, a white-space
+    character that GPT-2's pre-tokenizer always splits off on its own between two texts that
+    neither start nor end with white space, so no BPE merge crosses a seam and every text gets
+    the tokens it gets alone (tests/test_prepare.py checks it on tricky seams). A batch with a
+    text that holds SEP or starts or ends with white space is encoded text by text."""
+    if not texts:
+        return np.zeros(0, dtype=np.uint16), np.zeros(0, dtype=np.int64)
+    if any(SEP in t or t[:1].isspace() or t[-1:].isspace() for t in texts):
+        arrays = [encode_ordinary_array(t) for t in texts]
+        lens = np.array([len(a) for a in arrays], dtype=np.int64)
+        return np.concatenate([x for a in arrays for x in (a, EOT_ARRAY)]), lens
+    tokens = encode_ordinary_array(SEP.join(texts) + SEP)
+    ends = np.flatnonzero(tokens == get_tokenizer().encode_single_token(SEP))
+    tokens[ends] = EOT_ID
+    return tokens, np.diff(ends, prepend=-1) - 1
+
+
 def process_docs(docs: list) -> dict:
     """Worker: a batch of (where, title, text) -> one compact result, cheap to send back:
-    tokens (every piece of every document, concatenated, uint16), piece_len and piece_doc (the
-    document's index) per piece, doc_hash (the split hash of the text) and doc_stats (DOC_STATS)
-    per usable document, forced-cut kinds and problems."""
+    tokens (every piece of every document, each document's last piece followed by EOT, end to
+    end, uint16), piece_len and piece_doc (the document's index) per piece, doc_hash (the split
+    hash of the text) and doc_stats (DOC_STATS) per usable document, forced-cut kinds and
+    problems. A document shorter than a block (and every document in stream mode) is one
+    piece; the longer ones go through document_pieces."""
     s = _worker_settings
-    pieces_all, piece_doc, doc_hash, doc_stats = [], [], [], []
-    cuts, problems = Counter(), []
+    wheres, texts, problems, cuts = [], [], [], Counter()
     for where, title, text in docs:
         text = clean_text(text, title)
-        if not text:
+        if text:
+            wheres.append(where)
+            texts.append(text)
+        else:
             problems.append(("empty_text", where, "text is empty after cleaning; skipped", 1))
-            continue
-        ids = encode_ordinary_array(text)
-        pieces, kinds, dropped = document_pieces(ids, s["mode"], s["block_size"])
-        pieces_all += pieces
-        piece_doc += [len(doc_hash)] * len(pieces)
-        doc_hash.append(split_hash(text))
-        doc_stats.append((len(ids), len(ids) + 1 - dropped, dropped, dropped > 0))
-        if kinds:
-            cuts.update(kinds)
-            forced = Counter(k for k in kinds if k != "sentence")
-            if forced:
-                problems.append(("no_sentence_end", where,
-                                 f"document of {len(ids)} tokens has no sentence end (。！？) within "
-                                 f"block_size={s['block_size']}; cut at " + ", ".join(
-                                     f"{n} {k} boundar{'y' if n == 1 else 'ies'}" for k, n in forced.items()), 1))
-    return {"tokens": np.concatenate(pieces_all) if pieces_all else np.zeros(0, np.uint16),
-            "piece_len": np.array([len(p) for p in pieces_all], dtype=np.int64),
-            "piece_doc": np.array(piece_doc, dtype=np.int64), "doc_hash": np.array(doc_hash, dtype=np.float64),
-            "doc_stats": np.array(doc_stats, dtype=np.int64).reshape(-1, len(DOC_STATS)), "cuts": cuts,
-            "problems": problems}
+    tokens, lens = encode_documents(texts)
+    starts = np.cumsum(lens + 1) - (lens + 1)
+    dropped = np.zeros(len(texts), dtype=np.int64)
+    chunks, piece_len, piece_doc, done = [], [], [], 0   # documents before done are in chunks
+    long = np.flatnonzero(lens >= s["block_size"]).tolist() if s["mode"] != "stream" else []
+    for d in long:
+        pieces, kinds, dropped[d] = document_pieces(tokens[starts[d]:starts[d] + lens[d]], s["mode"],
+                                                    s["block_size"])
+        chunks += [tokens[starts[done]:starts[d]]] + pieces + [EOT_ARRAY]
+        piece_len += [lens[done:d] + 1, np.array([len(p) for p in pieces[:-1]] + [len(pieces[-1]) + 1])]
+        piece_doc += [np.arange(done, d), np.full(len(pieces), d)]
+        done = d + 1
+        cuts.update(kinds)
+        forced = Counter(k for k in kinds if k != "sentence")
+        if forced:
+            problems.append(("no_sentence_end", wheres[d],
+                             f"document of {lens[d]} tokens has no sentence end (。！？) within "
+                             f"block_size={s['block_size']}; cut at " + ", ".join(
+                                 f"{n} {k} boundar{'y' if n == 1 else 'ies'}" for k, n in forced.items()), 1))
+    if long:
+        chunks.append(tokens[starts[done]:] if done < len(texts) else tokens[:0])
+        tokens = np.concatenate(chunks)
+        piece_len = np.concatenate(piece_len + [lens[done:] + 1])
+        piece_doc = np.concatenate(piece_doc + [np.arange(done, len(texts))])
+    else:
+        piece_len, piece_doc = lens + 1, np.arange(len(texts))
+    doc_stats = np.stack([lens, lens + 1 - dropped, dropped, dropped > 0], axis=1).astype(np.int64)
+    return {"tokens": tokens, "piece_len": piece_len, "piece_doc": piece_doc,
+            "doc_hash": np.array([split_hash(t) for t in texts], dtype=np.float64),
+            "doc_stats": doc_stats.reshape(-1, len(DOC_STATS)), "cuts": cuts, "problems": problems}
 
 
 def document_of(res: dict, d: int):

@@ -215,3 +215,18 @@ def test_small_data_messages(tmp_path):
     assert "warning: only 1 usable document: wrote train only" in proc.stderr
     meta = read_meta(tmp_path / "c")
     assert meta["splits"]["train"]["documents"] == 1 and meta["splits"]["val"]["documents"] == 0
+
+
+def test_one_tokenizer_call_per_batch_encodes_each_text_as_alone(enc):
+    """encode_documents joins a batch for one call; every text must get exactly its own tokens,
+    whatever its first and last characters (letters, digits, punctuation, contractions, CJK,
+    emoji, special-token text), and a text the join could change is encoded alone."""
+    from prepare import encode_documents
+    edges = ["abc", "'s", "123", "。", "!?", "<|endoftext|>", "中文", "😀", "a b", "x\ny", "\u3000\n"]
+    texts = [a + "中" + b for a in edges[:-1] for b in edges[:-1]] + ["12", "34", "'t", "ll"]
+    for batch in (texts, texts + [" leading space"], texts + [edges[-1] + "尾"], texts + ["头" + edges[-1]],
+                  texts + ["sep\x0binside"], texts[:1], []):
+        tokens, lens = encode_documents(batch)
+        want = [enc.encode_ordinary(t) + [EOT_ID] for t in batch]
+        assert tokens.dtype == np.uint16 and tokens.tolist() == [i for w in want for i in w]
+        assert lens.tolist() == [len(w) - 1 for w in want]
