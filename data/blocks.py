@@ -27,28 +27,36 @@ def token_byte_lengths() -> np.ndarray:
     return np.array([len(enc.decode_single_token_bytes(i)) for i in range(EOT_ID)] + [0, 0], dtype=np.int64)
 
 
-def cut_points(tokens: np.ndarray) -> dict:
-    """Token counts p at which tokens[:p] ends at a sentence end, a clause end, or a character
-    boundary (sorted arrays), for a document's token array."""
-    raw = get_tokenizer().decode_bytes(tokens.tolist())
-    tok_ends = np.cumsum(token_byte_lengths()[tokens])         # byte offset after each token
-    starts_char = np.ones(len(raw) + 1, dtype=bool)            # byte offset -> a character starts
-    starts_char[:-1] = (np.frombuffer(raw, dtype=np.uint8) & 0xC0) != 0x80
-    hard = np.flatnonzero(starts_char[tok_ends]) + 1
-    text = raw.decode("utf-8", errors="replace")
-    char_starts = np.flatnonzero(starts_char)
-    if len(text) + 1 != len(char_starts):  # undecodable bytes: only character boundaries are safe
-        return {"sentence": hard[:0], "clause": hard[:0], "hard": hard}
+class CutPoints:
+    """cuts[kind]: the token counts p (a sorted array) at which tokens[:p] ends at a sentence
+    end ("sentence"), a clause end ("clause") or a character boundary ("hard"), for one
+    document's token array. A kind is found when best_cut first asks for it: most documents
+    have a sentence end in every block and never need the other two."""
 
-    def at(pattern):
-        ends = np.zeros(len(raw) + 1, dtype=bool)
-        ends[char_starts[[m.end() for m in pattern.finditer(text)]]] = True
-        return np.flatnonzero(ends[tok_ends]) + 1
+    def __init__(self, tokens: np.ndarray):
+        self.raw = get_tokenizer().decode_bytes(tokens.tolist())
+        self.tok_ends = np.cumsum(token_byte_lengths()[tokens])      # byte offset after each token
+        self.starts_char = np.ones(len(self.raw) + 1, dtype=bool)     # byte offset -> a character starts
+        self.starts_char[:-1] = (np.frombuffer(self.raw, dtype=np.uint8) & 0xC0) != 0x80
+        self.text = self.raw.decode("utf-8", errors="replace")
+        self.char_starts = np.flatnonzero(self.starts_char)
+        # undecodable bytes: only character boundaries are safe
+        none = np.zeros(0, dtype=np.int64)
+        self.found = {} if len(self.text) + 1 == len(self.char_starts) else {"sentence": none, "clause": none}
 
-    return {"sentence": at(SENTENCE_END), "clause": at(CLAUSE_END), "hard": hard}
+    def __getitem__(self, kind: str) -> np.ndarray:
+        if kind not in self.found:
+            if kind == "hard":
+                self.found[kind] = np.flatnonzero(self.starts_char[self.tok_ends]) + 1
+            else:
+                pattern = SENTENCE_END if kind == "sentence" else CLAUSE_END
+                ends = np.zeros(len(self.raw) + 1, dtype=bool)
+                ends[self.char_starts[[m.end() for m in pattern.finditer(self.text)]]] = True
+                self.found[kind] = np.flatnonzero(ends[self.tok_ends]) + 1
+        return self.found[kind]
 
 
-def best_cut(cuts: dict, start: int, limit: int) -> tuple[int, str]:
+def best_cut(cuts: CutPoints, start: int, limit: int) -> tuple[int, str]:
     """The furthest cut in (start, start + limit]: a sentence end if there is one, else a clause
     end, else a character boundary, else start + limit. Returns (cut, kind)."""
     for kind in ("sentence", "clause", "hard"):
@@ -69,7 +77,7 @@ def document_pieces(tokens: np.ndarray, mode: str, block_size: int):
     left out (aligned mode keeps only the first block of a document)."""
     if mode == "stream" or len(tokens) < block_size:
         return [tokens], [], 0
-    cuts = cut_points(tokens)
+    cuts = CutPoints(tokens)
     if mode == "aligned":
         cut, kind = best_cut(cuts, 0, block_size - 1)
         return [tokens[:cut]], [kind], len(tokens) - cut
