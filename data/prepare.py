@@ -17,9 +17,9 @@ Modes (--mode):
 In aligned and packed files every block is block_size tokens; PAD targets are never trained on.
 Validation documents are chosen by a hash of their text (--val_fraction), so the split is
 deterministic, independent of file order and worker count, and duplicates never straddle it.
-Small data: when no document falls in val, the one with the lowest hash goes there (a note
-says so), so two or more usable documents always give a val split; a single document is
-written to train only, with a warning.
+Small data: when no document falls in val, the one with the lowest hash goes there (when none
+falls in train, the one with the highest; a note says so), so two or more usable documents
+always give two splits; a single document is written to train only, with a warning.
 """
 import json
 import os
@@ -210,7 +210,7 @@ if __name__ == "__main__":
     packers = {s: BestFitPacker(block_size, writers[s].write, max_open_blocks) for s in writers}
     cut_kinds = Counter()
     counts = {s: Counter(dict.fromkeys(COUNT_KEYS, 0)) for s in writers}
-    reserve = ValReserve("documents")
+    reserve = ValReserve("documents", val_fraction)
     settings = {"mode": mode, "block_size": block_size}
 
     def place(split: str, tokens: np.ndarray, lens: np.ndarray) -> None:
@@ -243,8 +243,9 @@ if __name__ == "__main__":
             cut_kinds.update(res["cuts"])
             hashes = res["doc_hash"]
             doc_split = (hashes < val_fraction).astype(np.int8)  # 0 train, 1 val, 2 kept back
-            if val_fraction > 0:
-                for d in np.flatnonzero((doc_split == 0) & (hashes <= reserve.low)).tolist():
+            if val_fraction > 0:  # the candidates ValReserve.keep may keep back
+                edge = np.where(doc_split == 1, hashes >= reserve.high, hashes <= reserve.low)
+                for d in np.flatnonzero(edge).tolist():
                     if reserve.keep(hashes[d], document_of(res, d)):
                         doc_split[d] = 2
             piece_split = doc_split[res["piece_doc"]]
@@ -261,7 +262,7 @@ if __name__ == "__main__":
         n_docs = counts["train"]["documents"] + counts["val"]["documents"] + len(reserve.items)
         if n_docs == 0:
             sys.exit(f"no usable documents in {len(paths)} file(s); {report.summary()}")
-        to_val, to_train = reserve.settle(n_docs, counts["val"]["documents"], val_fraction)
+        to_val, to_train = reserve.settle(counts["train"]["documents"], counts["val"]["documents"])
         for split, docs in (("val", to_val), ("train", to_train)):
             for tokens, lens, stats in docs:
                 place(split, tokens, lens)
@@ -276,7 +277,7 @@ if __name__ == "__main__":
             splits[s] = c
         meta = tokenizer_meta() | {
             "kind": "pretrain", "mode": mode, "block_size": block_size,
-            "block_aligned": mode != "stream", "val_fraction": val_fraction, "val_moved": len(to_val),
+            "block_aligned": mode != "stream", "val_fraction": val_fraction, "moved_to": reserve.moved,
             "splits": splits, "cuts": dict(cut_kinds), "problems": dict(report.counts),
             "sources": [str(p) for p in paths],
         }

@@ -19,8 +19,9 @@ Validation split by entity, what a pair is about: a fixed hash of the entity put
 poem, the poet), else records.entity_of(question): the first quoted subject of the question
 (“…” or 《…》), else the question itself. So "成语“画蛇添足”是什么意思？" and "请用成语“画蛇添足”
 造一个句子。" are on one side. (Held-out test pairs belong in their own file.) Small data: when
-no entity falls in val, the one with the lowest hash goes there (a note says so), so two or more
-usable pairs always give a val split; a single pair is written to train only, with a warning.
+no entity falls in val, the one with the lowest hash goes there (when none falls in train, the
+one with the highest; a note says so), so two or more usable pairs always give two splits; a
+single pair is written to train only, with a warning.
 Writes out_dir/{train,val}.bin (uint16 tokens), {train,val}_mask.bin (uint8, 1 = this token is a
 trained target) and meta.json.
 """
@@ -67,7 +68,7 @@ if __name__ == "__main__":
     out.mkdir(parents=True, exist_ok=True)
     writers = {name: SplitWriter(out / f"{name}.bin") for name in ("train", "val", "train_mask", "val_mask")}
     counts = {s: Counter(pairs=0, tokens=0, answer_tokens=0) for s in ("train", "val")}
-    reserve = ValReserve("pairs")
+    reserve = ValReserve("pairs", val_fraction)
 
     def emit(split: str, item) -> None:
         tok_block, mask_block, n_tokens, n_answer = item
@@ -101,14 +102,12 @@ if __name__ == "__main__":
                 mask_block[:len(mask)] = mask
                 item = (tok_block, mask_block, len(tokens), int(mask.sum()))
                 h = split_hash((entity or "").strip() or entity_of(q))
-                if h < val_fraction:
-                    emit("val", item)
-                elif val_fraction == 0 or not reserve.keep(h, item):
-                    emit("train", item)
+                if not reserve.keep(h, item):
+                    emit("val" if h < val_fraction else "train", item)
         n_pairs = counts["train"]["pairs"] + counts["val"]["pairs"] + len(reserve.items)
         if n_pairs == 0:
             sys.exit(f"no usable question/answer pairs in {len(paths)} file(s); {report.summary()}")
-        to_val, to_train = reserve.settle(n_pairs, counts["val"]["pairs"], val_fraction)
+        to_val, to_train = reserve.settle(counts["train"]["pairs"], counts["val"]["pairs"])
         for split, items in (("val", to_val), ("train", to_train)):
             for item in items:
                 emit(split, item)
@@ -120,7 +119,7 @@ if __name__ == "__main__":
         meta = tokenizer_meta() | {
             "kind": "sft", "mode": "sft", "block_size": block_size, "block_aligned": True,
             "sft_template": SFT_TEMPLATE, "overflow_policy": "drop", "val_fraction": val_fraction,
-            "val_moved": len(to_val),
+            "moved_to": reserve.moved,
             "splits": splits, "problems": dict(report.counts), "sources": [str(p) for p in paths],
         }
         commit_outputs(out, writers.values(), meta)

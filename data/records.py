@@ -6,7 +6,9 @@
             ...   # where is "file:line", obj a dict; bad lines were reported and skipped
 
 Also the output side shared by the prepare scripts: the hash that picks the validation split,
-the entity of a question (entity_of, what an SFT split holds out), and writers that only ever leave complete files behind (temp file, then os.replace).
+the entity of a question (entity_of, what an SFT split holds out), the reserve that keeps small
+data from leaving a split empty, and writers that only ever leave complete files behind (temp
+file, then os.replace).
 
 Accepts JSONL (one object a line) and JSON arrays, a UTF-8 BOM, CRLF line ends. Reports
 (file:line, what was expected) and counts: malformed JSON, a value that is not an object,
@@ -256,43 +258,64 @@ def entity_of(question: str) -> str:
 
 
 class ValReserve:
-    """Small data must still get a val split. Keeps back, in arrival order, every train item
-    whose split hash is the lowest so far (about ln(n) items, plus copies with the same hash).
-    At the end, if no item fell in val, those with the lowest hash of all go there, so two or
-    more usable items always give a non-empty val split. Which items are kept depends only on
-    the items' order, not on batch sizes or worker counts."""
+    """Small data must still get both splits. Keeps back, in arrival order, the train items
+    whose split hash is the lowest so far and the val items whose hash is the highest so far
+    (about ln(n) items each, plus copies with the same hash). At the end, if no item is in val,
+    those with the lowest hash of all go there; if none is in train, those with the highest go
+    there; a single item goes to train. So two or more usable items always give two non-empty
+    splits. What is kept depends only on the items' order, not on batch sizes or worker counts."""
 
-    def __init__(self, unit: str):
+    def __init__(self, unit: str, val_fraction: float):
         self.unit = unit          # "documents", "pairs": for the messages
-        self.low = 2.0
+        self.val_fraction = val_fraction
+        self.low, self.high = 2.0, -1.0
         self.items = []           # (hash, item)
+        self.moved = {"val": 0, "train": 0}  # items settle moved out of their own split
 
     def keep(self, h: float, item) -> bool:
-        """Keep item back if its hash is the lowest so far; False: write it to train now."""
-        if h > self.low:
+        """Keep item back; False: write it now to its split (val when h < val_fraction)."""
+        if self.val_fraction == 0:
             return False
-        self.low = h
+        if h < self.val_fraction:
+            if h < self.high:
+                return False
+            self.high = h
+        else:
+            if h > self.low:
+                return False
+            self.low = h
         self.items.append((h, item))
         return True
 
-    def settle(self, n_items: int, n_val: int, val_fraction: float) -> tuple[list, list]:
-        """(items for val, items for train), each in arrival order; prints what it did."""
-        if n_val or val_fraction == 0 or not self.items:
-            return [], [item for _, item in self.items]
+    def settle(self, n_train: int, n_val: int) -> tuple[list, list]:
+        """(items for val, items for train), each in arrival order, given the numbers of items
+        already written to each split; prints what it did."""
+        if self.val_fraction == 0:  # no val split asked for: nothing was kept
+            return [], []
+        is_val = [h < self.val_fraction for h, _ in self.items]
+        n_train += is_val.count(False)
+        n_val += is_val.count(True)
+        n_items, move, to = n_train + n_val, set(), ""
         if n_items == 1:
+            move, to = {i for i, v in enumerate(is_val) if v}, "train"
             print(f"warning: only 1 usable {self.unit.removesuffix('s')}: wrote train only, the val "
                   "split is empty (training then picks checkpoints by train loss)", file=sys.stderr)
-            return [], [item for _, item in self.items]
-        lowest = {i for i, (h, _) in enumerate(self.items) if h == self.low}
-        same = len(lowest) == n_items
-        if same:
-            lowest = {min(lowest)}
-        print(f"note: no {self.unit} fell in val (val_fraction={val_fraction}, {n_items} {self.unit}); "
-              f"moved {len(lowest)} with the lowest split hash there so that training can measure a "
-              "held-out loss" + ("; they all share one split key, so val repeats train" if same else ""),
-              file=sys.stderr)
-        return ([item for i, (_, item) in enumerate(self.items) if i in lowest],
-                [item for i, (_, item) in enumerate(self.items) if i not in lowest])
+        elif n_items and (n_val == 0 or n_train == 0):
+            to, edge = ("val", self.low) if n_val == 0 else ("train", self.high)
+            move = {i for i, (h, _) in enumerate(self.items) if h == edge}
+            same = len(move) == n_items
+            if same:
+                move = {min(move)}
+            print(f"note: no {self.unit} fell in {to} (val_fraction={self.val_fraction}, {n_items} "
+                  f"{self.unit}); moved {len(move)} with the {'lowest' if to == 'val' else 'highest'} "
+                  f"split hash there" + ("; they all share one split key, so val repeats train" if same else ""),
+                  file=sys.stderr)
+        split = [to if i in move else "val" if v else "train" for i, v in enumerate(is_val)]
+        for where, v in zip(split, is_val):
+            if where != ("val" if v else "train"):
+                self.moved[where] += 1
+        return ([item for (_, item), s in zip(self.items, split) if s == "val"],
+                [item for (_, item), s in zip(self.items, split) if s == "train"])
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -193,7 +193,7 @@ def test_ten_documents_get_a_val_split(tmp_path, mode, enc):
     (tmp_path / "w").mkdir()
     again = prepare(tmp_path / "w", docs, mode, val_fraction=0.01, num_workers=2, docs_per_task=3)
     meta = read_meta(out)
-    assert meta["splits"]["val"]["documents"] == meta["val_moved"] == 1
+    assert meta["splits"]["val"]["documents"] == meta["moved_to"]["val"] == 1
     assert meta["splits"]["train"]["documents"] == 9
     for split in ("train", "val"):
         assert (out / f"{split}.bin").read_bytes() == (again / f"{split}.bin").read_bytes()
@@ -211,10 +211,14 @@ def test_small_data_messages(tmp_path):
     assert "share one split key, so val repeats train" in proc.stderr
     assert read_meta(tmp_path / "b")["splits"]["val"]["documents"] == 1
     src = write_jsonl(tmp_path / "one.jsonl", corpus(1))
-    proc = run_script("data/prepare.py", f"--input={src}", f"--out_dir={tmp_path / 'c'}", f"--block_size={BLOCK}")
-    assert "warning: only 1 usable document: wrote train only" in proc.stderr
-    meta = read_meta(tmp_path / "c")
-    assert meta["splits"]["train"]["documents"] == 1 and meta["splits"]["val"]["documents"] == 0
+    assert split_hash(expected_texts(corpus(1))[0]) < 0.9, "the hash alone would put it in val"
+    for fraction in (0.01, 0.9):
+        out = tmp_path / f"c{fraction}"
+        proc = run_script("data/prepare.py", f"--input={src}", f"--out_dir={out}", f"--block_size={BLOCK}",
+                          f"--val_fraction={fraction}")
+        assert "warning: only 1 usable document: wrote train only" in proc.stderr
+        meta = read_meta(out)
+        assert meta["splits"]["train"]["documents"] == 1 and meta["splits"]["val"]["documents"] == 0
 
 
 def test_one_tokenizer_call_per_batch_encodes_each_text_as_alone(enc):

@@ -124,10 +124,19 @@ def test_six_pairs_get_a_val_split(tmp_path, one_entity):
     assert all(split_hash(entity_of(p["question"])) >= 0.02 for p in ps)
     proc = prepare_sft(tmp_path, write_jsonl(tmp_path / "in.jsonl", ps), True, "--val_fraction=0.02")
     meta = read_meta(tmp_path / "sft")
-    assert meta["splits"]["val"]["pairs"] == meta["val_moved"] == 1
+    assert meta["splits"]["val"]["pairs"] == meta["moved_to"]["val"] == 1
     assert meta["splits"]["train"]["pairs"] == 5
     assert "note: no pairs fell in val" in proc.stderr
     assert ("share one split key" in proc.stderr) == one_entity
+
+
+def test_all_pairs_in_val_leaves_one_for_train(tmp_path):
+    ps = pairs(6)[:6]
+    assert all(split_hash(entity_of(p["question"])) < 0.95 for p in ps)
+    proc = prepare_sft(tmp_path, write_jsonl(tmp_path / "in.jsonl", ps), True, "--val_fraction=0.95")
+    meta = read_meta(tmp_path / "sft")
+    assert meta["splits"]["train"]["pairs"] == meta["moved_to"]["train"] == 1
+    assert meta["splits"]["val"]["pairs"] == 5 and "note: no pairs fell in train" in proc.stderr
 
 
 def test_one_pair_writes_train_only(tmp_path):
