@@ -25,7 +25,7 @@ from tokenizer import get_tokenizer
 # ----------------------------------------------------------------------------- defaults
 input = "data/raw/pretrain.jsonl"
 num_workers = min(8, os.cpu_count() or 1)
-docs_per_task = 256
+docs_per_task = 1024
 # -----------------------------------------------------------------------------
 
 
