@@ -6,7 +6,10 @@ Times, in one run on the same corpus: (a) single-threaded encode_ordinary over e
 cleaned text (read and cleaned before the clock starts), (b) prepare.py's own pool in stream
 mode, as prepare.py runs it: workers read their line ranges, parse the JSON, clean, encode and
 hash each document. Also (c) the machine's own ceiling: N processes each running (a) on a
-slice of the texts against one process doing all slices. Prints JSON lines.
+slice of the texts against one process doing all slices, and (d) the pool's own baseline:
+the same worker code over the same tasks in this one process. (b) against (a) mixes two
+things, the extra work prepare does per document and how well it spreads over the workers;
+(b) against (d) is the second alone, to compare with (c). Prints JSON lines.
 """
 import json
 import os
@@ -22,7 +25,7 @@ from tokenizer import get_tokenizer
 # ----------------------------------------------------------------------------- defaults
 input = "data/raw/pretrain.jsonl"
 num_workers = min(8, os.cpu_count() or 1)
-docs_per_task = 256
+docs_per_task = 1024
 # -----------------------------------------------------------------------------
 
 
@@ -55,18 +58,24 @@ if __name__ == "__main__":
         t_many = time.perf_counter() - t0
     del texts, _texts
 
-    settings = {"mode": "stream", "block_size": 256, "val_fraction": 0.01}
+    settings = {"mode": "stream", "block_size": 256}
+    _init_worker(settings)
+    t0 = time.perf_counter()
+    one = sum(int(res["doc_stats"][:, 0].sum()) for res in map(process_task, tasks([path], Report(), docs_per_task)))
+    t_one_process = time.perf_counter() - t0
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     with Pool(num_workers, _init_worker, (settings,)) as pool:
         pool.map(abs, range(num_workers))  # workers started and tokenizers loaded before timing
         t0 = time.perf_counter()
         work = tasks([path], Report(), docs_per_task)
-        parallel = sum(c["doc_tokens"] for res in bounded_imap(pool, process_task, work, 4 * num_workers)
-                       for c in res["counts"])
+        parallel = sum(int(res["doc_stats"][:, 0].sum())
+                       for res in bounded_imap(pool, process_task, work, 4 * num_workers))
         t_parallel = time.perf_counter() - t0
-    assert parallel == single, f"token counts differ: {parallel} vs {single}"
+    assert parallel == single == one, f"token counts differ: {parallel}, {single}, {one}"
     for name, value, unit in [("encode_ordinary_tokens_per_s", single / t_single, "tokens/s"),
+                              ("prepare_one_process_tokens_per_s", one / t_one_process, "tokens/s"),
                               ("prepare_pool_tokens_per_s", parallel / t_parallel, "tokens/s"),
                               ("prepare_parallel_speedup", t_single / t_parallel, f"x ({num_workers} workers)"),
+                              ("prepare_pool_vs_one_process", t_one_process / t_parallel, f"x ({num_workers} workers)"),
                               ("machine_parallel_ceiling", t_one / t_many, f"x ({num_workers} processes, encode only)")]:
         print(json.dumps({"metric": name, "value": round(value, 3), "unit": unit}))

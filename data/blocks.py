@@ -27,28 +27,36 @@ def token_byte_lengths() -> np.ndarray:
     return np.array([len(enc.decode_single_token_bytes(i)) for i in range(EOT_ID)] + [0, 0], dtype=np.int64)
 
 
-def cut_points(tokens: np.ndarray) -> dict:
-    """Token counts p at which tokens[:p] ends at a sentence end, a clause end, or a character
-    boundary (sorted arrays), for a document's token array."""
-    raw = get_tokenizer().decode_bytes(tokens.tolist())
-    tok_ends = np.cumsum(token_byte_lengths()[tokens])         # byte offset after each token
-    starts_char = np.ones(len(raw) + 1, dtype=bool)            # byte offset -> a character starts
-    starts_char[:-1] = (np.frombuffer(raw, dtype=np.uint8) & 0xC0) != 0x80
-    hard = np.flatnonzero(starts_char[tok_ends]) + 1
-    text = raw.decode("utf-8", errors="replace")
-    char_starts = np.flatnonzero(starts_char)
-    if len(text) + 1 != len(char_starts):  # undecodable bytes: only character boundaries are safe
-        return {"sentence": hard[:0], "clause": hard[:0], "hard": hard}
+class CutPoints:
+    """cuts[kind]: the token counts p (a sorted array) at which tokens[:p] ends at a sentence
+    end ("sentence"), a clause end ("clause") or a character boundary ("hard"), for one
+    document's token array. A kind is found when best_cut first asks for it: most documents
+    have a sentence end in every block and never need the other two."""
 
-    def at(pattern):
-        ends = np.zeros(len(raw) + 1, dtype=bool)
-        ends[char_starts[[m.end() for m in pattern.finditer(text)]]] = True
-        return np.flatnonzero(ends[tok_ends]) + 1
+    def __init__(self, tokens: np.ndarray):
+        self.raw = get_tokenizer().decode_bytes(tokens.tolist())
+        self.tok_ends = np.cumsum(token_byte_lengths()[tokens])      # byte offset after each token
+        self.starts_char = np.ones(len(self.raw) + 1, dtype=bool)     # byte offset -> a character starts
+        self.starts_char[:-1] = (np.frombuffer(self.raw, dtype=np.uint8) & 0xC0) != 0x80
+        self.text = self.raw.decode("utf-8", errors="replace")
+        self.char_starts = np.flatnonzero(self.starts_char)
+        # undecodable bytes: only character boundaries are safe
+        none = np.zeros(0, dtype=np.int64)
+        self.found = {} if len(self.text) + 1 == len(self.char_starts) else {"sentence": none, "clause": none}
 
-    return {"sentence": at(SENTENCE_END), "clause": at(CLAUSE_END), "hard": hard}
+    def __getitem__(self, kind: str) -> np.ndarray:
+        if kind not in self.found:
+            if kind == "hard":
+                self.found[kind] = np.flatnonzero(self.starts_char[self.tok_ends]) + 1
+            else:
+                pattern = SENTENCE_END if kind == "sentence" else CLAUSE_END
+                ends = np.zeros(len(self.raw) + 1, dtype=bool)
+                ends[self.char_starts[[m.end() for m in pattern.finditer(self.text)]]] = True
+                self.found[kind] = np.flatnonzero(ends[self.tok_ends]) + 1
+        return self.found[kind]
 
 
-def best_cut(cuts: dict, start: int, limit: int) -> tuple[int, str]:
+def best_cut(cuts: CutPoints, start: int, limit: int) -> tuple[int, str]:
     """The furthest cut in (start, start + limit]: a sentence end if there is one, else a clause
     end, else a character boundary, else start + limit. Returns (cut, kind)."""
     for kind in ("sentence", "clause", "hard"):
@@ -62,24 +70,24 @@ def best_cut(cuts: dict, start: int, limit: int) -> tuple[int, str]:
 def document_pieces(tokens: np.ndarray, mode: str, block_size: int):
     """Split one document's tokens (uint16) into pieces for a mode.
 
-    Returns (pieces, cut_kinds, dropped): each piece is a uint16 array of at most block_size
-    tokens (any length in stream mode, which has no blocks); the document's last piece ends
-    with EOT. cut_kinds lists how each forced cut was made; dropped counts tokens left out
-    (aligned mode keeps only the first block of a document)."""
-    eot = np.array([EOT_ID], dtype=np.uint16)
+    Returns (pieces, cut_kinds, dropped): each piece is a view of tokens; the document's EOT
+    follows its last piece (the caller appends it: no copy of every document just to add one
+    token). Each piece, the last one with its EOT, is at most block_size tokens (any length in
+    stream mode, which has no blocks). cut_kinds lists how each forced cut was made; dropped counts tokens
+    left out (aligned mode keeps only the first block of a document)."""
     if mode == "stream" or len(tokens) < block_size:
-        return [np.concatenate([tokens, eot])], [], 0
-    cuts = cut_points(tokens)
+        return [tokens], [], 0
+    cuts = CutPoints(tokens)
     if mode == "aligned":
         cut, kind = best_cut(cuts, 0, block_size - 1)
-        return [np.concatenate([tokens[:cut], eot])], [kind], len(tokens) - cut
+        return [tokens[:cut]], [kind], len(tokens) - cut
     pieces, kinds, start = [], [], 0
     while len(tokens) - start >= block_size:  # the last piece needs room for its EOT
         cut, kind = best_cut(cuts, start, min(block_size, len(tokens) - start - 1))
         pieces.append(tokens[start:cut])
         kinds.append(kind)
         start = cut
-    pieces.append(np.concatenate([tokens[start:], eot]))
+    pieces.append(tokens[start:])
     return pieces, kinds, 0
 
 

@@ -10,9 +10,23 @@ data/raw/downloads/ and skips them next time:
 Writes to --out_dir (default data/raw):
   pretrain.jsonl   {"id", "title", "text"} a line, like the course's wiki files; simplified script
                    (opencc t2s); poems with lost characters (□) and duplicate bodies left out
-  sft_train.jsonl  {"question", "answer"} pairs made by template, each true to its source
-  sft_test.jsonl   held-out pairs (a fixed hash picks them; training never sees them)
-  manifest.json    sources, hashes and counts
+  sft_train.jsonl  {"kind", "entity", "question", "answer"} pairs made by template, each true to
+                   its source
+  sft_test.jsonl   held-out pairs: held out by entity, not by question (see split_pairs)
+  manifest.json    sources, hashes, counts and the measured test/train answer overlap (0)
+
+Held-out split. Every pair names its entity, the thing it is about: the idiom (its word) for the
+idiom pairs, the poem ("author《title》") for recite, source and next-line pairs, the poet for
+poet_intro. All pairs of one entity go to the same side, so a test idiom is not taught under
+another template, nor a test next line inside a training recitation. A poet and the poet's
+poems are separate entities: the 90 introductions name 4 of their poets' 333 recited poems and
+quote a line of 4 (measured on the default data; a quoted next line is caught below), while
+one entity for a poet and the poems would put up to 467 pairs of one famous poet on one side.
+Entities whose pairs share an answer (idioms with one explanation) are one group. A test entity
+whose answer a training answer still repeats (identical, contained in it, or, for a next line,
+the same two clauses in a row) moves to train; the overlap of the final split is measured
+again, printed and kept in the manifest, and is 0. Pretraining keeps every idiom and poem: the
+held-out questions measure whether SFT taught the model to answer about things it only read.
 """
 import hashlib
 import io
@@ -37,7 +51,7 @@ sft_test_fraction = 0.01     # per question template, at least sft_test_min of e
 sft_test_min = 5
 # -----------------------------------------------------------------------------
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2  # 2: entity split
 POETRY = {"name": "chinese-poetry@2.0.1", "file": "chinese-poetry-2.0.1.tgz",
           "sha256": "25b549e46919c3a0569db6b68ddc96956b04a484ea4518ad2bbd4f137e307e86",
           "tool": "npm", "how": "npm pack chinese-poetry@2.0.1"}
@@ -48,6 +62,9 @@ SKIP_DIRS = ("strains/", "rank/", "quantangshi/error/", "yudingquantangshi/")
 SKIP_FILES = ("表面结构字.json", "mengxue/tangshisanbaishou.json", "wudaishici/nantang/authors.json",
               "wudaishici/nantang/intro.json", "huajianji-0-preface.json")
 CLAUSE_SPLIT = re.compile(r"[，。！？；、：]")
+# Clauses of any answer for the overlap check: quotes, brackets and white space end a clause too.
+ANY_CLAUSE_SPLIT = re.compile(r"[，。！？；、：,.!?;:\s“”‘’「」『』《》()（）]+")
+NEXT_LINE = re.compile(r"“(.+)”的下一句是“(.+)”。")
 T2S = opencc.OpenCC("t2s")
 
 
@@ -199,8 +216,8 @@ def write_jsonl(path: Path, rows) -> int:
     return n
 
 
-def qa(kind, question, answer):
-    return {"kind": kind, "question": question, "answer": answer}
+def qa(kind, entity, question, answer):
+    return {"kind": kind, "entity": entity, "question": question, "answer": answer}
 
 
 def build(poetry_tgz: Path, idiom_whl: Path, out: Path) -> dict:
@@ -258,6 +275,14 @@ def build(poetry_tgz: Path, idiom_whl: Path, out: Path) -> dict:
     stats["sft_train"] = write_jsonl(out / "sft_train.jsonl", train)
     stats["sft_test"] = write_jsonl(out / "sft_test.jsonl", test)
     stats.update(Counter(f"sft_{p['kind']}" for p in pairs))
+    stats.update(Counter(f"sft_test_{p['kind']}" for p in test))
+    stats["sft_test_entities"] = len({p["entity"] for p in test})
+    overlap = Counter(f"sft_test_overlap_{p['kind']}_{how}" for p, how in answer_overlap(train, test))
+    for kind in sorted({p["kind"] for p in pairs}):
+        for how in ("identical", "contained"):
+            stats[f"sft_test_overlap_{kind}_{how}"] = overlap[f"sft_test_overlap_{kind}_{how}"]
+    print(f"[build] SFT test/train answer overlap (test answers a training answer repeats): "
+          f"{sum(overlap.values())} of {len(test)}", file=sys.stderr)
     return dict(stats)
 
 
@@ -267,13 +292,13 @@ def sft_pairs(poems, idioms, authors) -> list:
     for e in idioms:
         w = e["word"]
         if e["explanation"]:
-            pairs.append(qa("idiom_meaning", f"成语“{w}”是什么意思？", e["explanation"]))
+            pairs.append(qa("idiom_meaning", w, f"成语“{w}”是什么意思？", e["explanation"]))
         if e["derivation"]:
-            pairs.append(qa("idiom_source", f"成语“{w}”出自哪里？", e["derivation"]))
+            pairs.append(qa("idiom_source", w, f"成语“{w}”出自哪里？", e["derivation"]))
         if e["example"]:
-            pairs.append(qa("idiom_example", f"请用成语“{w}”造一个句子。", e["example"]))
+            pairs.append(qa("idiom_example", w, f"请用成语“{w}”造一个句子。", e["example"]))
         if e["pinyin"]:
-            pairs.append(qa("idiom_pinyin", f"成语“{w}”怎么读？", f"“{w}”读作：{e['pinyin']}。"))
+            pairs.append(qa("idiom_pinyin", w, f"成语“{w}”怎么读？", f"“{w}”读作：{e['pinyin']}。"))
 
     famous = [p for p in poems if p[4] and p[1] and p[2]]
     clause_next = {}   # clause of a famous poem -> set of (next clause) over the whole corpus
@@ -296,41 +321,98 @@ def sft_pairs(poems, idioms, authors) -> list:
             line_source[lines[0]].add((dynasty, author, title))
     asked = set()
     for dynasty, title, author, lines, _ in famous:
+        poem = f"{author}《{title}》"
         if (author, title) not in asked and len(bodies[(author, title)]) == 1:
             asked.add((author, title))
-            pairs.append(qa("poem_recite", f"请背诵{author}的《{title}》。", "\n".join(lines)))
+            pairs.append(qa("poem_recite", poem, f"请背诵{author}的《{title}》。", "\n".join(lines)))
         src = line_source[lines[0]]
         if len(src) == 1 and lines[0] not in asked:
             asked.add(lines[0])
-            pairs.append(qa("poem_source", f"“{lines[0]}”出自哪首诗词？",
+            pairs.append(qa("poem_source", poem, f"“{lines[0]}”出自哪首诗词？",
                             f"出自{dynasty}代{author}的《{title}》。"))
         clauses = [c for c in CLAUSE_SPLIT.split("".join(lines)) if c]
         for a, b in zip(clauses, clauses[1:]):
             if len(a) >= 4 and len(clause_next.get(a, ())) == 1 and a not in asked:
                 asked.add(a)
-                pairs.append(qa("poem_next_line", f"“{a}”的下一句是什么？", f"“{a}”的下一句是“{b}”。"))
+                pairs.append(qa("poem_next_line", poem, f"“{a}”的下一句是什么？", f"“{a}”的下一句是“{b}”。"))
         if author not in asked and len(authors.get(author, ())) == 1:
             asked.add(author)
-            pairs.append(qa("poet_intro", f"请介绍一下{dynasty}代的{author}。", next(iter(authors[author]))))
+            pairs.append(qa("poet_intro", author, f"请介绍一下{dynasty}代的{author}。", next(iter(authors[author]))))
     first = {}
     for p in pairs:  # a question asked twice keeps its first answer
         first.setdefault(p["question"], p)
     return list(first.values())
 
 
-def split_pairs(pairs):
-    """Per template, the pairs with the smallest hash of their question go to the test split."""
-    by_kind = defaultdict(list)
+def entity_groups(pairs) -> dict:
+    """entity -> group name: entities whose pairs share an answer form one group (union-find)."""
+    parent = {}
+
+    def root(e):
+        while parent.setdefault(e, e) != e:
+            parent[e] = parent[parent[e]]
+            e = parent[e]
+        return e
+
+    first_with_answer = {}
     for p in pairs:
-        by_kind[p["kind"]].append(p)
-    test_questions = set()
-    for ps in by_kind.values():
-        ranked = sorted(ps, key=lambda p: hashlib.blake2b(p["question"].encode(), digest_size=8).digest())
-        n = max(sft_test_min, round(len(ps) * sft_test_fraction))
-        test_questions.update(p["question"] for p in ranked[:n])
-    train = [p for p in pairs if p["question"] not in test_questions]
-    test = [p for p in pairs if p["question"] in test_questions]
-    return train, test
+        a, b = root(p["entity"]), root(first_with_answer.setdefault(p["answer"], p["entity"]))
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    return {e: root(e) for e in parent}
+
+
+def answer_overlap(train, test) -> list:
+    """(test pair, "identical" | "contained") for every test pair whose answer a training answer
+    repeats: the same text, the text inside a longer answer, or for a next line the same two
+    clauses in a row (a next line inside a training recitation or quotation)."""
+    answers = {p["answer"] for p in train}
+    joined = "\0".join(answers)
+    in_a_row = set()
+    for a in answers:
+        clauses = [c for c in ANY_CLAUSE_SPLIT.split(a) if c]
+        in_a_row.update(zip(clauses, clauses[1:]))
+    found = []
+    for p in test:
+        if p["answer"] in answers:
+            found.append((p, "identical"))
+        elif p["answer"] in joined:
+            found.append((p, "contained"))
+        elif p["kind"] == "poem_next_line" and NEXT_LINE.fullmatch(p["answer"]).groups() in in_a_row:
+            found.append((p, "contained"))
+    return found
+
+
+def split_pairs(pairs):
+    """Held out by entity: groups of entities are ranked by a fixed hash and taken into the test
+    split while some kind they hold has fewer test pairs than its quota (sft_test_fraction of
+    the kind, at least sft_test_min, at most half). A test group that a training answer still
+    repeats (answer_overlap) moves to train for good, and the next groups fill in."""
+    group = entity_groups(pairs)
+    members = defaultdict(list)
+    for p in pairs:
+        members[group[p["entity"]]].append(p)
+    kinds = Counter(p["kind"] for p in pairs)
+    quota = {k: min(n // 2, max(sft_test_min, round(n * sft_test_fraction))) for k, n in kinds.items()}
+    ranked = sorted(members, key=lambda g: hashlib.blake2b(g.encode(), digest_size=8).digest())
+    test_groups, to_train = set(), set()
+    while True:
+        have = Counter(p["kind"] for g in test_groups for p in members[g])
+        for g in ranked:
+            if g in test_groups or g in to_train:
+                continue
+            if any(have[p["kind"]] < quota[p["kind"]] for p in members[g]):
+                test_groups.add(g)
+                have.update(p["kind"] for p in members[g])
+        train = [p for p in pairs if group[p["entity"]] not in test_groups]
+        test = [p for p in pairs if group[p["entity"]] in test_groups]
+        leaks = {group[p["entity"]] for p, _ in answer_overlap(train, test)}
+        if not leaks:
+            return train, test
+        print(f"[build] {len(leaks)} test entities moved to train: a training answer repeats "
+              "their answer", file=sys.stderr)
+        test_groups -= leaks
+        to_train |= leaks
 
 
 if __name__ == "__main__":

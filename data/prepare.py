@@ -17,6 +17,9 @@ Modes (--mode):
 In aligned and packed files every block is block_size tokens; PAD targets are never trained on.
 Validation documents are chosen by a hash of their text (--val_fraction), so the split is
 deterministic, independent of file order and worker count, and duplicates never straddle it.
+Small data: when no document falls in val, the one with the lowest hash goes there (when none
+falls in train, the one with the highest; a note says so), so two or more usable documents
+always give two splits; a single document is written to train only, with a warning.
 """
 import json
 import os
@@ -30,12 +33,16 @@ from pathlib import Path
 import numpy as np
 
 from blocks import MODES, BestFitPacker, document_pieces, pad_block
-from records import (Report, SplitWriter, check_block_args, clean_text, commit_outputs, expand_inputs,
-                     file_format, in_val, line_ranges, read_json_array, read_records, string_field)
-from tokenizer import encode_ordinary_array, get_tokenizer, tokenizer_meta
+from records import (Report, SplitWriter, ValReserve, check_block_args, clean_text, commit_outputs,
+                     expand_inputs, file_format, line_ranges, read_json_array, read_records, split_hash,
+                     string_field)
+from tokenizer import EOT_ID, encode_ordinary_array, get_tokenizer, tokenizer_meta
 
-SPLITS = ("train", "val")  # piece_split 0 and 1
-COUNT_KEYS = ("documents", "doc_tokens", "tokens", "dropped_tokens", "truncated_documents")
+SPLITS = ("train", "val")
+DOC_STATS = ("doc_tokens", "tokens", "dropped_tokens", "truncated_documents")  # doc_stats columns
+COUNT_KEYS = ("documents",) + DOC_STATS
+EOT_ARRAY = np.array([EOT_ID], dtype=np.uint16)
+SEP = "\x0b"   # vertical tab: joins a batch's texts for one tokenizer call (encode_documents)
 
 # ----------------------------------------------------------------------------- defaults
 input = "data/raw/pretrain.jsonl"
@@ -44,7 +51,7 @@ block_size = 256
 mode = "packed"          # lowest held-out loss at equal compute (README, bench.py --only=modes)
 val_fraction = 0.01
 num_workers = min(8, os.cpu_count() or 1)
-docs_per_task = 256      # documents sent to a worker at once
+docs_per_task = 1024     # documents a worker gets at once (the pool costs the parent ~0.3 ms a task)
 max_open_blocks = 256    # packed mode: blocks kept open for best fit (bounds memory)
 # -----------------------------------------------------------------------------
 
@@ -54,42 +61,80 @@ def _init_worker(settings: dict) -> None:
     get_tokenizer()
 
 
+def encode_documents(texts: list) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, lens): each text's encode_ordinary followed by EOT, end to end (uint16), and each
+    text's token count without its EOT. One tokenizer call for the whole batch (a call costs
+    about 2 us on top of the BPE, for every document): the texts are joined by SEP, a white-space
+    character that GPT-2's pre-tokenizer always splits off on its own between two texts that
+    neither start nor end with white space, so no BPE merge crosses a seam and every text gets
+    the tokens it gets alone (tests/test_prepare.py checks it on tricky seams). A batch with a
+    text that holds SEP or starts or ends with white space is encoded text by text."""
+    if not texts:
+        return np.zeros(0, dtype=np.uint16), np.zeros(0, dtype=np.int64)
+    if any(SEP in t or t[:1].isspace() or t[-1:].isspace() for t in texts):
+        arrays = [encode_ordinary_array(t) for t in texts]
+        lens = np.array([len(a) for a in arrays], dtype=np.int64)
+        return np.concatenate([x for a in arrays for x in (a, EOT_ARRAY)]), lens
+    tokens = encode_ordinary_array(SEP.join(texts) + SEP)
+    ends = np.flatnonzero(tokens == get_tokenizer().encode_single_token(SEP))
+    tokens[ends] = EOT_ID
+    return tokens, np.diff(ends, prepend=-1) - 1
+
+
 def process_docs(docs: list) -> dict:
     """Worker: a batch of (where, title, text) -> one compact result, cheap to send back:
-    tokens (every piece of every document, concatenated, uint16), piece_len and piece_split
-    (0 train, 1 val) per piece, per-split counts, forced-cut kinds and problems."""
+    tokens (every piece of every document, each document's last piece followed by EOT, end to
+    end, uint16), piece_len and piece_doc (the document's index) per piece, doc_hash (the split
+    hash of the text) and doc_stats (DOC_STATS) per usable document, forced-cut kinds and
+    problems. A document shorter than a block (and every document in stream mode) is one
+    piece; the longer ones go through document_pieces."""
     s = _worker_settings
-    pieces_all, piece_split = [], []
-    counts = [dict.fromkeys(COUNT_KEYS, 0) for _ in SPLITS]
-    cuts, problems = Counter(), []
+    wheres, texts, problems, cuts = [], [], [], Counter()
     for where, title, text in docs:
         text = clean_text(text, title)
-        if not text:
+        if text:
+            wheres.append(where)
+            texts.append(text)
+        else:
             problems.append(("empty_text", where, "text is empty after cleaning; skipped", 1))
-            continue
-        ids = encode_ordinary_array(text)
-        pieces, kinds, dropped = document_pieces(ids, s["mode"], s["block_size"])
-        split = int(in_val(text, s["val_fraction"]))
-        pieces_all += pieces
-        piece_split += [split] * len(pieces)
-        c = counts[split]
-        c["documents"] += 1
-        c["doc_tokens"] += len(ids)
-        c["tokens"] += len(ids) + 1 - dropped
-        c["dropped_tokens"] += dropped
-        c["truncated_documents"] += dropped > 0
-        if kinds:
-            cuts.update(kinds)
-            forced = Counter(k for k in kinds if k != "sentence")
-            if forced:
-                problems.append(("no_sentence_end", where,
-                                 f"document of {len(ids)} tokens has no sentence end (。！？) within "
-                                 f"block_size={s['block_size']}; cut at " + ", ".join(
-                                     f"{n} {k} boundar{'y' if n == 1 else 'ies'}" for k, n in forced.items()), 1))
-    return {"tokens": np.concatenate(pieces_all) if pieces_all else np.zeros(0, np.uint16),
-            "piece_len": np.array([len(p) for p in pieces_all], dtype=np.int64),
-            "piece_split": np.array(piece_split, dtype=np.int8), "counts": counts, "cuts": cuts,
-            "problems": problems}
+    tokens, lens = encode_documents(texts)
+    starts = np.cumsum(lens + 1) - (lens + 1)
+    dropped = np.zeros(len(texts), dtype=np.int64)
+    chunks, piece_len, piece_doc, done = [], [], [], 0   # documents before done are in chunks
+    long = np.flatnonzero(lens >= s["block_size"]).tolist() if s["mode"] != "stream" else []
+    for d in long:
+        pieces, kinds, dropped[d] = document_pieces(tokens[starts[d]:starts[d] + lens[d]], s["mode"],
+                                                    s["block_size"])
+        chunks += [tokens[starts[done]:starts[d]]] + pieces + [EOT_ARRAY]
+        piece_len += [lens[done:d] + 1, np.array([len(p) for p in pieces[:-1]] + [len(pieces[-1]) + 1])]
+        piece_doc += [np.arange(done, d), np.full(len(pieces), d)]
+        done = d + 1
+        cuts.update(kinds)
+        forced = Counter(k for k in kinds if k != "sentence")
+        if forced:
+            problems.append(("no_sentence_end", wheres[d],
+                             f"document of {lens[d]} tokens has no sentence end (。！？) within "
+                             f"block_size={s['block_size']}; cut at " + ", ".join(
+                                 f"{n} {k} boundar{'y' if n == 1 else 'ies'}" for k, n in forced.items()), 1))
+    if long:
+        chunks.append(tokens[starts[done]:] if done < len(texts) else tokens[:0])
+        tokens = np.concatenate(chunks)
+        piece_len = np.concatenate(piece_len + [lens[done:] + 1])
+        piece_doc = np.concatenate(piece_doc + [np.arange(done, len(texts))])
+    else:
+        piece_len, piece_doc = lens + 1, np.arange(len(texts))
+    doc_stats = np.stack([lens, lens + 1 - dropped, dropped, dropped > 0], axis=1).astype(np.int64)
+    return {"tokens": tokens, "piece_len": piece_len, "piece_doc": piece_doc,
+            "doc_hash": np.array([split_hash(t) for t in texts], dtype=np.float64),
+            "doc_stats": doc_stats.reshape(-1, len(DOC_STATS)), "cuts": cuts, "problems": problems}
+
+
+def document_of(res: dict, d: int):
+    """(tokens, piece lengths, stats) of document d of a worker result (its pieces are adjacent)."""
+    first, last = np.flatnonzero(res["piece_doc"] == d)[[0, -1]]
+    ends = np.cumsum(res["piece_len"])
+    lens = res["piece_len"][first:last + 1]
+    return res["tokens"][ends[last] - lens.sum():ends[last]].copy(), lens, res["doc_stats"][d].tolist()
 
 
 def documents(records, report: Report) -> list:
@@ -165,7 +210,20 @@ if __name__ == "__main__":
     packers = {s: BestFitPacker(block_size, writers[s].write, max_open_blocks) for s in writers}
     cut_kinds = Counter()
     counts = {s: Counter(dict.fromkeys(COUNT_KEYS, 0)) for s in writers}
-    settings = {"mode": mode, "block_size": block_size, "val_fraction": val_fraction}
+    reserve = ValReserve("documents", val_fraction)
+    settings = {"mode": mode, "block_size": block_size}
+
+    def place(split: str, tokens: np.ndarray, lens: np.ndarray) -> None:
+        """Write the pieces (lens) that tokens holds end to end into a split."""
+        if mode == "stream":
+            writers[split].write(tokens)
+            return
+        for end, length in zip(np.cumsum(lens).tolist(), lens.tolist()):
+            if mode == "aligned":
+                writers[split].write(pad_block([tokens[end - length:end]], block_size))
+            else:
+                packers[split].add(tokens[end - length:end])
+
     t0 = last = time.time()
     # Workers ignore Ctrl-C (they inherit SIG_IGN): the parent catches it and stops the pool.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -182,35 +240,35 @@ if __name__ == "__main__":
         for res in results:
             for event in res["problems"]:
                 report.add(*event)
-            for i, split in enumerate(SPLITS):
-                counts[split].update(res["counts"][i])
             cut_kinds.update(res["cuts"])
-            tokens, lens, owners = res["tokens"], res["piece_len"], res["piece_split"]
-            if mode == "stream":
-                owner = np.repeat(owners, lens)
-                for i, split in enumerate(SPLITS):
-                    writers[split].write(tokens[owner == i])
-            else:
-                ends = np.cumsum(lens)
-                for k, (end, length) in enumerate(zip(ends.tolist(), lens.tolist())):
-                    piece, split = tokens[end - length:end], SPLITS[owners[k]]
-                    if mode == "aligned":
-                        writers[split].write(pad_block([piece], block_size))
-                    else:
-                        packers[split].add(piece)
+            hashes = res["doc_hash"]
+            doc_split = (hashes < val_fraction).astype(np.int8)  # 0 train, 1 val, 2 kept back
+            if val_fraction > 0:  # the candidates ValReserve.keep may keep back
+                edge = np.where(doc_split == 1, hashes >= reserve.high, hashes <= reserve.low)
+                for d in np.flatnonzero(edge).tolist():
+                    if reserve.keep(hashes[d], document_of(res, d)):
+                        doc_split[d] = 2
+            piece_split = doc_split[res["piece_doc"]]
+            for i, split in enumerate(SPLITS):
+                rows = res["doc_stats"][doc_split == i]
+                counts[split].update(dict(zip(COUNT_KEYS, [len(rows)] + rows.sum(0).tolist())))
+                chosen = piece_split == i
+                place(split, res["tokens"][np.repeat(chosen, res["piece_len"])], res["piece_len"][chosen])
             if time.time() - last > 5:
                 last = time.time()
                 n = counts["train"]["tokens"] + counts["val"]["tokens"]
                 print(f"  {counts['train']['documents'] + counts['val']['documents']:,} documents, "
                       f"{n:,} tokens, {n / (last - t0):,.0f} tokens/s", file=sys.stderr)
-        for p in packers.values():
-            p.close()
-        n_docs = counts["train"]["documents"] + counts["val"]["documents"]
+        n_docs = counts["train"]["documents"] + counts["val"]["documents"] + len(reserve.items)
         if n_docs == 0:
             sys.exit(f"no usable documents in {len(paths)} file(s); {report.summary()}")
-        if counts["val"]["documents"] == 0 and val_fraction > 0:
-            sys.exit(f"the val split is empty ({n_docs} documents, val_fraction={val_fraction}); "
-                     "add data or raise --val_fraction")
+        to_val, to_train = reserve.settle(counts["train"]["documents"], counts["val"]["documents"])
+        for split, docs in (("val", to_val), ("train", to_train)):
+            for tokens, lens, stats in docs:
+                place(split, tokens, lens)
+                counts[split].update(dict(zip(COUNT_KEYS, [1] + stats)))
+        for p in packers.values():
+            p.close()
         splits = {}
         for s, w in writers.items():
             c = dict(counts[s]) | dict(w.stats)
@@ -219,7 +277,7 @@ if __name__ == "__main__":
             splits[s] = c
         meta = tokenizer_meta() | {
             "kind": "pretrain", "mode": mode, "block_size": block_size,
-            "block_aligned": mode != "stream", "val_fraction": val_fraction,
+            "block_aligned": mode != "stream", "val_fraction": val_fraction, "moved_to": reserve.moved,
             "splits": splits, "cuts": dict(cut_kinds), "problems": dict(report.counts),
             "sources": [str(p) for p in paths],
         }

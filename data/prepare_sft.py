@@ -12,8 +12,16 @@ of {"question", "answer"} objects (the course's format). Each pair becomes one b
 Prompt and answer are tokenized separately, exactly as the sampler tokenizes a question, so
 a question that contains "答：" or "<|endoftext|>" (encoded as plain text) changes nothing.
 Policy for a pair longer than a block: it is dropped, counted and reported (a truncated answer
-would teach the model to stop mid-sentence without EOT). A deterministic hash of the question
-puts --val_fraction of the pairs in val.bin (held-out test pairs belong in their own file).
+would teach the model to stop mid-sentence without EOT).
+Validation split by entity, what a pair is about: a fixed hash of the entity puts about
+--val_fraction of the entities in val.bin, with all their pairs. The entity is the pair's
+"entity" field when it has one (data/fetch_data.py writes the idiom, "author《title》" of a
+poem, the poet), else records.entity_of(question): the first quoted subject of the question
+(“…” or 《…》), else the question itself. So "成语“画蛇添足”是什么意思？" and "请用成语“画蛇添足”
+造一个句子。" are on one side. (Held-out test pairs belong in their own file.) Small data: when
+no entity falls in val, the one with the lowest hash goes there (when none falls in train, the
+one with the highest; a note says so), so two or more usable pairs always give two splits; a
+single pair is written to train only, with a warning.
 Writes out_dir/{train,val}.bin (uint16 tokens), {train,val}_mask.bin (uint8, 1 = this token is a
 trained target) and meta.json.
 """
@@ -24,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from records import (Report, SplitWriter, check_block_args, commit_outputs, expand_inputs, in_val,
-                     read_records, string_field)
+from records import (Report, SplitWriter, ValReserve, check_block_args, commit_outputs, entity_of,
+                     expand_inputs, read_records, split_hash, string_field)
 from tokenizer import EOT_ID, PAD_ID, SFT_TEMPLATE, get_tokenizer, sft_prompt, tokenizer_meta
 
 # ----------------------------------------------------------------------------- defaults
@@ -60,13 +68,22 @@ if __name__ == "__main__":
     out.mkdir(parents=True, exist_ok=True)
     writers = {name: SplitWriter(out / f"{name}.bin") for name in ("train", "val", "train_mask", "val_mask")}
     counts = {s: Counter(pairs=0, tokens=0, answer_tokens=0) for s in ("train", "val")}
+    reserve = ValReserve("pairs", val_fraction)
+
+    def emit(split: str, item) -> None:
+        tok_block, mask_block, n_tokens, n_answer = item
+        writers[split].write(tok_block)
+        writers[f"{split}_mask"].write(mask_block)
+        counts[split].update(pairs=1, tokens=n_tokens, answer_tokens=n_answer)
+
     committed = False
     try:
         for path in paths:
             for where, obj in read_records(path, report):
                 q = string_field(obj, "question", where, report)
                 a = string_field(obj, "answer", where, report) if q is not None else None
-                if q is None or a is None:
+                entity = string_field(obj, "entity", where, report, required=False) if a is not None else None
+                if a is None or (entity is None and obj.get("entity") is not None):
                     continue
                 q = q.replace("\r\n", "\n").strip()
                 a = a.replace("\r\n", "\n").strip()
@@ -79,23 +96,21 @@ if __name__ == "__main__":
                     report.add("too_long", where, f"pair is {len(tokens)} tokens, block_size={block_size}; "
                                "dropped (policy: drop, never truncate an answer)")
                     continue
-                split = "val" if in_val(q, val_fraction) else "train"
                 tok_block = np.full(block_size, PAD_ID, dtype=np.uint16)
                 mask_block = np.zeros(block_size, dtype=np.uint8)
                 tok_block[:len(tokens)] = tokens
                 mask_block[:len(mask)] = mask
-                writers[split].write(tok_block)
-                writers[f"{split}_mask"].write(mask_block)
-                c = counts[split]
-                c["pairs"] += 1
-                c["tokens"] += len(tokens)
-                c["answer_tokens"] += int(mask.sum())
-        n_pairs = counts["train"]["pairs"] + counts["val"]["pairs"]
+                item = (tok_block, mask_block, len(tokens), int(mask.sum()))
+                h = split_hash((entity or "").strip() or entity_of(q))
+                if not reserve.keep(h, item):
+                    emit("val" if h < val_fraction else "train", item)
+        n_pairs = counts["train"]["pairs"] + counts["val"]["pairs"] + len(reserve.items)
         if n_pairs == 0:
             sys.exit(f"no usable question/answer pairs in {len(paths)} file(s); {report.summary()}")
-        if val_fraction > 0 and counts["val"]["pairs"] == 0:
-            sys.exit(f"the val split is empty ({n_pairs} pairs, val_fraction={val_fraction}); "
-                     "add pairs or raise --val_fraction")
+        to_val, to_train = reserve.settle(counts["train"]["pairs"], counts["val"]["pairs"])
+        for split, items in (("val", to_val), ("train", to_train)):
+            for item in items:
+                emit(split, item)
         splits = {}
         for s, c in counts.items():
             file_tokens = writers[s].stats["file_tokens"]
@@ -104,6 +119,7 @@ if __name__ == "__main__":
         meta = tokenizer_meta() | {
             "kind": "sft", "mode": "sft", "block_size": block_size, "block_aligned": True,
             "sft_template": SFT_TEMPLATE, "overflow_policy": "drop", "val_fraction": val_fraction,
+            "moved_to": reserve.moved,
             "splits": splits, "problems": dict(report.counts), "sources": [str(p) for p in paths],
         }
         commit_outputs(out, writers.values(), meta)

@@ -6,7 +6,9 @@
             ...   # where is "file:line", obj a dict; bad lines were reported and skipped
 
 Also the output side shared by the prepare scripts: the hash that picks the validation split,
-and writers that only ever leave complete files behind (temp file, then os.replace).
+the entity of a question (entity_of, what an SFT split holds out), the reserve that keeps small
+data from leaving a split empty, and writers that only ever leave complete files behind (temp
+file, then os.replace).
 
 Accepts JSONL (one object a line) and JSON arrays, a UTF-8 BOM, CRLF line ends. Reports
 (file:line, what was expected) and counts: malformed JSON, a value that is not an object,
@@ -23,6 +25,7 @@ from collections import Counter
 from pathlib import Path
 
 BOM = b"\xef\xbb\xbf"
+_DECODER = json.JSONDecoder()
 
 
 class Report:
@@ -167,7 +170,12 @@ def read_records(path: Path, report: Report, start: int = 0, end: int | None = N
                 continue
             where = f"{path}:{line_no}"
             try:
-                obj = json.loads(raw.decode("utf-8"))
+                text = raw.decode("utf-8")
+                if text.startswith("\ufeff"):
+                    raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+                obj, stop = _DECODER.raw_decode(text)  # json.loads without its per-call wrapping
+                if stop != len(text):
+                    raise json.JSONDecodeError("Extra data", text, len(text) - len(text[stop:].lstrip()))
             except UnicodeDecodeError as e:
                 report.add("invalid_utf8", where, f"invalid UTF-8 at byte {e.start} ({e.reason}); "
                            "line skipped")
@@ -207,22 +215,107 @@ _TRAILING_SPACE = re.compile(r"[ \t\u3000]+\n")
 
 def clean_text(text: str, title: str | None) -> str:
     """Normalise line ends, drop a leading line that repeats the title (wiki style), remove
-    empty brackets left by stripped markup, fold runs of blank lines."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\ufeff", "").replace("\u200b", "")
+    empty brackets left by stripped markup, fold runs of blank lines. (Each step runs only when
+    its characters occur: a quick scan is cheaper than a regex call, for every document.)"""
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if "\ufeff" in text or "\u200b" in text:
+        text = text.replace("\ufeff", "").replace("\u200b", "")
     if title and title.strip():
         first, sep, rest = text.lstrip().partition("\n")
         if sep and first.strip() == title.strip():
             text = rest
-    text = _EMPTY_BRACKETS.sub("", text)
-    text = _TRAILING_SPACE.sub("\n", text)
-    text = _BLANK_RUNS.sub("\n\n", text)
+    if "（" in text or "(" in text or "[" in text or "【" in text:
+        text = _EMPTY_BRACKETS.sub("", text)
+    if "\n" in text:
+        text = _TRAILING_SPACE.sub("\n", text)
+        if "\n\n" in text:  # after the step above, every blank run holds "\n\n"
+            text = _BLANK_RUNS.sub("\n\n", text)
     return text.strip()
+
+
+def split_hash(key: str) -> float:
+    """A fixed pseudo-random number in [0, 1) for a key: it decides the key's split."""
+    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64
 
 
 def in_val(key: str, fraction: float) -> bool:
     """Deterministic split: the fraction of keys whose hash falls below it go to validation."""
-    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2**64 < fraction
+    return split_hash(key) < fraction
+
+
+_SUBJECT = re.compile(r"“([^“”]+)”|《([^《》]+)》")
+
+
+def entity_of(question: str) -> str:
+    """What a question is about, the unit of a held-out split: the first quoted subject of the
+    question (“…” or 《…》) when there is one, else the question itself. "成语“画蛇添足”是什么
+    意思？" and "请用成语“画蛇添足”造一个句子。" are both about 画蛇添足, so they land on one side."""
+    m = _SUBJECT.search(question)
+    subject = (m.group(1) or m.group(2)).strip() if m else ""
+    return subject or question
+
+
+class ValReserve:
+    """Small data must still get both splits. Keeps back, in arrival order, the train items
+    whose split hash is the lowest so far and the val items whose hash is the highest so far
+    (about ln(n) items each, plus copies with the same hash). At the end, if no item is in val,
+    those with the lowest hash of all go there; if none is in train, those with the highest go
+    there; a single item goes to train. So two or more usable items always give two non-empty
+    splits. What is kept depends only on the items' order, not on batch sizes or worker counts."""
+
+    def __init__(self, unit: str, val_fraction: float):
+        self.unit = unit          # "documents", "pairs": for the messages
+        self.val_fraction = val_fraction
+        self.low, self.high = 2.0, -1.0
+        self.items = []           # (hash, item)
+        self.moved = {"val": 0, "train": 0}  # items settle moved out of their own split
+
+    def keep(self, h: float, item) -> bool:
+        """Keep item back; False: write it now to its split (val when h < val_fraction)."""
+        if self.val_fraction == 0:
+            return False
+        if h < self.val_fraction:
+            if h < self.high:
+                return False
+            self.high = h
+        else:
+            if h > self.low:
+                return False
+            self.low = h
+        self.items.append((h, item))
+        return True
+
+    def settle(self, n_train: int, n_val: int) -> tuple[list, list]:
+        """(items for val, items for train), each in arrival order, given the numbers of items
+        already written to each split; prints what it did."""
+        if self.val_fraction == 0:  # no val split asked for: nothing was kept
+            return [], []
+        is_val = [h < self.val_fraction for h, _ in self.items]
+        n_train += is_val.count(False)
+        n_val += is_val.count(True)
+        n_items, move, to = n_train + n_val, set(), ""
+        if n_items == 1:
+            move, to = {i for i, v in enumerate(is_val) if v}, "train"
+            print(f"warning: only 1 usable {self.unit.removesuffix('s')}: wrote train only, the val "
+                  "split is empty (training then picks checkpoints by train loss)", file=sys.stderr)
+        elif n_items and (n_val == 0 or n_train == 0):
+            to, edge = ("val", self.low) if n_val == 0 else ("train", self.high)
+            move = {i for i, (h, _) in enumerate(self.items) if h == edge}
+            same = len(move) == n_items
+            if same:
+                move = {min(move)}
+            print(f"note: no {self.unit} fell in {to} (val_fraction={self.val_fraction}, {n_items} "
+                  f"{self.unit}); moved {len(move)} with the {'lowest' if to == 'val' else 'highest'} "
+                  f"split hash there" + ("; they all share one split key, so val repeats train" if same else ""),
+                  file=sys.stderr)
+        split = [to if i in move else "val" if v else "train" for i, v in enumerate(is_val)]
+        for where, v in zip(split, is_val):
+            if where != ("val" if v else "train"):
+                self.moved[where] += 1
+        return ([item for (_, item), s in zip(self.items, split) if s == "val"],
+                [item for (_, item), s in zip(self.items, split) if s == "train"])
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -69,6 +69,11 @@ def test_build_cleans_and_makes_true_pairs(tmp_path):
     assert "成语“一家老小”出自哪里？" not in qa, "no question without a source"
     assert "“山高水又长”的下一句是什么？" not in qa, "ambiguous: two poems continue it differently"
     assert qa["请介绍一下唐代的李白。"] == "字太白，号青莲居士。"
+    entity = {p["question"]: p["entity"] for p in pairs}
+    assert entity["“床前明月光”的下一句是什么？"] == entity["请背诵李白的《静夜思》。"] == "李白《静夜思》"
+    assert entity["成语“阿鼻地狱”怎么读？"] == "阿鼻地狱" and entity["请介绍一下唐代的李白。"] == "李白"
+    overlap = {k: v for k, v in stats.items() if k.startswith("sft_test_overlap_")}
+    assert "sft_test_overlap_poem_next_line_contained" in overlap and not any(overlap.values())
 
 
 def test_test_split_is_fixed_and_disjoint(tmp_path):
@@ -103,3 +108,44 @@ def test_corrupt_download_is_replaced(tmp_path):
     assert "sha256 mismatch, removed" in proc.stderr
     assert not (downloads / "chinese-poetry-2.0.1.tgz").exists()
     assert proc.returncode != 0 and "npm is not installed" in proc.stderr
+
+
+def held_out_case():
+    """12 famous poems (3 next-line pairs each) and 30 idioms in synonym pairs that share an
+    explanation; one derivation quotes another idiom's, six quote the first line of a poem."""
+    chars = iter(chr(c) for c in range(0x4E00, 0x5000))
+    poems = []
+    for i in range(12):
+        c = ["".join(next(chars) for _ in range(5)) for _ in range(4)]
+        poems.append(("唐", f"诗{i}", f"诗人{i % 3}", [f"{c[0]}，{c[1]}。", f"{c[2]}，{c[3]}。"], True))
+    idioms = [{"word": f"成语{i:02d}", "pinyin": f"pin {i}", "explanation": f"释义{i // 2}。",
+               "derivation": f"出处{i}。", "example": ""} for i in range(30)]
+    idioms[7]["derivation"] = f"见前：{idioms[6]['derivation']}又见他书。"
+    for i in range(6):
+        idioms[10 + i]["derivation"] = f"唐·{poems[i][2]}《{poems[i][1]}》：“{poems[i][3][0]}”"
+    authors = {f"诗人{i}": {f"诗人{i}，唐代人。"} for i in range(3)}
+    return poems, idioms, authors
+
+
+def test_test_split_is_held_out_by_entity(capsys):
+    pairs = fetch_data.sft_pairs(*held_out_case())
+    train, test = fetch_data.split_pairs(pairs)
+    log = capsys.readouterr().err
+    # overlap, measured here independently of fetch_data.answer_overlap
+    leaks = []
+    for p in test:
+        if any(p["answer"] in t["answer"] for t in train):
+            leaks.append(p)
+        elif p["kind"] == "poem_next_line":
+            a, b = p["answer"][1:].split("”的下一句是“")
+            b = b.removesuffix("”。")
+            if any(a + sep + b in t["answer"] for t in train for sep in ("，", "。", "。\n")):
+                leaks.append(p)
+    assert not leaks, f"{len(leaks)} of {len(test)} test answers repeat a training answer: {leaks[:3]}"
+    assert "test entities moved to train" in log, "a poem line that an idiom quotes was caught"
+    assert {p["kind"] for p in test} == {p["kind"] for p in pairs}, "every kind is tested"
+    assert all(p["entity"] for p in pairs)
+    assert not {p["entity"] for p in train} & {p["entity"] for p in test}
+    assert {p["entity"] for p in pairs if p["kind"] == "poem_recite"} == {f"诗人{i % 3}《诗{i}》" for i in range(12)}
+    found = fetch_data.answer_overlap(train + test[:1], test)
+    assert found and found[0] == (test[0], "identical"), "the measure sees an overlap when there is one"

@@ -4,7 +4,7 @@ import pytest
 from conftest import read_bin, read_meta, run_script, write_jsonl
 
 from data.tokenizer import EOT_ID, PAD_ID
-from records import clean_text
+from records import clean_text, split_hash
 
 BLOCK = 64
 
@@ -182,3 +182,55 @@ def test_packer_bounds_open_blocks():
     # 6,6 open two blocks; the third 6 forces the fullest out (6); 3 joins a 6 (9); the first 4
     # fills the other 6 (10, written at once); the last 4 opens a block of its own.
     assert lengths == [4, 6, 9, 10]
+
+
+@pytest.mark.parametrize("mode", ["stream", "aligned", "packed"])
+def test_ten_documents_get_a_val_split(tmp_path, mode, enc):
+    """A first try with a sample file: ten documents, none of which the hash puts in val."""
+    docs = corpus(10)
+    assert all(split_hash(t) >= 0.01 for t in expected_texts(docs))
+    out = prepare(tmp_path, docs, mode, val_fraction=0.01, num_workers=1)
+    (tmp_path / "w").mkdir()
+    again = prepare(tmp_path / "w", docs, mode, val_fraction=0.01, num_workers=2, docs_per_task=3)
+    meta = read_meta(out)
+    assert meta["splits"]["val"]["documents"] == meta["moved_to"]["val"] == 1
+    assert meta["splits"]["train"]["documents"] == 9
+    for split in ("train", "val"):
+        assert (out / f"{split}.bin").read_bytes() == (again / f"{split}.bin").read_bytes()
+    if mode == "stream":
+        got = [enc.decode(r) for s in ("train", "val") for r in segments(read_bin(out / f"{s}.bin"))[0]]
+        assert sorted(got) == sorted(expected_texts(docs))
+
+
+def test_small_data_messages(tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", corpus(10))
+    proc = run_script("data/prepare.py", f"--input={src}", f"--out_dir={tmp_path / 'a'}", f"--block_size={BLOCK}")
+    assert "note: no documents fell in val (val_fraction=0.01, 10 documents); moved 1" in proc.stderr
+    src = write_jsonl(tmp_path / "same.jsonl", corpus(1) * 3)
+    proc = run_script("data/prepare.py", f"--input={src}", f"--out_dir={tmp_path / 'b'}", f"--block_size={BLOCK}")
+    assert "share one split key, so val repeats train" in proc.stderr
+    assert read_meta(tmp_path / "b")["splits"]["val"]["documents"] == 1
+    src = write_jsonl(tmp_path / "one.jsonl", corpus(1))
+    assert split_hash(expected_texts(corpus(1))[0]) < 0.9, "the hash alone would put it in val"
+    for fraction in (0.01, 0.9):
+        out = tmp_path / f"c{fraction}"
+        proc = run_script("data/prepare.py", f"--input={src}", f"--out_dir={out}", f"--block_size={BLOCK}",
+                          f"--val_fraction={fraction}")
+        assert "warning: only 1 usable document: wrote train only" in proc.stderr
+        meta = read_meta(out)
+        assert meta["splits"]["train"]["documents"] == 1 and meta["splits"]["val"]["documents"] == 0
+
+
+def test_one_tokenizer_call_per_batch_encodes_each_text_as_alone(enc):
+    """encode_documents joins a batch for one call; every text must get exactly its own tokens,
+    whatever its first and last characters (letters, digits, punctuation, contractions, CJK,
+    emoji, special-token text), and a text the join could change is encoded alone."""
+    from prepare import encode_documents
+    edges = ["abc", "'s", "123", "。", "!?", "<|endoftext|>", "中文", "😀", "a b", "x\ny", "\u3000\n"]
+    texts = [a + "中" + b for a in edges[:-1] for b in edges[:-1]] + ["12", "34", "'t", "ll"]
+    for batch in (texts, texts + [" leading space"], texts + [edges[-1] + "尾"], texts + ["头" + edges[-1]],
+                  texts + ["sep\x0binside"], texts[:1], []):
+        tokens, lens = encode_documents(batch)
+        want = [enc.encode_ordinary(t) + [EOT_ID] for t in batch]
+        assert tokens.dtype == np.uint16 and tokens.tolist() == [i for w in want for i in w]
+        assert lens.tolist() == [len(w) - 1 for w in want]

@@ -2,8 +2,10 @@
 import json
 
 import numpy as np
+import pytest
 from conftest import read_bin, read_meta, run_script, write_jsonl
 
+from data.records import entity_of, split_hash
 from data.tokenizer import EOT_ID, PAD_ID, sft_prompt
 
 BLOCK = 64
@@ -85,3 +87,60 @@ def test_no_usable_pairs_fails_cleanly(tmp_path):
     proc = prepare_sft(tmp_path, src, False)
     assert proc.returncode != 0 and "no usable question/answer pairs" in proc.stderr
     assert "Traceback" not in proc.stderr and not list((tmp_path / "sft").glob("*.bin"))
+
+
+def test_entity_of():
+    assert entity_of("成语“画蛇添足”是什么意思？") == entity_of("请用成语“画蛇添足”造一个句子。") == "画蛇添足"
+    assert entity_of("请背诵李白的《静夜思》。") == "静夜思"
+    assert entity_of("“床前明月光”出自《静夜思》吗？") == "床前明月光", "the first quoted subject"
+    assert entity_of("天空为什么是蓝的？") == "天空为什么是蓝的？"
+    assert entity_of("“ ”是什么？") == "“ ”是什么？", "an empty subject is no subject"
+
+
+def test_val_split_holds_out_entities(tmp_path, enc):
+    """All pairs about one idiom (quoted in the question) or one poem (its "entity" field) go to one side."""
+    ps = [{"question": q.format(w=f"成语{i}"), "answer": f"答案{i}。"} for i in range(20)
+          for q in ("成语“{w}”是什么意思？", "请用成语“{w}”造一个句子。", "成语“{w}”怎么读？")]
+    ps += [{"question": q.format(i=i), "answer": f"诗{i}。", "entity": f"某人《诗{i}》"} for i in range(10)
+           for q in ("第{i}首诗的作者是谁？", "请背诵第{i}首诗。")]
+    prepare_sft(tmp_path, write_jsonl(tmp_path / "in.jsonl", ps), True, "--val_fraction=0.3")
+    entity = {p["question"]: p.get("entity") or entity_of(p["question"]) for p in ps}
+    sides = {}
+    for split in ("train", "val"):
+        toks = read_bin(tmp_path / "sft" / f"{split}.bin").reshape(-1, BLOCK)
+        for t in toks:
+            question = enc.decode(t[t != PAD_ID].tolist()).split("\n答：")[0].removeprefix("问：")
+            sides.setdefault(entity[question], set()).add(split)
+    assert len(sides) == 30 and {"train"} in sides.values() and {"val"} in sides.values()
+    assert all(len(s) == 1 for s in sides.values()), {e: s for e, s in sides.items() if len(s) > 1}
+
+
+@pytest.mark.parametrize("one_entity", [False, True])
+def test_six_pairs_get_a_val_split(tmp_path, one_entity):
+    """A first try with a sample file: six pairs, none of which the hash puts in val."""
+    ps = pairs(6)[:6]
+    if one_entity:
+        ps = [{"question": f"成语“画蛇添足”的第{i}个问题？", "answer": f"回答{i}。"} for i in range(6)]
+    assert all(split_hash(entity_of(p["question"])) >= 0.02 for p in ps)
+    proc = prepare_sft(tmp_path, write_jsonl(tmp_path / "in.jsonl", ps), True, "--val_fraction=0.02")
+    meta = read_meta(tmp_path / "sft")
+    assert meta["splits"]["val"]["pairs"] == meta["moved_to"]["val"] == 1
+    assert meta["splits"]["train"]["pairs"] == 5
+    assert "note: no pairs fell in val" in proc.stderr
+    assert ("share one split key" in proc.stderr) == one_entity
+
+
+def test_all_pairs_in_val_leaves_one_for_train(tmp_path):
+    ps = pairs(6)[:6]
+    assert all(split_hash(entity_of(p["question"])) < 0.95 for p in ps)
+    proc = prepare_sft(tmp_path, write_jsonl(tmp_path / "in.jsonl", ps), True, "--val_fraction=0.95")
+    meta = read_meta(tmp_path / "sft")
+    assert meta["splits"]["train"]["pairs"] == meta["moved_to"]["train"] == 1
+    assert meta["splits"]["val"]["pairs"] == 5 and "note: no pairs fell in train" in proc.stderr
+
+
+def test_one_pair_writes_train_only(tmp_path):
+    proc = prepare_sft(tmp_path, write_jsonl(tmp_path / "in.jsonl", pairs(1)[:1]), True)
+    meta = read_meta(tmp_path / "sft")
+    assert meta["splits"]["train"]["pairs"] == 1 and meta["splits"]["val"]["pairs"] == 0
+    assert "warning: only 1 usable pair: wrote train only" in proc.stderr
