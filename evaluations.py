@@ -39,8 +39,8 @@ import torch
 from rouge_chinese import Rouge
 from tqdm import tqdm
 
-from data.records import (Report, clean_text, expand_inputs, in_val, read_records, string_field, write_json_atomic,
-                          write_jsonl_atomic)
+from data.records import (Report, clean_text, expand_inputs, in_val, pair_entity, read_records, split_hash,
+                          string_field, write_json_atomic, write_jsonl_atomic)
 from data_utils import batch_at, load_dataset
 from model import inference_dtype, select_device
 from sample import checkpoint_mode, load_checkpoint, stream_reply
@@ -167,7 +167,8 @@ def load_cases(mode: str, source: str, data_meta: dict, report: Report, referenc
                seen: bool = False) -> list:
     """[{"prompt", "reference"}]: held out (the user's file, the SFT test split, or the val
     documents of the checkpoint's sources), or with seen=True what the model was trained on (the
-    records of the checkpoint's sources outside its val split; [] when those files are not here)."""
+    records of the checkpoint's sources outside its val split, chosen by the prepare scripts' own
+    rule: the document's hash, or the pair's entity; [] when those files are not here)."""
     fraction = data_meta.get("val_fraction", 0)
     sources = [ROOT / p for p in data_meta.get("sources", [])]
     if seen:
@@ -192,7 +193,8 @@ def load_cases(mode: str, source: str, data_meta: dict, report: Report, referenc
         for where, obj in read_records(path, report):
             if mode == "chat":
                 q, a = string_field(obj, "question", where, report), string_field(obj, "answer", where, report)
-                if q and a and (not seen or not in_val(q.strip(), fraction)):
+                trained = q and split_hash(pair_entity(obj, q.replace("\r\n", "\n").strip())) >= fraction
+                if q and a and (trained or not seen):
                     cases.append({"prompt": q, "reference": a})
                 continue
             text = string_field(obj, "text", where, report)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from records import (Report, SplitWriter, ValReserve, check_block_args, commit_outputs, entity_of,
+from records import (Report, SplitWriter, ValReserve, check_block_args, commit_outputs, pair_entity,
                      expand_inputs, read_records, split_hash, string_field)
 from tokenizer import EOT_ID, PAD_ID, SFT_TEMPLATE, get_tokenizer, sft_prompt, tokenizer_meta
 
@@ -101,7 +101,7 @@ if __name__ == "__main__":
                 tok_block[:len(tokens)] = tokens
                 mask_block[:len(mask)] = mask
                 item = (tok_block, mask_block, len(tokens), int(mask.sum()))
-                h = split_hash((entity or "").strip() or entity_of(q))
+                h = split_hash(pair_entity(obj, q))
                 if not reserve.keep(h, item):
                     emit("val" if h < val_fraction else "train", item)
         n_pairs = counts["train"]["pairs"] + counts["val"]["pairs"] + len(reserve.items)

@@ -257,6 +257,13 @@ def entity_of(question: str) -> str:
     return subject or question
 
 
+def pair_entity(obj: dict, question: str) -> str:
+    """The entity of a question/answer record: its "entity" field (data/fetch_data.py writes one),
+    else entity_of(question). prepare_sft.py splits by it; evaluations.py finds the trained-on pairs by it."""
+    entity = obj.get("entity")
+    return entity.strip() if isinstance(entity, str) and entity.strip() else entity_of(question)
+
+
 class ValReserve:
     """Small data must still get both splits. Keeps back, in arrival order, the train items
     whose split hash is the lowest so far and the val items whose hash is the highest so far

@@ -10,7 +10,9 @@ from test_prepare import corpus
 
 from data.records import clean_text, in_val
 from data_utils import load_dataset
-from evaluations import distinct_2, is_garbled, is_repetitive, perplexity, repeated_share, rouge, split_document
+from data.records import Report
+from evaluations import (distinct_2, is_garbled, is_repetitive, load_cases, perplexity, repeated_share, rouge,
+                         split_document)
 from model import GPT, GPTConfig
 from visualize import plot_losses
 
@@ -83,6 +85,26 @@ def test_perplexity_matches_a_hand_computation_on_a_known_distribution(prepared,
     assert result["tokens"] == n_even + n_odd > 50 and n_even and n_odd
     assert result["perplexity"] == pytest.approx(expected, rel=1e-4)
     assert math.prod([3 / Z] * n_even + [1 / Z] * n_odd) == 0.0  # the naive product underflows
+
+
+def test_trained_on_questions_are_exactly_the_pairs_in_train_bin(tmp_path, enc):
+    """The seen set of an SFT checkpoint: the questions prepare_sft.py wrote to train.bin (it
+    splits by entity: both questions about one idiom on one side), none of val.bin's."""
+    from conftest import WORDS
+    pairs = [{"question": q.format(w), "answer": f"{w}的{k}。"} for w in WORDS
+             for k, q in (("意思", "成语“{}”是什么意思？"), ("例句", "请用成语“{}”造一个句子。"))]
+    run_script("data/prepare_sft.py", f"--input={write_jsonl(tmp_path / 'sft.jsonl', pairs)}",
+               f"--out_dir={tmp_path / 'sft'}", "--block_size=96", "--val_fraction=0.3")
+    meta = json.loads((tmp_path / "sft" / "meta.json").read_text(encoding="utf-8"))
+
+    def questions(split):
+        blocks = read_bin(tmp_path / "sft" / f"{split}.bin").reshape(-1, meta["block_size"])
+        texts = [enc.decode([t for t in b.tolist() if t < 50256]) for b in blocks]
+        return sorted(t.removeprefix("问：").split("\n答：")[0] for t in texts)
+
+    seen = load_cases("chat", "", meta, Report(), seen=True)
+    assert sorted(c["prompt"] for c in seen) == questions("train")
+    assert questions("val") and not set(questions("val")) & {c["prompt"] for c in seen}
 
 
 def test_rouge_of_identical_disjoint_empty_and_long_texts():
