@@ -73,13 +73,18 @@ def load_dataset(data_dir, split: str) -> Dataset:
     return Dataset(path, mask_path, meta, want)
 
 
-def get_batch(ds: Dataset, batch_size: int, device="cpu", generator: torch.Generator | None = None):
-    """A random batch (x, y, loss_mask), each (B, T) with T = the data's block_size, on device."""
+def batch_starts(ds: Dataset, batch_size: int, generator: torch.Generator | None = None) -> list:
+    """Token offsets of a random batch: whole blocks (aligned data) or windows (stream)."""
     if ds.aligned:
         starts = torch.randint(ds.n_tokens // ds.block_size, (batch_size,), generator=generator) * ds.block_size
     else:
         starts = torch.randint(ds.n_tokens - ds.block_size, (batch_size,), generator=generator)
-    return batch_at(ds, starts.tolist(), device)
+    return starts.tolist()
+
+
+def get_batch(ds: Dataset, batch_size: int, device="cpu", generator: torch.Generator | None = None):
+    """A random batch (x, y, loss_mask), each (B, T) with T = the data's block_size, on device."""
+    return batch_at(ds, batch_starts(ds, batch_size, generator), device)
 
 
 def batch_at(ds: Dataset, starts: list, device="cpu"):

@@ -39,11 +39,12 @@ import torch
 from rouge_chinese import Rouge
 from tqdm import tqdm
 
-from data.records import (Report, clean_text, expand_inputs, in_val, pair_entity, read_records, split_hash,
+from data.records import (Report, clean_text, expand_inputs, pair_entity, read_records, split_hash, split_of,
                           string_field, write_json_atomic, write_jsonl_atomic)
+from data.tokenizer import encode_pair
 from data_utils import batch_at, load_dataset
 from model import inference_dtype, select_device
-from sample import checkpoint_mode, load_checkpoint, stream_reply
+from sample import checkpoint_mode, exit_on_bad_sampling_flags, load_checkpoint, stream_reply
 
 ROOT = Path(__file__).resolve().parent
 
@@ -167,9 +168,9 @@ def load_cases(mode: str, source: str, data_meta: dict, report: Report, referenc
                seen: bool = False) -> list:
     """[{"prompt", "reference"}]: held out (the user's file, the SFT test split, or the val
     documents of the checkpoint's sources), or with seen=True what the model was trained on (the
-    records of the checkpoint's sources outside its val split, chosen by the prepare scripts' own
-    rule: the document's hash, or the pair's entity; [] when those files are not here)."""
-    fraction = data_meta.get("val_fraction", 0)
+    records of the checkpoint's sources that the prepare scripts wrote to train: by their own
+    split rule (the document's hash, or the pair's entity; split_of) and, for pairs, only those
+    that fit a block; [] when those files are not here)."""
     sources = [ROOT / p for p in data_meta.get("sources", [])]
     if seen:
         if not sources or not all(p.exists() for p in sources):
@@ -193,21 +194,31 @@ def load_cases(mode: str, source: str, data_meta: dict, report: Report, referenc
         for where, obj in read_records(path, report):
             if mode == "chat":
                 q, a = string_field(obj, "question", where, report), string_field(obj, "answer", where, report)
-                trained = q and split_hash(pair_entity(obj, q.replace("\r\n", "\n").strip())) >= fraction
-                if q and a and (trained or not seen):
+                if q and a and (not seen or trained_pair(obj, q, a, data_meta)):
                     cases.append({"prompt": q, "reference": a})
                 continue
             text = string_field(obj, "text", where, report)
             if text is None:
                 continue
             text = clean_text(text, obj.get("title") if isinstance(obj.get("title"), str) else None)
-            if (not in_val(text, fraction)) if seen else (source or in_val(text, fraction)):
+            split = split_of(split_hash(text), data_meta)
+            if split == "train" if seen else (source or split == "val"):
                 prompt, rest = split_document(text)
                 if rest:
                     cases.append({"prompt": prompt, "reference": rest[:reference_chars]})
                 else:
                     report.add("one_sentence", where, "document has no text after its first sentence; skipped")
     return cases
+
+
+def trained_pair(obj: dict, question: str, answer: str, data_meta: dict) -> bool:
+    """Whether prepare_sft.py wrote this pair to train.bin: its entity's split, and it fits a block."""
+    q, a = (s.replace("\r\n", "\n").strip() for s in (question, answer))
+    entity = obj.get("entity")
+    if not (q and a) or not (entity is None or isinstance(entity, str)):
+        return False
+    return (split_of(split_hash(pair_entity(obj, q)), data_meta) == "train"
+            and len(encode_pair(q, a)[0]) <= data_meta["block_size"])
 
 
 def evaluate(model, ckpt: dict, mode: str, cases: list, settings: dict, label: str = "") -> tuple[list, dict]:
@@ -265,8 +276,9 @@ def print_table(results: dict) -> None:
 if __name__ == "__main__":
     exec(open(ROOT / "configurator.py", encoding="utf-8").read())
     jieba.setLogLevel(logging.WARNING)
-    for key, ok in [("max_samples", max_samples >= 0), ("seen_samples", seen_samples >= -1), ("max_new_tokens", max_new_tokens >= 1),
-                    ("temperature", temperature >= 0), ("ppl_max_blocks", ppl_max_blocks >= 0),
+    exit_on_bad_sampling_flags(config)  # sample.py's table of ranges
+    for key, ok in [("max_samples", max_samples >= 0), ("seen_samples", seen_samples >= -1),
+                    ("ppl_max_blocks", ppl_max_blocks >= 0),
                     ("batch_size", batch_size >= 1), ("rouge_max_words", rouge_max_words >= 1)]:
         if not ok:
             sys.exit(f"--{key}={config[key]}: out of range (see --help)")

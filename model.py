@@ -223,10 +223,14 @@ class GPT(nn.Module):
         fused = device_type == "cuda"
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
-    def flops_per_token(self) -> float:
-        """Training FLOPs per token (PaLM appendix B): 6N + 12 L H Q T."""
+    def flops(self, positions: int, counted: int) -> float:
+        """Training FLOPs (PaLM appendix B: 6 per weight per token, + 12 L H Q T for attention) of
+        `positions` positions of which `counted` reach the output layer: forward(return_logits=False)
+        skips the vocabulary projection of the others (on SFT data, most positions)."""
         c = self.config
-        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
+        head = c.vocab_size * c.n_embd  # lm_head, tied with wte
+        body = 6 * (self.num_params(non_embedding=True) - head) + 12 * c.n_layer * c.n_embd * c.block_size
+        return body * positions + 6 * head * counted
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
@@ -276,13 +280,14 @@ class GPT(nn.Module):
             else:
                 # candidates: the top_k logits (already sorted), else the whole sorted vocabulary;
                 # top_p on the sorted candidates keeps the first whose cumulative mass passes top_p
-                # (top_p 0: the first alone). Shifted so the best is 0 before dividing, in float64: a
-                # tiny temperature then sends the others to -inf, never the best to inf or nan
+                # (top_p 0: the first alone). Shifted so the best is 0 before dividing (float32: MPS
+                # has no float64) by at least 1e-6: a tiny temperature sends the others to -inf,
+                # never the best to inf or nan; below 1e-6 sampling is greedy in effect
                 if top_k:
                     cand, order = torch.topk(logits, min(top_k, logits.size(-1)))  # (1, k)
                 else:
                     cand, order = torch.sort(logits, descending=True)
-                cand = (cand - cand[:, :1]).double() / temperature
+                cand = (cand - cand[:, :1]) / max(temperature, 1e-6)
                 if top_p is not None and top_p < 1:
                     probs = torch.softmax(cand, dim=-1)
                     cand = cand.masked_fill(probs.cumsum(dim=-1) - probs > top_p, -float("inf"))

@@ -151,7 +151,7 @@ class ModelStore:
                 return self.clients[url]
         # connecting can take a while: not under the lock
         client = Client(url, verbose=False, download_files=False, analytics_enabled=False,
-                        httpx_kwargs={"timeout": httpx.Timeout(self.timeout)})
+                        httpx_kwargs={"timeout": httpx.Timeout(self.timeout, connect=min(5.0, self.timeout))})
         with self.clients_lock:
             kept = self.clients.setdefault(url, client)  # another request may have connected meanwhile
             self.clients.move_to_end(url)

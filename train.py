@@ -32,7 +32,7 @@ from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data.tokenizer import MODEL_VOCAB_SIZE
-from data_utils import get_batch, load_dataset
+from data_utils import batch_at, batch_starts, get_batch, load_dataset
 from model import GPT, GPTConfig, autocast_context, select_device
 from sample import load_checkpoint
 
@@ -232,9 +232,8 @@ if __name__ == "__main__":
     def train_batch():
         """This process's slice of the next global micro-batch (world * batch_size blocks from the
         shared generator): the data seen does not depend on the number of processes."""
-        x, y, m = get_batch(train_ds, world * batch_size, device, batch_gen)
-        s = slice(rank * batch_size, (rank + 1) * batch_size)
-        return x[s], y[s], m[s]
+        starts = batch_starts(train_ds, world * batch_size, batch_gen)
+        return batch_at(train_ds, starts[rank * batch_size:(rank + 1) * batch_size], device)
 
     def save_checkpoint(best: bool):
         """ckpt_last.pt, and ckpt.pt too when best or when there is no best yet (a hard link to the
@@ -331,18 +330,19 @@ if __name__ == "__main__":
             count = sum(m.sum() for _, _, m in batches).float()
             if ddp:
                 torch.distributed.all_reduce(count)
-            sums = torch.zeros(2, device=device)  # [nll, micro-batches with a non-finite loss]
+            # [nll, micro-batches with a non-finite loss, processes told to stop (SIGTERM)]
+            sums = torch.tensor([0.0, 0.0, float(bool(interrupted))], device=device)
             for micro, (x, y, m) in enumerate(batches):
                 if ddp:
                     model.require_backward_grad_sync = micro == gradient_accumulation_steps - 1
                 with ctx:
                     _, nll = model(x, y, m, return_logits=False, reduction="sum")
-                sums += torch.stack([nll.detach(), (~torch.isfinite(nll)).float()])
+                sums[:2] += torch.stack([nll.detach(), (~torch.isfinite(nll)).float()])
                 # DDP averages the processes' gradients; * world turns that into their sum
                 scaler.scale(nll * world / count.clamp(min=1)).backward()
-            if ddp:  # every process learns of a bad micro-batch anywhere, so all stop together
+            if ddp:  # every process learns of a bad micro-batch or a SIGTERM anywhere: all stop together
                 torch.distributed.all_reduce(sums)
-            nll_sum, bad = sums.tolist()
+            nll_sum, bad, stop = sums.tolist()
             if bad:
                 fail(f"train loss is not finite at iter {iter_num} (in {bad:.0f} of "
                      f"{gradient_accumulation_steps * world} micro-batches); stopped before the update. "
@@ -360,9 +360,10 @@ if __name__ == "__main__":
                 lossf = nll_sum / max(1.0, count.item())
                 dt = (time.time() - t_log - eval_seconds) / done_iters
                 tps = counted / (dt * done_iters)  # targets the loss counts
-                pps = positions_per_iter / dt  # every position computed: the work MFU measures
+                pps = positions_per_iter / dt  # every position the transformer computed
                 uncounted = 1 - counted / (positions_per_iter * done_iters)  # padding (+ SFT prompts)
-                mfu = raw_model.flops_per_token() * pps / peak if peak else None
+                flops = raw_model.flops(positions_per_iter * done_iters, counted)  # the output layer: counted only
+                mfu = flops / (dt * done_iters) / peak if peak else None
                 eta = (max_iters - iter_num) * dt
                 print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
                       f"{tps:,.0f} tokens/s, mfu {f'{mfu:.1%}' if mfu is not None else 'n/a'}, "
@@ -371,7 +372,7 @@ if __name__ == "__main__":
                      "tokens_per_s": tps, "positions_per_s": pps, "mfu": mfu, "uncounted_share": uncounted,
                      "time": time.time() - t_start})
                 t_log, eval_seconds, done_iters, counted = time.time(), 0.0, 0, 0.0
-            if interrupted:
+            if stop:
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
         if master:

@@ -278,6 +278,7 @@ if __name__ == "__main__":
         meta = tokenizer_meta() | {
             "kind": "pretrain", "mode": mode, "block_size": block_size,
             "block_aligned": mode != "stream", "val_fraction": val_fraction, "moved_to": reserve.moved,
+            "moved_hashes": reserve.moved_hashes,
             "splits": splits, "cuts": dict(cut_kinds), "problems": dict(report.counts),
             "sources": [str(p) for p in paths],
         }

@@ -34,7 +34,7 @@ import numpy as np
 
 from records import (Report, SplitWriter, ValReserve, check_block_args, commit_outputs, pair_entity,
                      expand_inputs, read_records, split_hash, string_field)
-from tokenizer import EOT_ID, PAD_ID, SFT_TEMPLATE, get_tokenizer, sft_prompt, tokenizer_meta
+from tokenizer import PAD_ID, SFT_TEMPLATE, encode_pair, tokenizer_meta
 
 # ----------------------------------------------------------------------------- defaults
 input = "data/raw/sft_train.jsonl"
@@ -44,21 +44,10 @@ val_fraction = 0.02
 # -----------------------------------------------------------------------------
 
 
-def encode_pair(enc, question: str, answer: str) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens, mask) of one pair, unpadded; mask marks the answer tokens and the final EOT."""
-    prompt = enc.encode_ordinary(sft_prompt(question))
-    reply = enc.encode_ordinary(answer) + [EOT_ID]
-    tokens = np.array(prompt + reply, dtype=np.uint16)
-    mask = np.zeros(len(tokens), dtype=np.uint8)
-    mask[len(prompt):] = 1
-    return tokens, mask
-
-
 if __name__ == "__main__":
     exec(open(Path(__file__).resolve().parents[1] / "configurator.py", encoding="utf-8").read())
     check_block_args(block_size, val_fraction)
     print(json.dumps(config, ensure_ascii=False))
-    enc = get_tokenizer()
     report = Report()
     paths = expand_inputs(input, report)
     if not paths:
@@ -91,7 +80,7 @@ if __name__ == "__main__":
                     report.add("empty_question" if not q else "empty_answer", where,
                                f"{'question' if not q else 'answer'} is empty; pair skipped")
                     continue
-                tokens, mask = encode_pair(enc, q, a)
+                tokens, mask = encode_pair(q, a)
                 if len(tokens) > block_size:
                     report.add("too_long", where, f"pair is {len(tokens)} tokens, block_size={block_size}; "
                                "dropped (policy: drop, never truncate an answer)")
@@ -119,7 +108,7 @@ if __name__ == "__main__":
         meta = tokenizer_meta() | {
             "kind": "sft", "mode": "sft", "block_size": block_size, "block_aligned": True,
             "sft_template": SFT_TEMPLATE, "overflow_policy": "drop", "val_fraction": val_fraction,
-            "moved_to": reserve.moved,
+            "moved_to": reserve.moved, "moved_hashes": reserve.moved_hashes,
             "splits": splits, "problems": dict(report.counts), "sources": [str(p) for p in paths],
         }
         commit_outputs(out, writers.values(), meta)

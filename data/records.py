@@ -245,15 +245,15 @@ def in_val(key: str, fraction: float) -> bool:
     return split_hash(key) < fraction
 
 
-_SUBJECT = re.compile(r"“([^“”]+)”|《([^《》]+)》")
+_SUBJECT = re.compile(r"“([^“”]+)”|《([^《》]+)》|「([^「」]+)」|\"([^\"]+)\"")
 
 
 def entity_of(question: str) -> str:
     """What a question is about, the unit of a held-out split: the first quoted subject of the
-    question (“…” or 《…》) when there is one, else the question itself. "成语“画蛇添足”是什么
+    question (“…”, 《…》, 「…」 or "…") when there is one, else the question itself. "成语“画蛇添足”是什么
     意思？" and "请用成语“画蛇添足”造一个句子。" are both about 画蛇添足, so they land on one side."""
     m = _SUBJECT.search(question)
-    subject = (m.group(1) or m.group(2)).strip() if m else ""
+    subject = next(g for g in m.groups() if g is not None).strip() if m else ""
     return subject or question
 
 
@@ -262,6 +262,16 @@ def pair_entity(obj: dict, question: str) -> str:
     else entity_of(question). prepare_sft.py splits by it; evaluations.py finds the trained-on pairs by it."""
     entity = obj.get("entity")
     return entity.strip() if isinstance(entity, str) and entity.strip() else entity_of(question)
+
+
+def split_of(h: float, meta: dict) -> str:
+    """"val" or "train": where a prepare script put the item with split hash h, by its meta.json
+    (val_fraction, and the hashes ValReserve moved to the other split for small data)."""
+    moved = meta.get("moved_hashes", {})
+    for split in ("val", "train"):
+        if h in moved.get(split, ()):
+            return split
+    return "val" if h < meta.get("val_fraction", 0) else "train"
 
 
 class ValReserve:
@@ -278,6 +288,7 @@ class ValReserve:
         self.low, self.high = 2.0, -1.0
         self.items = []           # (hash, item)
         self.moved = {"val": 0, "train": 0}  # items settle moved out of their own split
+        self.moved_hashes = {"val": [], "train": []}  # their split hashes, for split_of
 
     def keep(self, h: float, item) -> bool:
         """Keep item back; False: write it now to its split (val when h < val_fraction)."""
@@ -318,9 +329,10 @@ class ValReserve:
                   f"split hash there" + ("; they all share one split key, so val repeats train" if same else ""),
                   file=sys.stderr)
         split = [to if i in move else "val" if v else "train" for i, v in enumerate(is_val)]
-        for where, v in zip(split, is_val):
+        for (h, _), where, v in zip(self.items, split, is_val):
             if where != ("val" if v else "train"):
                 self.moved[where] += 1
+                self.moved_hashes[where].append(h)
         return ([item for (_, item), s in zip(self.items, split) if s == "val"],
                 [item for (_, item), s in zip(self.items, split) if s == "train"])
 

@@ -72,6 +72,19 @@ def sft_prompt(question: str) -> str:
     return SFT_TEMPLATE.format(question=question)
 
 
+def encode_pair(question: str, answer: str) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, mask) of one SFT pair as prepare_sft.py writes it, unpadded: the prompt and the
+    answer tokenized separately (as the sampler tokenizes a question), then EOT; mask marks the
+    answer tokens and the final EOT."""
+    enc = get_tokenizer()
+    prompt = enc.encode_ordinary(sft_prompt(question))
+    reply = enc.encode_ordinary(answer) + [EOT_ID]
+    tokens = np.array(prompt + reply, dtype=np.uint16)
+    mask = np.zeros(len(tokens), dtype=np.uint8)
+    mask[len(prompt):] = 1
+    return tokens, mask
+
+
 def tokenizer_meta() -> dict:
     """What a .bin's meta.json records about the tokenizer, checked by every reader."""
     return {"tokenizer": TOKENIZER_NAME, "vocab_size": VOCAB_SIZE, "eot_id": EOT_ID,

@@ -217,6 +217,10 @@ def test_evaluations_bad_input_messages(sft_model, tmp_path):
     assert proc.returncode != 0 and "no checkpoint here" in proc.stderr
     proc = run_script("evaluations.py", f"--out_dir={sft_model}", "--max_samples=-1", check=False)
     assert proc.returncode != 0 and "--max_samples=-1: out of range" in proc.stderr
+    for arg, words in [("--top_p=-1", "--top_p=-1: expected a number from 0.0 to 1.0"),
+                       ("--top_k=-1", "--top_k=-1: expected a whole number from 0 to")]:
+        proc = run_script("evaluations.py", f"--out_dir={sft_model}", arg, check=False)
+        assert proc.returncode == 1 and words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
 def test_loss_plots_from_synthetic_metrics(tmp_path, capsys, monkeypatch):
@@ -251,3 +255,29 @@ def test_visualize_command_line(tmp_path):
     assert proc.returncode != 0 and "no metrics.jsonl" in proc.stderr
     proc = run_script("visualize.py", f"--out_dir={run}", "--report=True", check=False)
     assert proc.returncode != 0 and "ckpt.pt not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_small_data_held_out_and_trained_on_documents_follow_the_moved_split(tmp_path):
+    """Ten documents, none of which the hash puts in val: prepare.py moves one there (meta.json
+    records it), and evaluations.py finds that one as held out and the other nine as trained on."""
+    docs = corpus(10)
+    src = write_jsonl(tmp_path / "docs.jsonl", docs)
+    run_script("data/prepare.py", f"--input={src}", f"--out_dir={tmp_path / 'pre'}", "--block_size=32")
+    meta = json.loads((tmp_path / "pre" / "meta.json").read_text(encoding="utf-8"))
+    assert meta["moved_to"]["val"] == 1
+    texts = [clean_text(d["text"], d["title"]) for d in docs]
+    held = load_cases("generate", "", meta, Report(), seen=False)
+    seen = load_cases("generate", "", meta, Report(), seen=True)
+    with_rest = [t for t in texts if split_document(t)[1]]
+    assert len(held) == 1 and len(held) + len(seen) == len(with_rest)
+    assert not {c["prompt"] for c in held} & {c["prompt"] for c in seen}
+
+
+def test_trained_on_pairs_leave_out_those_too_long_for_a_block(tmp_path):
+    pairs = [{"question": f"第{i}个问题？", "answer": "短。" if i % 2 else "很长的回答。" * 30} for i in range(8)]
+    run_script("data/prepare_sft.py", f"--input={write_jsonl(tmp_path / 'sft.jsonl', pairs)}",
+               f"--out_dir={tmp_path / 'sft'}", "--block_size=48", "--val_fraction=0")
+    meta = json.loads((tmp_path / "sft" / "meta.json").read_text(encoding="utf-8"))
+    assert meta["problems"] == {"too_long": 4}
+    seen = load_cases("chat", "", meta, Report(), seen=True)
+    assert sorted(c["prompt"] for c in seen) == [p["question"] for p in pairs if p["answer"] == "短。"]

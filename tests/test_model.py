@@ -235,6 +235,7 @@ def test_long_prompts_are_cut_to_fit_keeping_the_template_and_room_for_the_answe
     history = (("问题一" * 5, "回答一" * 5), ("问题二", "回答二"))
     fit = fit_prompt(ckpt, "你好", "chat", 64, 16, history)
     assert fit.history == history[1:] and not fit.shortened  # the oldest exchange goes first
+    assert fit_prompt(ckpt, "你好", "generate", 64, 16, history).history == ()  # a continuation has no exchanges
 
 
 def test_chat_mode_without_a_question_template_is_refused(monkeypatch):
@@ -262,3 +263,14 @@ def test_sample_cli_names_bad_settings_refuses_chat_without_a_template_and_says_
                       "--temperature=0", "--top_p=0")
     assert ("[input shortened to fit the model's 32-token context with 3 tokens for the answer: kept the last"
             in proc.stderr)
+
+
+def test_flops_count_the_output_layer_only_where_the_loss_counts():
+    """forward(return_logits=False) projects only counted positions onto the vocabulary, so MFU
+    counts the output layer (6 FLOPs per weight per token) for those alone."""
+    model = tiny()
+    c = model.config
+    head = c.vocab_size * c.n_embd
+    per_position = 6 * model.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * c.block_size
+    assert model.flops(100, 100) == 100 * per_position  # every position counted: PaLM's 6N + attention
+    assert model.flops(100, 30) == 100 * per_position - 70 * 6 * head

@@ -95,6 +95,8 @@ def test_entity_of():
     assert entity_of("“床前明月光”出自《静夜思》吗？") == "床前明月光", "the first quoted subject"
     assert entity_of("天空为什么是蓝的？") == "天空为什么是蓝的？"
     assert entity_of("“ ”是什么？") == "“ ”是什么？", "an empty subject is no subject"
+    # what students type on a keyboard without Chinese quotes, and corner brackets
+    assert entity_of('成语"画蛇添足"是什么意思？') == entity_of("成语「画蛇添足」是什么意思？") == "画蛇添足"
 
 
 def test_val_split_holds_out_entities(tmp_path, enc):
