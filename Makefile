@@ -41,7 +41,7 @@ demo: setup fonts
 	$(PY) sample.py --out_dir=out-cpu --start="《春日》" --max_new_tokens=80 --num_samples=2
 	$(PY) sample.py --out_dir=out-cpu-sft --start=FILE:config/demo_questions.txt --max_new_tokens=80
 	$(PY) evaluations.py --out_dir=out-cpu --max_samples=100 --seen_samples=50 --max_new_tokens=64 --report=True
-	$(PY) evaluations.py --out_dir=out-cpu-sft --max_samples=200 --seen_samples=100 --report=True
+	$(PY) evaluations.py --out_dir=out-cpu-sft --max_samples=200 --seen_samples=50 --report=True
 	$(PY) visualize.py --out_dir=out-cpu,out-cpu-sft
 	@echo
 	@echo "完成。评测报告：out-cpu-sft/report.md、out-cpu/report.md（图：loss.png、eval.png，两次训练对比：out-cpu/loss_runs.png）"

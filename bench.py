@@ -118,7 +118,7 @@ def bench_prepare() -> None:
     print(result.stdout, end="", flush=True)
 
 
-def plain_loop_tokens_per_s(model, steps: int, batch: int, block: int) -> float:
+def plain_loop_positions_per_s(model, steps: int, batch: int, block: int) -> float:
     """nanoGPT's inner loop: random batch, forward, backward, clip, AdamW step."""
     import torch
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95))
@@ -150,12 +150,12 @@ def bench_train() -> None:
     logged = [r for r in records if r["split"] == "train"][1:]  # the first interval warms up
     ours, counted = (sum(r[k] for r in logged) / len(logged) for k in ("positions_per_s", "tokens_per_s"))
     torch.manual_seed(0)
-    plain = plain_loop_tokens_per_s(GPT(GPTConfig(block_size=block)), steps, batch, block)
-    compiled = plain_loop_tokens_per_s(torch.compile(GPT(GPTConfig(block_size=block))), steps, batch, block)
+    plain = plain_loop_positions_per_s(GPT(GPTConfig(block_size=block)), steps, batch, block)
+    compiled = plain_loop_positions_per_s(torch.compile(GPT(GPTConfig(block_size=block))), steps, batch, block)
     metric("train_positions_per_s", ours, "positions/s (train.py, 45M, 8x256, fp32, CPU: every position computed)")
     metric("train_tokens_per_s", counted, "tokens/s (the same run: targets whose loss counts, padding excluded)")
-    metric("train_plain_loop_tokens_per_s", plain, "positions/s (nanoGPT-style loop, same model, no padding)")
-    metric("train_compiled_loop_tokens_per_s", compiled, "positions/s (same loop, torch.compile)")
+    metric("train_plain_loop_positions_per_s", plain, "positions/s (nanoGPT-style loop, same model, no padding)")
+    metric("train_compiled_loop_positions_per_s", compiled, "positions/s (same loop, torch.compile)")
     metric("train_vs_plain_loop", ours / plain, "x (positions/s)")
 
 

@@ -16,13 +16,14 @@ counted tokens of ppl_split (masked positions excluded) divided once by their nu
 Checks on every answer: empty; garbled ("\ufffd", control or unassigned characters); repetitive
 (the same 2-20 characters three times in a row, one character five times, or spans of 5+
 characters copied from earlier in the answer making up a third of it); truncated (no EOT within
-max_new_tokens; SFT only: a continuation has no end to reach, so its rate is n/a). Rouge of an empty answer, or of a text over rouge_max_words words, is 0
-with a flag instead of an error (rouge-chinese refuses the one and is very slow on the other).
+max_new_tokens; SFT only: a continuation has no end to reach, so its rate is n/a). Rouge of an
+empty answer, or of a text over rouge_max_words words, is 0 with a flag instead of an error
+(rouge-chinese refuses the one and is very slow on the other).
 Beside the held-out scores, the same number of questions (documents) the model was trained on
 are answered and scored alike (--seen_samples): memorisation and generalisation are different
 claims. Writes out_dir/eval.json (held-out figures at the top level, trained-on ones under
-"seen") and out_dir/eval_samples.jsonl (each with "set": held_out or seen) and prints a table; with --report also
-out_dir/loss.png, out_dir/eval.png (visualize.py) and out_dir/report.md.
+"seen") and out_dir/eval_samples.jsonl (each with "set": held_out or seen) and prints a table;
+with --report also out_dir/loss.png, out_dir/eval.png (visualize.py) and out_dir/report.md.
 """
 import logging
 import math
@@ -324,7 +325,8 @@ if __name__ == "__main__":
     samples = [s | {"set": "held_out"} for s in samples]
     results |= summary | {"settings": settings, "skipped_cases": dict(bad.counts), "seen": None}
     if seen_samples:
-        seen = load_cases(mode, "", ckpt["data_meta"], Report(), max_reference_chars, seen=True)
+        quiet = Report(max_shown=0)  # the training files' problems were shown when they were prepared
+        seen = load_cases(mode, "", ckpt["data_meta"], quiet, max_reference_chars, seen=True)
         seen = subset(seen, len(cases) if seen_samples < 0 else seen_samples)
         if seen:
             more, results["seen"] = evaluate(model, ckpt, mode, seen, settings, " (trained on)")

@@ -37,9 +37,9 @@ def train(*args, check=True, **kw):
     return run_script("train.py", *TINY, *args, check=check, **kw)
 
 
-def torchrun(*args, script=ROOT / "train.py", **kw):
+def torchrun(*args, script=ROOT / "train.py", timeout=300, **kw):
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), *TINY, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, **kw)
+                           str(script), *TINY, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, **kw)
 
 
 def patched_train(tmp_path, patch: str):
@@ -207,6 +207,35 @@ def test_ddp_non_finite_loss_in_any_micro_batch_stops_every_process(data, tmp_pa
     assert proc.returncode != 0
     assert proc.stderr.count("train loss is not finite at iter 1 (in 1 of 4 micro-batches)") == 2, proc.stderr[-3000:]
     assert not list((tmp_path / "out").glob("ckpt*")), "nothing saved after a non-finite loss"
+
+
+SIGTERM_ON_RANK_1 = """
+import os
+import signal
+import model
+real, calls = model.GPT.forward, []
+def forward(self, *args, **kwargs):
+    if self.training:
+        calls.append(1)
+        if os.environ["RANK"] == "1" and len(calls) == 3:  # iter 1, first micro-batch, one process only
+            os.kill(os.getpid(), signal.SIGTERM)
+    return real(self, *args, **kwargs)
+model.GPT.forward = forward
+"""
+
+
+def test_ddp_sigterm_to_one_process_stops_every_process_together(data, tmp_path):
+    """A SIGTERM that reaches one process only (a scheduler, a kill by hand): both leave after the
+    same step and save once, instead of one waiting forever in a collective the other never joins."""
+    script, env = patched_train(tmp_path, SIGTERM_ON_RANK_1)
+    try:
+        proc = torchrun(f"--data_dir={data / 'pre'}", f"--out_dir={tmp_path / 'out'}", "--max_iters=50",
+                        "--eval_interval=1000", "--gradient_accumulation_steps=4", script=script, env=env,
+                        timeout=150)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the processes hung after a SIGTERM to one of them")
+    assert "interrupted at iter 2" in proc.stderr, proc.stderr[-3000:]
+    assert torch.load(tmp_path / "out" / "ckpt_last.pt", weights_only=True)["iter_num"] == 2
 
 
 def test_best_stays_in_ckpt_pt_and_resume_continues_from_the_last(data, tmp_path):
