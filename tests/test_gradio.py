@@ -284,7 +284,7 @@ def test_remote_clients_are_bounded_and_timed(monkeypatch):
         store.client(url)
     assert made == ["http://a:1", "http://b:1", "http://c:1"] and closed == ["http://b:1"]
     assert list(store.clients) == ["http://c:1", "http://a:1"]
-    assert store.clients["http://a:1"].kwargs["httpx_kwargs"]["timeout"] == httpx.Timeout(7)
+    assert store.clients["http://a:1"].kwargs["httpx_kwargs"]["timeout"] == httpx.Timeout(7, connect=5.0)
 
 
 def test_a_remote_that_stops_answering_ends_with_a_timeout_message(app, watched):
