@@ -18,8 +18,10 @@ In aligned and packed files every block is block_size tokens; PAD targets are ne
 Validation documents are chosen by a hash of their text (--val_fraction), so the split is
 deterministic, independent of file order and worker count, and duplicates never straddle it.
 Small data: when no document falls in val, the one with the lowest hash goes there (when none
-falls in train, the one with the highest; a note says so), so two or more usable documents
-always give two splits; a single document is written to train only, with a warning.
+falls in train, the one with the highest; a note says so, and meta.json's moved_hashes records
+it for evaluations.py), so two or more usable documents always give two splits (if they are
+all one text, a copy of it then sits on each side: the note says that too); a single document
+is written to train only, with a warning.
 """
 import json
 import os
