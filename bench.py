@@ -43,6 +43,8 @@ from pathlib import Path
 from urllib.error import URLError
 from urllib.request import urlopen
 
+from configurator import configure
+
 ROOT = Path(__file__).resolve().parent
 
 # ----------------------------------------------------------------------------- defaults
@@ -331,7 +333,7 @@ GROUPS = {"prepare": bench_prepare, "train": bench_train, "generate": bench_gene
 DEFAULT = ("prepare", "train", "generate", "ui")
 
 if __name__ == "__main__":
-    exec(open(ROOT / "configurator.py", encoding="utf-8").read())
+    config = configure(globals())
     if only and only not in GROUPS:
         sys.exit(f"--only={only!r}: expected one of {', '.join(GROUPS)}")
     for name, fn in GROUPS.items():

@@ -1,8 +1,8 @@
 """Override a script's config globals from config files and --key=value arguments (nanoGPT style).
 
-A script sets its defaults as plain lowercase globals, then runs
+A script sets its defaults as plain lowercase globals, then, in the same way in every script:
 
-    exec(open(Path(__file__).resolve().parent / "configurator.py", encoding="utf-8").read())
+    config = configure(globals())      # from configurator import configure
 
 and gets them overridden from sys.argv:
 
@@ -10,12 +10,12 @@ and gets them overridden from sys.argv:
 
 A bare argument is a config file (Python that assigns some of the keys); --key=value sets one
 key. Keys must already exist, and a value must keep its default's type (an int may widen to
-a float). Anything else exits with a message naming the key. Afterwards `config` holds the
-final values as a dict, to print and to save in checkpoints. -h/--help lists the keys.
+a float). Anything else exits with a message naming the key. configure returns the final values
+as a dict, to print and to save in checkpoints. -h/--help prints the script's docstring and keys.
 """
-import ast as _ast
-import builtins as _builtins  # scripts may have a config key named compile or input
-import sys as _sys
+import ast
+import builtins  # a script may have a config key named compile or input: builtins.compile is Python's
+import sys
 
 
 def _config_keys(g):
@@ -31,13 +31,13 @@ def _coerce(key, default, value, origin):
         if want is bool and text.lower() in ("true", "false", "1", "0"):
             return text.lower() in ("true", "1")
         try:
-            value = _ast.literal_eval(text)
+            value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
-            _sys.exit(f"{origin}: {key} expects {want.__name__}, got {text!r}")
+            sys.exit(f"{origin}: {key} expects {want.__name__}, got {text!r}")
     if want is float and type(value) is int:
         value = float(value)
     if type(value) is not want:
-        _sys.exit(f"{origin}: {key} expects {want.__name__} (default {default!r}), "
+        sys.exit(f"{origin}: {key} expects {want.__name__} (default {default!r}), "
                   f"got {type(value).__name__} {value!r}")
     return value
 
@@ -49,30 +49,32 @@ def _apply_overrides(g, argv):
             print((g.get("__doc__") or "").strip() + "\n\nconfig keys and defaults:")
             for k in keys:
                 print(f"  --{k}={g[k]!r}")
-            _sys.exit(0)
+            sys.exit(0)
         if not arg.startswith("--"):
             try:
                 with open(arg, encoding="utf-8") as f:
                     source = f.read()
             except OSError as e:
-                _sys.exit(f"config file {arg}: cannot read it ({e.strerror})")
+                sys.exit(f"config file {arg}: cannot read it ({e.strerror})")
             assigned = {"__file__": arg}
-            exec(_builtins.compile(source, arg, "exec"), assigned)
+            exec(builtins.compile(source, arg, "exec"), assigned)
             for k, v in assigned.items():
-                if k.startswith("_") or not k.islower() or callable(v) or isinstance(v, type(_sys)):
+                if k.startswith("_") or not k.islower() or callable(v) or isinstance(v, type(sys)):
                     continue
                 if k not in keys:
-                    _sys.exit(f"config file {arg}: unknown key {k!r}; known keys: {', '.join(keys)}")
+                    sys.exit(f"config file {arg}: unknown key {k!r}; known keys: {', '.join(keys)}")
                 g[k] = _coerce(k, g[k], v, f"config file {arg}")
             print(f"configurator: applied {arg}")
             continue
         key, sep, value = arg[2:].partition("=")
         if not sep:
-            _sys.exit(f"argument {arg!r}: expected --key=value or a config file path")
+            sys.exit(f"argument {arg!r}: expected --key=value or a config file path")
         if key not in keys:
-            _sys.exit(f"argument {arg!r}: unknown key {key!r}; known keys: {', '.join(keys)}")
+            sys.exit(f"argument {arg!r}: unknown key {key!r}; known keys: {', '.join(keys)}")
         g[key] = _coerce(key, g[key], value, f"argument {arg!r}")
     return {k: g[k] for k in keys}
 
 
-config = _apply_overrides(globals(), _sys.argv[1:])
+def configure(g: dict, argv: list | None = None) -> dict:
+    """Apply argv (default sys.argv[1:]) to the script globals g in place; return the config dict."""
+    return _apply_overrides(g, sys.argv[1:] if argv is None else argv)

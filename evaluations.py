@@ -40,6 +40,7 @@ import torch
 from rouge_chinese import Rouge
 from tqdm import tqdm
 
+from configurator import configure
 from data.records import (Report, clean_text, expand_inputs, pair_entity, read_records, split_hash, split_of,
                           string_field, write_json_atomic, write_jsonl_atomic)
 from data.tokenizer import encode_pair
@@ -275,7 +276,7 @@ def print_table(results: dict) -> None:
 
 
 if __name__ == "__main__":
-    exec(open(ROOT / "configurator.py", encoding="utf-8").read())
+    config = configure(globals())
     jieba.setLogLevel(logging.WARNING)
     exit_on_bad_sampling_flags(config)  # sample.py's table of ranges
     for key, ok in [("max_samples", max_samples >= 0), ("seen_samples", seen_samples >= -1),

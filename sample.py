@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from configurator import configure
 from data.records import write_jsonl_atomic
 from data.tokenizer import (EOT_ID, MODEL_VOCAB_SIZE, UTF8_STATES, VOCAB_SIZE, StreamDecoder, get_tokenizer,
                             tokenizer_meta, utf8_scan)
@@ -260,7 +261,7 @@ def reply(model: GPT, ckpt: dict, text: str, mode: str, **kwargs) -> str:
 
 
 if __name__ == "__main__":
-    exec(open(Path(__file__).resolve().parent / "configurator.py", encoding="utf-8").read())
+    config = configure(globals())
     if mode not in ("", "chat", "generate"):
         sys.exit(f"--mode={mode!r}: expected chat or generate")
     exit_on_bad_sampling_flags(config)

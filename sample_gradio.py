@@ -30,6 +30,7 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home: set before gradio loads
 import gradio as gr  # noqa: E402
 
+from configurator import configure  # noqa: E402
 from data.records import Report, read_records, string_field  # noqa: E402
 from model import inference_dtype, select_device  # noqa: E402
 from sample import SAMPLING_LIMITS, checkpoint_mode, utf8_constraint  # noqa: E402
@@ -287,7 +288,7 @@ def build_app(store: ModelStore, votes: VoteBook, examples: list, limit: int = 2
 
 
 if __name__ == "__main__":
-    exec(open(ROOT / "configurator.py", encoding="utf-8").read())
+    config = configure(globals())
     user, _, password = auth.partition(":")
     if auth and not (user and password):
         sys.exit(f"--auth={auth!r}: expected user:password")

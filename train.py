@@ -31,6 +31,7 @@ import torch
 from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from configurator import configure
 from data.tokenizer import MODEL_VOCAB_SIZE
 from data_utils import batch_at, batch_starts, get_batch, load_dataset
 from model import GPT, GPTConfig, autocast_context, select_device
@@ -118,7 +119,7 @@ def remove_stale_temp_files(out: Path):
 
 
 if __name__ == "__main__":
-    exec(open(Path(__file__).resolve().parent / "configurator.py", encoding="utf-8").read())
+    config = configure(globals())
     if init_from not in ("scratch", "resume", "pretrained"):
         fail(f"init_from={init_from!r}: expected scratch, resume or pretrained")
     best_path, last_path = Path(out_dir) / "ckpt.pt", Path(out_dir) / "ckpt_last.pt"

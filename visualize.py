@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from matplotlib import font_manager  # noqa: E402
 
+from configurator import configure  # noqa: E402
 from data.records import Report, read_records, write_text_atomic  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
@@ -222,7 +223,7 @@ def write_report(out: Path) -> Path:
 
 
 if __name__ == "__main__":
-    exec(open(ROOT / "configurator.py", encoding="utf-8").read())
+    config = configure(globals())
     dirs = [ROOT / d for d in out_dir.split(",") if d]
     if not dirs:
         sys.exit("--out_dir: expected one or more run folders, separated by commas")

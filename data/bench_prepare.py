@@ -21,6 +21,7 @@ from pathlib import Path
 from prepare import _init_worker, bounded_imap, clean_text, process_task, tasks
 from records import Report, read_records
 from tokenizer import get_tokenizer
+from configurator import configure
 
 # ----------------------------------------------------------------------------- defaults
 input = "data/raw/pretrain.jsonl"
@@ -39,7 +40,7 @@ def _encode_slice(i: int) -> float:
 
 
 if __name__ == "__main__":
-    exec(open(Path(__file__).resolve().parents[1] / "configurator.py", encoding="utf-8").read())
+    config = configure(globals())
     path = Path(input)
     texts = [clean_text(o["text"], o.get("title")) for _, o in read_records(path, Report())]
     enc = get_tokenizer()

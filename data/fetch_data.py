@@ -42,6 +42,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import opencc
+from configurator import configure
 
 # ----------------------------------------------------------------------------- defaults
 out_dir = "data/raw"
@@ -416,7 +417,7 @@ def split_pairs(pairs):
 
 
 if __name__ == "__main__":
-    exec(open(Path(__file__).resolve().parents[1] / "configurator.py", encoding="utf-8").read())
+    config = configure(globals())
     out = Path(out_dir)
     downloads = out / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)

@@ -39,6 +39,7 @@ from records import (Report, SplitWriter, ValReserve, check_block_args, clean_te
                      expand_inputs, file_format, line_ranges, read_json_array, read_records, split_hash,
                      string_field)
 from tokenizer import EOT_ID, encode_ordinary_array, get_tokenizer, tokenizer_meta
+from configurator import configure
 
 SPLITS = ("train", "val")
 DOC_STATS = ("doc_tokens", "tokens", "dropped_tokens", "truncated_documents")  # doc_stats columns
@@ -193,7 +194,7 @@ def _raise_interrupt(signum, frame):
 
 
 if __name__ == "__main__":
-    exec(open(Path(__file__).resolve().parents[1] / "configurator.py", encoding="utf-8").read())
+    config = configure(globals())
     if mode not in MODES:
         sys.exit(f"--mode={mode!r}: expected one of {', '.join(MODES)}")
     check_block_args(block_size, val_fraction)

@@ -35,6 +35,7 @@ import numpy as np
 from records import (Report, SplitWriter, ValReserve, check_block_args, commit_outputs, pair_entity,
                      expand_inputs, read_records, split_hash, string_field)
 from tokenizer import PAD_ID, SFT_TEMPLATE, encode_pair, tokenizer_meta
+from configurator import configure
 
 # ----------------------------------------------------------------------------- defaults
 input = "data/raw/sft_train.jsonl"
@@ -45,7 +46,7 @@ val_fraction = 0.02
 
 
 if __name__ == "__main__":
-    exec(open(Path(__file__).resolve().parents[1] / "configurator.py", encoding="utf-8").read())
+    config = configure(globals())
     check_block_args(block_size, val_fraction)
     print(json.dumps(config, ensure_ascii=False))
     report = Report()
