@@ -22,9 +22,15 @@ import os
 import re
 import sys
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 BOM = b"\xef\xbb\xbf"
+# The one sentence-end rule: 。！？!? with any closing quotes or brackets, before a letter, a digit,
+# white space or the end (so "3.5" and "?!" inside a sentence do not end it). Packing cuts blocks
+# at it (data/blocks.py), evaluations.py splits answers with it, fetch_data.py cleans with it.
+SENTENCE_END = re.compile(r"[。！？!?][”’」』）)》]*(?=[\w\s]|$)")
 _DECODER = json.JSONDecoder()
 
 
@@ -337,12 +343,27 @@ class ValReserve:
                 [item for (_, item), s in zip(self.items, split) if s == "train"])
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write through a temp file and os.replace: an interruption leaves the old file or none."""
+@contextmanager
+def atomic_path(path) -> Iterator[Path]:
+    """The one way this project writes a file: yield a temp path next to path (same folder, so
+    os.replace is atomic); when the block ends without an error the temp file replaces path,
+    otherwise it is removed. An interruption leaves the old file or none, never half a file.
+
+        with atomic_path(out / "ckpt.pt") as tmp:
+            torch.save(state, tmp)
+    """
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_json_atomic(path: Path, obj) -> None:
