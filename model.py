@@ -33,19 +33,6 @@ def select_device(device: str = "", dtype: str = "") -> tuple[str, str]:
     return device, dtype
 
 
-def inference_dtype(device: str, dtype: str = "") -> str:
-    """The dtype to generate in. dtype "": bfloat16 on CUDA GPUs that support it (else float16),
-    bfloat16 on CPUs with native bf16 dot products (AVX512-BF16 or AMX), where decoding is bound
-    by reading the weights and half the bytes is about twice the speed; float32 elsewhere."""
-    if dtype:
-        return select_device(device, dtype)[1]
-    if device.startswith("cuda"):
-        return select_device(device)[1]
-    if device == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
-        return "bfloat16"
-    return "float32"
-
-
 def autocast_context(device: str, dtype: str):
     """Mixed precision on CUDA; plain float32 elsewhere (CPU autocast is slower here)."""
     if device.startswith("cuda") and dtype != "float32":

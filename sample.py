@@ -1,4 +1,4 @@
-"""Generate from a MiniGLM checkpoint; also the loading and prompting code every later script uses.
+"""Generate from a MiniGLM checkpoint: a small command line over engine.py.
 
     python sample.py --out_dir=out-sft --start="成语“画蛇添足”是什么意思？"
     python sample.py --out_dir=out --start="床前明月光" --num_samples=3 --max_new_tokens=128
@@ -8,280 +8,65 @@
 The mode comes from the checkpoint: a pretrained model continues text ("generate"), an SFT model
 answers questions ("chat") with exactly the template it was trained on; --mode overrides (chat
 needs an SFT checkpoint: a pretrained one has no question template and is refused with a message).
-A prompt longer than the model's context is cut to fit (fit_prompt: the template stays whole, the
-answer keeps its room) and stderr says so. Sampling settings out of SAMPLING_LIMITS are refused.
+A prompt longer than the model's context is cut to fit (engine.fit_prompt: the template stays whole, the
+answer keeps its room) and stderr says so. Sampling settings out of engine.SAMPLING's ranges are refused.
 Tokens stream to the terminal as they come. --save_path writes the results as JSONL.
 The interactive chat (like ChatGLM's cli_demo): type a question, the answer streams; "clear"
 starts over, "stop" or Ctrl-D quits, Ctrl-C cuts an answer short. It is single-turn by default,
 as the SFT data is; --history_turns=N puts the last N exchanges before the question.
 """
-import pickle
 import sys
-import time
-from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 
+from checkpoint import can_chat, mode_of
 from configurator import configure
 from data.records import write_jsonl_atomic
-from data.tokenizer import (EOT_ID, MODEL_VOCAB_SIZE, UTF8_STATES, VOCAB_SIZE, StreamDecoder, get_tokenizer,
-                            tokenizer_meta, utf8_scan)
-from model import GPT, GPTConfig, inference_dtype, select_device
+from engine import SAMPLING_DEFAULTS, exit_on_bad_flags, fit_prompt, load_model, pick_precision, stream_reply
+from model import select_device
 
 # ----------------------------------------------------------------------------- defaults
 out_dir = "out-sft"
 start = ""                  # a prompt, or FILE:path with one prompt a line
 mode = ""                   # "" = from the checkpoint; "chat" (SFT template) or "generate"
 num_samples = 1
-max_new_tokens = 256
-temperature = 0.8
-top_k = 50
-top_p = 0.95
-repetition_penalty = 1.1
+max_new_tokens = SAMPLING_DEFAULTS["max_new_tokens"]  # the sampling defaults: engine.SAMPLING
+temperature = SAMPLING_DEFAULTS["temperature"]
+top_k = SAMPLING_DEFAULTS["top_k"]
+top_p = SAMPLING_DEFAULTS["top_p"]
+repetition_penalty = SAMPLING_DEFAULTS["repetition_penalty"]
 utf8_only = True            # sample only tokens that keep the text valid UTF-8 (no "\ufffd")
 stop = ""                   # also stop at these strings ("|" between several), besides EOT
 history_turns = 0           # interactive chat: earlier exchanges to include (0: single-turn)
 seed = 1337
 device = ""                 # "" = cuda, then mps, then cpu
-dtype = ""                  # "" = bfloat16 where the GPU or CPU computes it natively, else float32
+precision = ""              # fp32, bf16 or fp16; "" = the fastest on this device (engine.pick_precision)
 save_path = ""
 # -----------------------------------------------------------------------------
-
-# The sampling settings' ranges, (low, high, whole number?): sample.py's flags, the web app's
-# sliders and its API all check against this one table (sampling_error).
-SAMPLING_LIMITS = {"max_new_tokens": (1, 1024, True), "temperature": (0.0, 2.0, False),
-                   "top_k": (0, MODEL_VOCAB_SIZE, True), "top_p": (0.0, 1.0, False),
-                   "repetition_penalty": (1.0, 2.0, False)}
-# Room for the answer when a prompt is cut to fit: min(max_new_tokens, block_size // ANSWER_SHARE)
-# tokens. A quarter (64 of 256) holds a typical SFT answer, and 3/4 of the context stays for the
-# question; a prompt never takes more than block_size - 1, so the first step sees all of it.
-ANSWER_SHARE = 4
-
-_CONTINUATION_BYTES = bytes(range(0x80, 0xC0))
-
-
-def sampling_error(p: dict) -> tuple | None:
-    """The first setting in p out of SAMPLING_LIMITS as (key, value, low, high, whole), else None.
-    temperature 0 is greedy, top_k 0 keeps every token, top_p 0 keeps only the most likely one."""
-    for key, (lo, hi, whole) in SAMPLING_LIMITS.items():
-        v = p[key]
-        number = not isinstance(v, bool) and isinstance(v, (int, float))
-        if not number or not lo <= v <= hi or (whole and v != int(v)):
-            return key, v, lo, hi, whole
-    return None
-
-
-def exit_on_bad_sampling_flags(config: dict) -> None:
-    """A command line's sampling flags: exit with a message naming the first one out of range."""
-    bad = sampling_error(config)
-    if bad:
-        key, value, lo, hi, whole = bad
-        sys.exit(f"--{key}={value!r}: expected a {'whole ' if whole else ''}number from {lo} to {hi}")
-
-
-class Utf8Constraint:
-    """A sampling constraint that keeps generated bytes valid UTF-8.
-
-    GPT-2 spells most Chinese characters as 2-3 byte tokens; a small model often follows a lead
-    byte with a token that does not continue it, which decodes to "\ufffd". The state says what
-    the text still owes (UTF8_STATES); allowed(state) is the boolean mask of token ids that keep
-    the text valid (EOT only at a character boundary; never PAD or the padding ids),
-    advance(state, token) the next state."""
-
-    def __init__(self, size: int = MODEL_VOCAB_SIZE):
-        enc = get_tokenizer()
-        self.next = torch.full((len(UTF8_STATES), size), -1, dtype=torch.int8)
-        self.next[0, EOT_ID] = 0
-        for t in range(EOT_ID):
-            raw = enc.decode_single_token_bytes(t)
-            lead = len(raw) - len(raw.lstrip(_CONTINUATION_BYTES))
-            # a token that starts a character fits only state 0; one that starts with k
-            # continuation bytes fits only states owing exactly k (or more, if it is all of them)
-            for state, (need, _, _) in enumerate(UTF8_STATES):
-                if need == lead or (lead == len(raw) and need > lead):
-                    after = utf8_scan(raw, state)
-                    if after is not None:
-                        self.next[state, t] = after
-        self.mask = self.next >= 0  # (states, size)
-
-    def allowed(self, state: int) -> torch.Tensor:
-        return self.mask[state]
-
-    def advance(self, state: int, token: int) -> int:
-        return int(self.next[state, token])
-
-
-@lru_cache(maxsize=1)
-def utf8_constraint() -> Utf8Constraint:
-    return Utf8Constraint()
-
-
-def load_checkpoint(path, device: str = "cpu", dtype: str = "float32") -> tuple[GPT, dict]:
-    """(model in eval mode on device, in dtype; checkpoint dict) from an out_dir or a ckpt.pt;
-    clear errors otherwise."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "ckpt.pt"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no checkpoint here; train one first "
-                                "(python train.py config/train_cpu.py) or pass the right --out_dir")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable MiniGLM checkpoint ({e})") from e
-    missing = [k for k in ("model", "model_args", "data_meta", "config") if k not in ckpt]
-    if missing:
-        raise ValueError(f"{path}: not a MiniGLM checkpoint (missing {', '.join(missing)})")
-    ours = tokenizer_meta()
-    for key in ("tokenizer", "vocab_size", "eot_id"):
-        if ckpt["data_meta"].get(key) != ours[key]:
-            raise ValueError(f"{path}: trained with {key}={ckpt['data_meta'].get(key)!r}, "
-                             f"this code uses {key}={ours[key]!r}")
-    try:
-        model = GPT(GPTConfig(**ckpt["model_args"]))
-        model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
-    except (TypeError, RuntimeError) as e:  # unknown model_args, or weights of another shape
-        raise ValueError(f"{path}: the weights do not fit the checkpoint's model_args ({e})") from e
-    return model.to(device=device, dtype=getattr(torch, dtype)).eval(), ckpt
-
-
-def checkpoint_mode(ckpt: dict) -> str:
-    return "chat" if ckpt["data_meta"].get("kind") == "sft" else "generate"
-
-
-def can_chat(ckpt: dict) -> bool:
-    """True for a checkpoint trained on a question template (SFT); a pretrained one only continues text."""
-    return "sft_template" in ckpt["data_meta"]
-
-
-def render_prompt(ckpt: dict, text: str, mode: str, history: tuple = ()) -> str:
-    """The text the model sees: the checkpoint's own SFT template in chat mode (after the given
-    earlier (question, answer) exchanges, one a line), else the text itself."""
-    if mode != "chat":
-        return text
-    if not can_chat(ckpt):
-        raise ValueError("chat mode needs an SFT checkpoint; this one is pretrained and has no question "
-                         "template (it only continues text: use mode generate)")
-    template = ckpt["data_meta"]["sft_template"]
-    return "".join(template.format(question=q) + a + "\n" for q, a in history) + template.format(question=text)
-
-
-@dataclass
-class Prompt:
-    """A prompt cut to fit the model (fit_prompt)."""
-    ids: list        # the tokens the model is given
-    text: str        # the part of the user's text in them
-    history: tuple   # the earlier exchanges in them, the most recent ones
-    chars: int       # the user's text length in characters
-    room: int        # tokens kept free for the answer
-    block_size: int
-
-    @property
-    def shortened(self) -> bool:
-        return len(self.text) < self.chars
-
-
-def fit_prompt(ckpt: dict, text: str, mode: str, block_size: int, max_new_tokens: int,
-               history: tuple = ()) -> Prompt:
-    """The prompt in at most block_size - room tokens, room = min(max_new_tokens, block_size //
-    ANSWER_SHARE): the oldest exchanges go first, then the text is cut in characters (chat keeps
-    the question's beginning, as the web app's character limit does; generate keeps the text's
-    end, which is what gets continued). The template stays whole and the kept text is tokenized
-    exactly as training tokenized it. ValueError if not even the template fits."""
-    enc = get_tokenizer()
-    history = tuple(history) if mode == "chat" else ()  # earlier exchanges are a chat's only
-    room = max(1, min(max_new_tokens, block_size // ANSWER_SHARE))
-    budget = block_size - room
-    while history and len(enc.encode_ordinary(render_prompt(ckpt, text, mode, history))) > budget:
-        history = history[1:]
-
-    def cut(n: int) -> str:
-        return text[:n] if mode == "chat" else text[len(text) - n:]
-
-    def fits(n: int) -> list | None:
-        ids = enc.encode_ordinary(render_prompt(ckpt, cut(n), mode, history))
-        return ids if len(ids) <= budget else None
-
-    n = len(text)
-    if fits(n) is None:
-        if fits(0) is None:
-            raise ValueError(f"block_size {block_size} leaves no room for the prompt template")
-        lo, hi = 0, n  # binary search for the longest cut that fits: fits(lo), not fits(hi)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if fits(mid) is not None else (lo, mid)
-        n = lo
-    return Prompt(fits(n), cut(n), history, len(text), room, block_size)
-
-
-def stream_reply(model: GPT, ckpt: dict, text: str, mode: str, max_new_tokens: int = 256,
-                 temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = 0.95,
-                 repetition_penalty: float = 1.1, generator: torch.Generator | None = None,
-                 stats: dict | None = None, utf8_only: bool = True, stop: tuple = (), history: tuple = ()):
-    """Yield the reply as text pieces that are whole characters; it ends at EOT, after
-    max_new_tokens, or before the first of the stop strings. The prompt is cut to fit the model
-    (fit_prompt). stats (if given) gets prompt_tokens, input_chars and kept_chars at once, then
-    new_tokens, stopped_at_eot and seconds."""
-    device = next(model.parameters()).device
-    prompt = fit_prompt(ckpt, text, mode, model.config.block_size, max_new_tokens, history)
-    if stats is not None:
-        stats.update(prompt_tokens=len(prompt.ids), input_chars=prompt.chars, kept_chars=len(prompt.text))
-    idx = torch.tensor([prompt.ids], dtype=torch.long, device=device)
-    decoder, n, eot, t0 = StreamDecoder(), 0, False, time.perf_counter()
-    held, stopped = "", False  # held: text not yet shown, it could be the start of a stop string
-    keep = max((len(s) for s in stop), default=1) - 1
-    for token in model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                repetition_penalty=repetition_penalty, eot_id=EOT_ID,
-                                max_token_id=VOCAB_SIZE, generator=generator,
-                                constraint=utf8_constraint() if utf8_only else None):
-        n += 1
-        if token == EOT_ID:
-            eot = True
-            break
-        held += decoder.push(token)
-        cut = min((i for i in (held.find(s) for s in stop) if i >= 0), default=-1)
-        if cut >= 0:
-            held, stopped = held[:cut], True
-            break
-        if len(held) > keep:
-            yield held[:len(held) - keep]
-            held = held[len(held) - keep:]
-    if not stopped:
-        held += decoder.flush()
-    if held:
-        yield held
-    if stats is not None:
-        stats.update(new_tokens=n, stopped_at_eot=eot, seconds=time.perf_counter() - t0)
-
-
-def reply(model: GPT, ckpt: dict, text: str, mode: str, **kwargs) -> str:
-    return "".join(stream_reply(model, ckpt, text, mode, **kwargs))
-
 
 if __name__ == "__main__":
     config = configure(globals())
     if mode not in ("", "chat", "generate"):
         sys.exit(f"--mode={mode!r}: expected chat or generate")
-    exit_on_bad_sampling_flags(config)
+    exit_on_bad_flags(config)
     if num_samples < 1:
         sys.exit(f"--num_samples={num_samples}: expected a whole number >= 1")
     if history_turns < 0:
         sys.exit(f"--history_turns={history_turns}: expected a whole number >= 0")
     try:
         device, _ = select_device(device)
-        dtype = inference_dtype(device, dtype)
-        model, ckpt = load_checkpoint(out_dir, device, dtype)
+        precision = pick_precision(device, precision)
+        model, ckpt = load_model(out_dir, device, precision)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(str(e))
-    mode = mode or checkpoint_mode(ckpt)
+    mode = mode or mode_of(ckpt)
     if mode == "chat" and not can_chat(ckpt):
         sys.exit(f"{out_dir}: --mode=chat needs an SFT checkpoint (trained on question/answer pairs); this one "
                  "is pretrained and only continues text: drop --mode, or use --mode=generate")
     stops = tuple(s for s in stop.split("|") if s)
     gen = torch.Generator(device=device).manual_seed(seed)
-    print(f"[{out_dir}: mode {mode}, {model.num_params() / 1e6:.1f}M parameters, {device}, {dtype}]", file=sys.stderr)
+    print(f"[{out_dir}: mode {mode}, {model.num_params() / 1e6:.1f}M parameters, {device}, {precision}]", file=sys.stderr)
 
     def answer(prompt: str, history: tuple = ()) -> dict:
         """Stream one reply to the terminal; the record saved with --save_path."""
@@ -299,7 +84,7 @@ if __name__ == "__main__":
             for piece in stream_reply(model, ckpt, prompt, mode, max_new_tokens=max_new_tokens,
                                       temperature=temperature, top_k=top_k, top_p=top_p,
                                       repetition_penalty=repetition_penalty, generator=gen, stats=stats,
-                                      utf8_only=utf8_only, stop=stops, history=history):
+                                      utf8_only=utf8_only, stop=stops, prompt=fit):
                 pieces.append(piece)
                 print(piece, end="", flush=True)
         except KeyboardInterrupt:

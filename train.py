@@ -21,7 +21,6 @@ both atomically, and out_dir/metrics.jsonl (one JSON object per log line: train 
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -31,11 +30,11 @@ import torch
 from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import checkpoint
 from configurator import configure
 from data.tokenizer import MODEL_VOCAB_SIZE
 from data_utils import batch_at, batch_starts, get_batch, load_dataset
 from model import GPT, GPTConfig, autocast_context, select_device
-from sample import load_checkpoint
 
 # ----------------------------------------------------------------------------- defaults
 # I/O
@@ -102,27 +101,11 @@ def fail(message: str):
     sys.exit(1)
 
 
-def remove_stale_temp_files(out: Path):
-    """A kill between torch.save and os.replace leaves a checkpoint-sized ckpt*.pt.tmp-PID behind;
-    remove those whose process is gone (a live one may still be writing)."""
-    if os.name == "nt":  # os.kill(pid, 0) would send Ctrl-C there
-        return
-    for p in sorted(out.glob("ckpt*.pt.tmp-*")):
-        pid = p.name.rpartition("-")[2]
-        try:
-            os.kill(int(pid), 0)  # raises ProcessLookupError once the process is gone
-        except ProcessLookupError:
-            p.unlink()
-            print(f"removed {p}: left by an interrupted save of process {pid}, which is gone")
-        except (ValueError, PermissionError):  # not a PID; a live process of another user
-            pass
-
-
 if __name__ == "__main__":
     config = configure(globals())
     if init_from not in ("scratch", "resume", "pretrained"):
         fail(f"init_from={init_from!r}: expected scratch, resume or pretrained")
-    best_path, last_path = Path(out_dir) / "ckpt.pt", Path(out_dir) / "ckpt_last.pt"
+    best_path, last_path = Path(out_dir) / checkpoint.BEST, Path(out_dir) / checkpoint.LAST
     earlier = [p for p in (best_path, last_path) if p.exists() and init_from != "resume"]
     if earlier and not overwrite:
         fail(f"{out_dir} already holds {' and '.join(p.name for p in earlier)} of an earlier run, which "
@@ -178,7 +161,8 @@ if __name__ == "__main__":
         if not source:
             fail("init_from=pretrained needs init_checkpoint=<the pretrained out_dir or ckpt.pt>")
         try:
-            model, ckpt = load_checkpoint(source, "cpu")
+            ckpt = checkpoint.read(source)
+            model = checkpoint.build_model(ckpt, source)
         except (FileNotFoundError, ValueError) as e:
             fail(str(e))
         model_args = ckpt["model_args"] | {"dropout": dropout}
@@ -186,7 +170,6 @@ if __name__ == "__main__":
         if model_args["block_size"] != block_size:
             fail(f"checkpoint {source} has block_size={model_args['block_size']}, data {data_dir} has "
                  f"block_size={block_size}: prepare the data with --block_size={model_args['block_size']}")
-        model.train()
         for m in model.modules():  # the run's dropout, not the checkpoint's
             if isinstance(m, torch.nn.Dropout):
                 m.p = dropout
@@ -221,13 +204,13 @@ if __name__ == "__main__":
     peak = peak_flops(device)
     if master:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        remove_stale_temp_files(Path(out_dir))
+        checkpoint.remove_stale_temp_files(out_dir)
         for p in earlier:
             p.unlink()
             print(f"overwrite=True: removed {p} of the earlier run")
         print(json.dumps(config, ensure_ascii=False))
         print(f"{raw_model.num_params() / 1e6:.2f}M parameters; data {data_dir} ({meta['kind']}, "
-              f"mode {meta['mode']}, block_size {block_size}); {positions_per_iter:,} positions/iter; "
+              f"packing {meta.get('packing', meta.get('mode'))}, block_size {block_size}); {positions_per_iter:,} positions/iter; "
               f"device {device}, {dtype}, {world} process(es)")
 
     def train_batch():
@@ -254,16 +237,7 @@ if __name__ == "__main__":
         state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                  "model_args": model_args, "config": config, "iter_num": iter_num,
                  "best_val_loss": best_val_loss, "data_meta": meta, "rng": rng, "scaler": scaler.state_dict()}
-        tmp = last_path.with_name(f"{last_path.name}.tmp-{os.getpid()}")
-        torch.save(state, tmp)
-        os.replace(tmp, last_path)
-        if best:
-            tmp = best_path.with_name(f"{best_path.name}.tmp-{os.getpid()}")
-            try:
-                os.link(last_path, tmp)
-            except OSError:
-                shutil.copyfile(last_path, tmp)
-            os.replace(tmp, best_path)
+        checkpoint.save(out_dir, state, best)
         print(f"saved iter {iter_num}: latest state {last_path}" + (f", best {best_path}" if best else
               f"; the best ({best_val_loss:.4f}) stays in {best_path}"))
 

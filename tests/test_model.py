@@ -166,7 +166,7 @@ def test_flush_drops_a_character_cut_off_by_the_end(enc):
 
 def test_utf8_constraint_keeps_random_models_from_broken_characters(enc):
     """An untrained model emits stray byte tokens; with the constraint every sample decodes cleanly."""
-    from sample import utf8_constraint
+    from engine import utf8_constraint
     model = tiny()
     x = torch.tensor([enc.encode_ordinary("床前明月光")])
     g = torch.Generator().manual_seed(0)
@@ -193,7 +193,7 @@ def test_loss_without_logits_equals_the_full_masked_loss():
 
 
 def test_stream_reply_stops_at_stop_strings_and_eot(monkeypatch, enc):
-    from sample import stream_reply
+    from engine import stream_reply
     model = tiny()
     ckpt = {"data_meta": {"sft_template": "问：{question}\n答："}}
     scripted = enc.encode_ordinary("答案是画蛇添足。\n问：下一个问题") + [EOT_ID]
@@ -207,7 +207,7 @@ def test_stream_reply_stops_at_stop_strings_and_eot(monkeypatch, enc):
 
 def fed_prompt(monkeypatch, model, ckpt, text, mode, **kwargs) -> tuple[list, dict]:
     """(the token ids stream_reply gives the model, its stats)."""
-    from sample import stream_reply
+    from engine import stream_reply
     fed = []
     monkeypatch.setattr(model, "generate", lambda idx, *a, **k: fed.append(idx[0].tolist()) or iter([EOT_ID]))
     stats = {}
@@ -217,7 +217,7 @@ def fed_prompt(monkeypatch, model, ckpt, text, mode, **kwargs) -> tuple[list, di
 
 def test_long_prompts_are_cut_to_fit_keeping_the_template_and_room_for_the_answer(monkeypatch, enc):
     from data.tokenizer import sft_prompt
-    from sample import fit_prompt
+    from engine import fit_prompt
     model = tiny(block_size=64)
     ckpt = {"data_meta": {"sft_template": "问：{question}\n答："}}
     question = "成语“画蛇添足”是什么意思？" * 6  # 84 characters, about 160 tokens
@@ -239,7 +239,7 @@ def test_long_prompts_are_cut_to_fit_keeping_the_template_and_room_for_the_answe
 
 
 def test_chat_mode_without_a_question_template_is_refused(monkeypatch):
-    from sample import stream_reply
+    from engine import stream_reply
     model = tiny()
     pretrained = {"data_meta": {"kind": "pretrain"}}
     with pytest.raises(ValueError, match="chat mode needs an SFT checkpoint"):

@@ -17,7 +17,7 @@ from test_prepare import corpus
 
 from data_utils import get_batch, load_dataset
 from model import GPT, GPTConfig
-from sample import load_checkpoint, reply
+from engine import load_model, reply
 
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--batch_size=4", "--eval_iters=2",
         "--log_interval=1", "--warmup_iters=1", "--lr_decay_iters=8", "--learning_rate=1e-3"]
@@ -96,7 +96,7 @@ def test_gradient_accumulation_equals_one_big_batch(data, tmp_path):
 def test_loss_estimate_is_summed_nll_over_counted_targets(sft_model):
     """The val record of the SFT fixture's last iteration against a hand computation on the same
     batches (estimate_loss draws them from Generator(seed + 1000))."""
-    model, ckpt = load_checkpoint(sft_model / "ckpt_last.pt")
+    model, ckpt = load_model(sft_model / "ckpt_last.pt")
     cfg = ckpt["config"]
     ds = load_dataset(ROOT / cfg["data_dir"], "train")
     g = torch.Generator().manual_seed(cfg["seed"] + 1000)
@@ -154,13 +154,13 @@ def test_checkpoint_holds_everything_later_scripts_need(data, tmp_path):
     assert {"batch", "torch"} <= ckpt["rng"].keys() and "cuda" not in ckpt["rng"]  # CUDA states on CUDA only
     assert ckpt["data_meta"]["tokenizer"] == "gpt2" and ckpt["data_meta"]["block_size"] == 32
     assert ckpt["config"]["n_embd"] == 32 and ckpt["model_args"]["vocab_size"] == 50304
-    model, _ = load_checkpoint(tmp_path)
+    model, _ = load_model(tmp_path)
     assert not model.training
 
 
 def test_sft_model_answers_its_training_pairs_through_sample(sft_model):
     """Training and sampling share one template: the model reproduces what it was trained on."""
-    model, ckpt = load_checkpoint(sft_model)
+    model, ckpt = load_model(sft_model)
     assert ckpt["data_meta"]["sft_template"] == "问：{question}\n答："
     wrong = [(p["question"], got) for p in PAIRS
              if (got := reply(model, ckpt, p["question"], "chat", temperature=0, max_new_tokens=20)) != p["answer"]]
@@ -368,7 +368,7 @@ def test_a_kill_between_write_and_rename_keeps_the_checkpoints_and_the_next_star
     stale = [p for p in tmp_path.glob("ckpt*.tmp-*")]
     assert len(stale) == 1 and stale[0].stat().st_size > 0
     assert {p.name: p.read_bytes() for p in tmp_path.glob("ckpt*.pt")} == before
-    load_checkpoint(tmp_path)
+    load_model(tmp_path)
     alive = tmp_path / f"ckpt.pt.tmp-{os.getpid()}"  # a save in progress in a live process
     alive.write_bytes(b"partial")
     proc = train(*common, "--init_from=resume", "--max_iters=4")
@@ -394,8 +394,8 @@ def test_sample_cli_bad_input(data, tmp_path):
     assert proc.returncode != 0 and "cannot read the file" in proc.stderr
     proc = run_script("sample.py", f"--out_dir={tmp_path}", "--mode=poem", check=False)
     assert proc.returncode != 0 and "expected chat or generate" in proc.stderr
-    proc = run_script("sample.py", f"--out_dir={tmp_path}", "--dtype=int8", "--start=你好", check=False)
-    assert proc.returncode != 0 and "expected float32, bfloat16 or float16" in proc.stderr
+    proc = run_script("sample.py", f"--out_dir={tmp_path}", "--precision=int3", "--start=你好", check=False)
+    assert proc.returncode != 0 and "--precision='int3': expected one of fp32, bf16, fp16" in proc.stderr
     (tmp_path / "q.txt").write_text("床前\n\n明月\n", encoding="utf-8")
     out = tmp_path / "r.jsonl"
     proc = run_script("sample.py", f"--out_dir={tmp_path}", f"--start=FILE:{tmp_path / 'q.txt'}",

@@ -1,0 +1,139 @@
+"""The one writer and reader of MiniGLM checkpoints.
+
+    from checkpoint import load, save
+    model, ckpt = load("out-sft")                 # an out_dir or a .pt file; eval mode, float32, cpu
+    save(out_dir, state, best=True)               # train.py: ckpt_last.pt, and ckpt.pt when best
+
+An out_dir holds two files: ckpt.pt, the state with the best val loss (what sample.py,
+evaluations.py and the web app load), and ckpt_last.pt, the latest state (what
+train.py --init_from=resume continues). Each is a dict written with torch.save and read with
+torch.load(weights_only=True), so loading never runs code from the file:
+
+    format         FORMAT_VERSION; files written before the field existed are format 0 and read the same
+    model          the weights (state_dict; a torch.compile prefix "_orig_mod." is dropped on load)
+    model_args     the GPTConfig fields: the model is rebuilt from them, never from flags
+    config         the training run's whole config (configurator's dict)
+    data_meta      the data's meta.json: tokenizer, kind (pretrain/sft), sft_template, splits, ...
+    iter_num, best_val_loss
+    optimizer, rng, scaler    for resume only (AdamW moments, RNG states per process, GradScaler)
+
+Every failure is a FileNotFoundError or a ValueError whose message names the file and says what
+is wrong: missing, partial (an interrupted copy), foreign (not ours), written by a newer
+MiniGLM, trained with another tokenizer, or weights that do not fit the model_args.
+"""
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import torch
+
+from data.records import atomic_path
+from data.tokenizer import tokenizer_meta
+from model import GPT, GPTConfig
+
+FORMAT_VERSION = 1
+BEST, LAST = "ckpt.pt", "ckpt_last.pt"
+REQUIRED = ("model", "model_args", "data_meta", "config")
+
+
+def checkpoint_file(path, name: str = BEST) -> Path:
+    """path itself if it is a file, else path/name (an out_dir)."""
+    path = Path(path)
+    return path / name if path.is_dir() else path
+
+
+def save(out_dir, state: dict, best: bool) -> None:
+    """Write state to out_dir/ckpt_last.pt, and to ckpt.pt too when best (a hard link to the same
+    bytes, a copy where links are not supported). Atomic: a kill mid-save changes neither file."""
+    out = Path(out_dir)
+    last, best_path = out / LAST, out / BEST
+    with atomic_path(last) as tmp:
+        torch.save({"format": FORMAT_VERSION, **state}, tmp)
+    if best:
+        with atomic_path(best_path) as tmp:
+            try:
+                os.link(last, tmp)
+            except OSError:
+                shutil.copyfile(last, tmp)
+
+
+def remove_stale_temp_files(out_dir) -> None:
+    """A kill between torch.save and os.replace leaves a checkpoint-sized ckpt*.pt.tmp-PID behind;
+    remove those whose process is gone (a live one may still be writing)."""
+    if os.name == "nt":  # os.kill(pid, 0) would send Ctrl-C there
+        return
+    for p in sorted(Path(out_dir).glob("ckpt*.pt.tmp-*")):
+        pid = p.name.rpartition("-")[2]
+        try:
+            os.kill(int(pid), 0)  # raises ProcessLookupError once the process is gone
+        except ProcessLookupError:
+            p.unlink()
+            print(f"removed {p}: left by an interrupted save of process {pid}, which is gone")
+        except (ValueError, PermissionError):  # not a PID; a live process of another user
+            pass
+
+
+def read(path, device: str = "cpu", mmap: bool = False) -> dict:
+    """The checkpoint dict (tensors on device), checked: ours, a format this code reads, and the
+    tokenizer this code uses. mmap=True reads lazily (cheap when only the metadata is wanted)."""
+    path = checkpoint_file(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no checkpoint here; train one first "
+                                "(python train.py config/train_cpu.py) or pass the right --out_dir")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, OSError) as e:
+        kind = ("partial or damaged (an interrupted copy or download?)" if "zip archive" in str(e)
+                or isinstance(e, EOFError) else "not a MiniGLM checkpoint")
+        raise ValueError(f"{path}: cannot read it: {kind} ({str(e).splitlines()[0]})") from e
+    missing = [k for k in REQUIRED if k not in ckpt] if isinstance(ckpt, dict) else list(REQUIRED)
+    if missing:
+        raise ValueError(f"{path}: not a MiniGLM checkpoint (missing {', '.join(missing)})")
+    version = ckpt.get("format", 0)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(f"{path}: checkpoint format {version!r} is newer than this code reads "
+                         f"({FORMAT_VERSION}); update MiniGLM (git pull)")
+    ours = tokenizer_meta()
+    for key in ("tokenizer", "vocab_size", "eot_id"):
+        if ckpt["data_meta"].get(key) != ours[key]:
+            raise ValueError(f"{path}: trained with {key}={ckpt['data_meta'].get(key)!r}, "
+                             f"this code uses {key}={ours[key]!r}")
+    return ckpt
+
+
+def build_model(ckpt: dict, path="checkpoint") -> GPT:
+    """The model of a checkpoint dict, its weights loaded strictly (float32, train mode, on the
+    weights' device)."""
+    try:
+        model = GPT(GPTConfig(**ckpt["model_args"]))
+        model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
+    except (TypeError, RuntimeError) as e:  # unknown model_args, or weights of another shape
+        raise ValueError(f"{path}: the weights do not fit the checkpoint's model_args ({e})") from e
+    return model
+
+
+def load(path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> tuple[GPT, dict]:
+    """(model in eval mode on device, in dtype; checkpoint dict) from an out_dir's ckpt.pt or a file."""
+    ckpt = read(path, device)
+    model = build_model(ckpt, checkpoint_file(path))
+    return model.to(device=device, dtype=dtype).eval(), ckpt
+
+
+def mode_of(ckpt: dict) -> str:
+    """How a checkpoint is used by default: "chat" (SFT: answers questions) or "generate"
+    (pretrained: continues text)."""
+    return "chat" if ckpt["data_meta"].get("kind") == "sft" else "generate"
+
+
+def can_chat(ckpt: dict) -> bool:
+    """True for a checkpoint trained on a question template (SFT); a pretrained one only continues text."""
+    return "sft_template" in ckpt["data_meta"]
+
+
+def peek_mode(path) -> str | None:
+    """A checkpoint's mode without reading its weights (mmap); None if it cannot be read."""
+    try:
+        return mode_of(read(path, mmap=True))
+    except (FileNotFoundError, ValueError):
+        return None
