@@ -81,12 +81,18 @@ def read(path, device: str = "cpu", mmap: bool = False) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no checkpoint here; train one first "
                                 "(python train.py config/train_cpu.py) or pass the right --out_dir")
+    with open(path, "rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, OSError) as e:
-        kind = ("partial or damaged (an interrupted copy or download?)" if "zip archive" in str(e)
-                or isinstance(e, EOFError) else "not a MiniGLM checkpoint")
-        raise ValueError(f"{path}: cannot read it: {kind} ({str(e).splitlines()[0]})") from e
+        if not zipped:
+            why = "not a MiniGLM checkpoint (not a file written by torch.save)"
+        elif isinstance(e, pickle.UnpicklingError):  # weights_only refused an object: code could run
+            why = "not a MiniGLM checkpoint (it holds Python objects MiniGLM never writes; not loaded)"
+        else:
+            why = "partial or damaged (an interrupted save, copy or download?)"
+        raise ValueError(f"{path}: cannot read it: {why}; {type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
     missing = [k for k in REQUIRED if k not in ckpt] if isinstance(ckpt, dict) else list(REQUIRED)
     if missing:
         raise ValueError(f"{path}: not a MiniGLM checkpoint (missing {', '.join(missing)})")

@@ -54,3 +54,23 @@ def sft_model(tmp_path_factory) -> Path:
                "--n_embd=64", "--batch_size=10", "--max_iters=250", "--lr_decay_iters=250", "--warmup_iters=10",
                "--learning_rate=3e-3", "--min_lr=3e-4", "--eval_interval=250", "--eval_iters=2", "--log_interval=50")
     return tmp / "out"
+
+
+TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--batch_size=4", "--eval_iters=2",
+        "--log_interval=1", "--warmup_iters=1", "--lr_decay_iters=8", "--learning_rate=1e-3"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Tiny prepared data for train.py: pretraining (pre, 80 documents) and SFT (sft, PAIRS)."""
+    from test_prepare import corpus
+    tmp = tmp_path_factory.mktemp("train_data")
+    run_script("data/prepare.py", f"--input={write_jsonl(tmp / 'docs.jsonl', corpus(80))}",
+               f"--out_dir={tmp / 'pre'}", "--block_size=32", "--val_fraction=0.2")
+    run_script("data/prepare_sft.py", f"--input={write_jsonl(tmp / 'sft.jsonl', PAIRS)}",
+               f"--out_dir={tmp / 'sft'}", "--block_size=48", "--val_fraction=0")
+    return tmp
+
+
+def train(*args, check=True, **kw):
+    return run_script("train.py", *TINY, *args, check=check, **kw)

@@ -59,12 +59,12 @@ def broken(tmp_path, kind: str) -> Path:
 @pytest.mark.parametrize("kind, words", [
     ("missing", "no checkpoint here"),
     ("partial", "partial or damaged"),
-    ("text", "not a MiniGLM checkpoint"),
+    ("text", "not a MiniGLM checkpoint (not a file written by torch.save)"),
     ("foreign", "not a MiniGLM checkpoint (missing model, model_args, data_meta, config)"),
     ("newer", "is newer than this code reads"),
     ("tokenizer", "trained with vocab_size=8192"),
     ("shape", "the weights do not fit the checkpoint's model_args"),
-    ("pickle", "not a MiniGLM checkpoint"),
+    ("pickle", "holds Python objects MiniGLM never writes"),
 ])
 def test_a_broken_checkpoint_gets_a_message_naming_the_file(tmp_path, kind, words):
     path = tmp_path / "ckpt.pt" if kind == "missing" else broken(tmp_path, kind)
