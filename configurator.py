@@ -12,6 +12,12 @@ A bare argument is a config file (Python that assigns some of the keys); --key=v
 key. Keys must already exist, and a value must keep its default's type (an int may widen to
 a float). Anything else exits with a message naming the key. configure returns the final values
 as a dict, to print and to save in checkpoints. -h/--help prints the script's docstring and keys.
+
+A key that was renamed is not kept as an alias: the script lists it in an uppercase global,
+
+    RENAMED_KEYS = {"mode": "packing"}
+
+and --mode=packed (or mode = "packed" in a config file) exits with a message naming the new key.
 """
 import ast
 import builtins  # a script may have a config key named compile or input: builtins.compile is Python's
@@ -42,6 +48,13 @@ def _coerce(key, default, value, origin):
     return value
 
 
+def _renamed(g, key, origin, new_spelling):
+    """Exit when key is an old name the script lists in RENAMED_KEYS; new_spelling(new) shows the fix."""
+    new = g.get("RENAMED_KEYS", {}).get(key)
+    if new is not None:
+        sys.exit(f"{origin}: {key} was renamed: use {new_spelling(new)}")
+
+
 def _apply_overrides(g, argv):
     keys = _config_keys(g)
     for arg in argv:
@@ -61,6 +74,7 @@ def _apply_overrides(g, argv):
             for k, v in assigned.items():
                 if k.startswith("_") or not k.islower() or callable(v) or isinstance(v, type(sys)):
                     continue
+                _renamed(g, k, f"config file {arg}", lambda new: f"{new} = {v!r}")
                 if k not in keys:
                     sys.exit(f"config file {arg}: unknown key {k!r}; known keys: {', '.join(keys)}")
                 g[k] = _coerce(k, g[k], v, f"config file {arg}")
@@ -69,6 +83,7 @@ def _apply_overrides(g, argv):
         key, sep, value = arg[2:].partition("=")
         if not sep:
             sys.exit(f"argument {arg!r}: expected --key=value or a config file path")
+        _renamed(g, key, f"argument {arg!r}", lambda new: f"--{new}={value}")
         if key not in keys:
             sys.exit(f"argument {arg!r}: unknown key {key!r}; known keys: {', '.join(keys)}")
         g[key] = _coerce(key, g[key], value, f"argument {arg!r}")

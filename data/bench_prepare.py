@@ -1,32 +1,37 @@
 """Parallel tokenization speedup of prepare.py's worker pool, for bench.py.
 
-    python data/bench_prepare.py [--input=data/raw/pretrain.jsonl] [--num_workers=2]
+    python data/bench_prepare.py [--input=data/raw/pretrain.jsonl] [--num_workers=2] [--packing=stream]
 
 Times, in one run on the same corpus: (a) single-threaded encode_ordinary over every document's
-cleaned text (read and cleaned before the clock starts), (b) prepare.py's own pool in stream
-mode, as prepare.py runs it: workers read their line ranges, parse the JSON, clean, encode and
-hash each document. Also (c) the machine's own ceiling: N processes each running (a) on a
-slice of the texts against one process doing all slices, and (d) the pool's own baseline:
-the same worker code over the same tasks in this one process. (b) against (a) mixes two
-things, the extra work prepare does per document and how well it spreads over the workers;
-(b) against (d) is the second alone, to compare with (c). Prints JSON lines.
+cleaned text (read and cleaned before the clock starts), (b) prepare.py's own pool with
+--packing (stream by default: no cuts), as prepare.py runs it: workers read their line ranges,
+parse the JSON, clean, encode and hash each document (and cut long ones). Also (c) the
+machine's own ceiling: N processes each running (a) on a slice of the texts against one
+process doing all slices, and (d) the pool's own baseline: the same worker code over the same
+tasks in this one process. (b) against (a) mixes two things, the extra work prepare does per
+document and how well it spreads over the workers; (b) against (d) is the second alone, to
+compare with (c). Prints JSON lines. --input is a path relative to the working directory; the
+default assumes the repository root.
 """
 import json
 import os
 import signal
+import sys
 import time
 from multiprocessing import Pool
 from pathlib import Path
 
-from prepare import _init_worker, bounded_imap, clean_text, process_task, tasks
-from records import Report, read_records
-from tokenizer import get_tokenizer
 from configurator import configure
+from data.blocks import PACKINGS
+from data.prepare import _init_worker, bounded_imap, clean_text, process_task, tasks
+from data.records import Report, read_records
+from data.tokenizer import get_tokenizer
 
 # ----------------------------------------------------------------------------- defaults
 input = "data/raw/pretrain.jsonl"
 num_workers = min(8, os.cpu_count() or 1)
 docs_per_task = 1024
+packing = "stream"
 # -----------------------------------------------------------------------------
 
 
@@ -41,7 +46,13 @@ def _encode_slice(i: int) -> float:
 
 if __name__ == "__main__":
     config = configure(globals())
+    if packing not in PACKINGS:
+        sys.exit(f"--packing={packing!r}: expected one of {', '.join(PACKINGS)}")
     path = Path(input)
+    if not path.is_file():
+        sys.exit(f"--input={input!r}: no such file (relative to the working directory {os.getcwd()}). "
+                 "The default is what 'python data/fetch_data.py' builds, read from the repository root: "
+                 "run from there, or pass a JSONL file with --input=")
     texts = [clean_text(o["text"], o.get("title")) for _, o in read_records(path, Report())]
     enc = get_tokenizer()
     t0 = time.perf_counter()
@@ -59,7 +70,7 @@ if __name__ == "__main__":
         t_many = time.perf_counter() - t0
     del texts, _texts
 
-    settings = {"mode": "stream", "block_size": 256}
+    settings = {"packing": packing, "block_size": 256}
     _init_worker(settings)
     t0 = time.perf_counter()
     one = sum(int(res["doc_stats"][:, 0].sum()) for res in map(process_task, tasks([path], Report(), docs_per_task)))

@@ -1,11 +1,10 @@
-"""Turn token sequences into training blocks: sentence-end cuts, per-mode pieces, best-fit packing.
+"""Turn token sequences into training blocks: sentence-end cuts, the pieces of each packing, best fit.
 
 Cuts happen in token space on the document's own encoding, so a piece is exactly the tokens
 the whole text encodes to (no re-tokenization at the seams). GPT-2 BPE often spells Chinese
 punctuation as several byte tokens ("，" is three), so cut points are found on the decoded
-bytes: a cut may fall after a token whose end is a sentence end (。！？!? plus closing quotes,
-followed by a letter, a digit, white space or the end), else a clause end (，；：、 or a line
-end), else any character boundary.
+bytes: a cut may fall after a token whose end is a sentence end (data.records.SENTENCE_END),
+else a clause end (，；：、 or a line end), else any character boundary.
 """
 import re
 from bisect import bisect_left, insort
@@ -13,11 +12,10 @@ from functools import lru_cache
 
 import numpy as np
 
-# A sibling import: this module serves the scripts in data/, which run with data/ on sys.path.
-from tokenizer import EOT_ID, PAD_ID, get_tokenizer
+from data.records import SENTENCE_END
+from data.tokenizer import EOT_ID, PAD_ID, get_tokenizer
 
-MODES = ("stream", "aligned", "packed")
-SENTENCE_END = re.compile(r"[。！？!?][”’」』）)》]*(?=[\w\s]|$)")
+PACKINGS = ("stream", "aligned", "packed")  # prepare.py's --packing, meta.json's "packing"
 CLAUSE_END = re.compile(r"[，；：、,;:](?=[\w\s]|$)|\n")
 
 
@@ -67,18 +65,18 @@ def best_cut(cuts: CutPoints, start: int, limit: int) -> tuple[int, str]:
     return start + limit, "hard"
 
 
-def document_pieces(tokens: np.ndarray, mode: str, block_size: int):
-    """Split one document's tokens (uint16) into pieces for a mode.
+def document_pieces(tokens: np.ndarray, packing: str, block_size: int):
+    """Split one document's tokens (uint16) into pieces for a packing.
 
     Returns (pieces, cut_kinds, dropped): each piece is a view of tokens; the document's EOT
     follows its last piece (the caller appends it: no copy of every document just to add one
     token). Each piece, the last one with its EOT, is at most block_size tokens (any length in
-    stream mode, which has no blocks). cut_kinds lists how each forced cut was made; dropped counts tokens
-    left out (aligned mode keeps only the first block of a document)."""
-    if mode == "stream" or len(tokens) < block_size:
+    stream packing, which has no blocks). cut_kinds lists how each forced cut was made; dropped
+    counts tokens left out (aligned packing keeps only the first block of a document)."""
+    if packing == "stream" or len(tokens) < block_size:
         return [tokens], [], 0
     cuts = CutPoints(tokens)
-    if mode == "aligned":
+    if packing == "aligned":
         cut, kind = best_cut(cuts, 0, block_size - 1)
         return [tokens[:cut]], [kind], len(tokens) - cut
     pieces, kinds, start = [], [], 0

@@ -1,14 +1,15 @@
 """Tokenize pretraining text (GPT-2 BPE) into uint16 .bin files for train.py.
 
     python data/prepare.py                     # the default corpus, data/raw/pretrain.jsonl
-    python data/prepare.py --input="data/wiki-zh-subset-*.jsonl" --mode=packed --block_size=256
+    python data/prepare.py --input="data/wiki-zh-subset-*.jsonl" --packing=packed --block_size=256
 
 --input takes a file, a folder (its .jsonl/.json files), a glob or a comma-separated list of
 them; each file is JSONL or a JSON array of objects with "text" (and optional "title", "id"),
 like the course's wiki-zh-subset files. Writes to --out_dir (default data/processed_pretrain):
-train.bin, val.bin (uint16 token ids) and meta.json (tokenizer, ids, block_size, mode, counts).
+train.bin, val.bin (uint16 token ids) and meta.json (tokenizer, ids, block_size, packing, counts).
+Both paths are relative to the working directory; the defaults assume the repository root.
 
-Modes (--mode):
+Packing layouts (--packing; it was called --mode before):
   stream   documents joined by EOT, no padding; train.py samples random windows (course baseline)
   aligned  one document per block, cut at the last sentence end (。！？) that fits, then EOT,
            then PAD; the rest of a long document is dropped (counted)
@@ -23,7 +24,6 @@ it for evaluations.py), so two or more usable documents always give two splits (
 all one text, a copy of it then sits on each side: the note says that too); a single document
 is written to train only, with a warning.
 """
-import json
 import os
 import signal
 import sys
@@ -34,12 +34,12 @@ from pathlib import Path
 
 import numpy as np
 
-from blocks import MODES, BestFitPacker, document_pieces, pad_block
-from records import (Report, SplitWriter, ValReserve, check_block_args, clean_text, commit_outputs,
-                     expand_inputs, file_format, line_ranges, read_json_array, read_records, split_hash,
-                     string_field)
-from tokenizer import EOT_ID, encode_ordinary_array, get_tokenizer, tokenizer_meta
 from configurator import configure
+from data.blocks import PACKINGS, BestFitPacker, document_pieces, pad_block
+from data.records import (Report, clean_text, file_format, line_ranges, read_json_array, read_records,
+                          split_hash, string_field)
+from data.splits import SplitWriter, ValReserve, commit_outputs, source_names, start_prepare
+from data.tokenizer import EOT_ID, encode_ordinary_array, get_tokenizer, tokenizer_meta
 
 SPLITS = ("train", "val")
 DOC_STATS = ("doc_tokens", "tokens", "dropped_tokens", "truncated_documents")  # doc_stats columns
@@ -51,12 +51,13 @@ SEP = "\x0b"   # vertical tab: joins a batch's texts for one tokenizer call (enc
 input = "data/raw/pretrain.jsonl"
 out_dir = "data/processed_pretrain"
 block_size = 256
-mode = "packed"          # lowest held-out loss at equal compute (README, bench.py --only=modes)
+packing = "packed"       # lowest held-out loss at equal compute (README, bench.py --only=modes)
 val_fraction = 0.01
 num_workers = min(8, os.cpu_count() or 1)
 docs_per_task = 1024     # documents a worker gets at once (the pool costs the parent ~0.3 ms a task)
-max_open_blocks = 256    # packed mode: blocks kept open for best fit (bounds memory)
+max_open_blocks = 256    # packed: blocks kept open for best fit (bounds memory)
 # -----------------------------------------------------------------------------
+RENAMED_KEYS = {"mode": "packing"}  # the configurator answers the old flag with the new name
 
 def _init_worker(settings: dict) -> None:
     global _worker_settings
@@ -89,7 +90,7 @@ def process_docs(docs: list) -> dict:
     tokens (every piece of every document, each document's last piece followed by EOT, end to
     end, uint16), piece_len and piece_doc (the document's index) per piece, doc_hash (the split
     hash of the text) and doc_stats (DOC_STATS) per usable document, forced-cut kinds and
-    problems. A document shorter than a block (and every document in stream mode) is one
+    problems. A document shorter than a block (and every document in stream packing) is one
     piece; the longer ones go through document_pieces."""
     s = _worker_settings
     wheres, texts, problems, cuts = [], [], [], Counter()
@@ -104,9 +105,9 @@ def process_docs(docs: list) -> dict:
     starts = np.cumsum(lens + 1) - (lens + 1)
     dropped = np.zeros(len(texts), dtype=np.int64)
     chunks, piece_len, piece_doc, done = [], [], [], 0   # documents before done are in chunks
-    long = np.flatnonzero(lens >= s["block_size"]).tolist() if s["mode"] != "stream" else []
+    long = np.flatnonzero(lens >= s["block_size"]).tolist() if s["packing"] != "stream" else []
     for d in long:
-        pieces, kinds, dropped[d] = document_pieces(tokens[starts[d]:starts[d] + lens[d]], s["mode"],
+        pieces, kinds, dropped[d] = document_pieces(tokens[starts[d]:starts[d] + lens[d]], s["packing"],
                                                     s["block_size"])
         chunks += [tokens[starts[done]:starts[d]]] + pieces + [EOT_ARRAY]
         piece_len += [lens[done:d] + 1, np.array([len(p) for p in pieces[:-1]] + [len(pieces[-1]) + 1])]
@@ -195,34 +196,23 @@ def _raise_interrupt(signum, frame):
 
 if __name__ == "__main__":
     config = configure(globals())
-    if mode not in MODES:
-        sys.exit(f"--mode={mode!r}: expected one of {', '.join(MODES)}")
-    check_block_args(block_size, val_fraction)
-    print(json.dumps(config, ensure_ascii=False))
-
-    report = Report()
-    paths = expand_inputs(input, report)
-    if not paths:
-        sys.exit(f"no input files found for --input={input!r}. Run 'python data/fetch_data.py' for "
-                 "the default corpus, or pass your wiki-zh-subset-*.jsonl files with --input=")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("*.bin.tmp-*"):
-        stale.unlink()
+    if packing not in PACKINGS:
+        sys.exit(f"--packing={packing!r}: expected one of {', '.join(PACKINGS)}")
+    report, paths, out = start_prepare(config, "your wiki-zh-subset-*.jsonl files")
     writers = {s: SplitWriter(out / f"{s}.bin") for s in SPLITS}
     packers = {s: BestFitPacker(block_size, writers[s].write, max_open_blocks) for s in writers}
     cut_kinds = Counter()
     counts = {s: Counter(dict.fromkeys(COUNT_KEYS, 0)) for s in writers}
     reserve = ValReserve("documents", val_fraction)
-    settings = {"mode": mode, "block_size": block_size}
+    settings = {"packing": packing, "block_size": block_size}
 
     def place(split: str, tokens: np.ndarray, lens: np.ndarray) -> None:
         """Write the pieces (lens) that tokens holds end to end into a split."""
-        if mode == "stream":
+        if packing == "stream":
             writers[split].write(tokens)
             return
         for end, length in zip(np.cumsum(lens).tolist(), lens.tolist()):
-            if mode == "aligned":
+            if packing == "aligned":
                 writers[split].write(pad_block([tokens[end - length:end]], block_size))
             else:
                 packers[split].add(tokens[end - length:end])
@@ -275,15 +265,15 @@ if __name__ == "__main__":
         splits = {}
         for s, w in writers.items():
             c = dict(counts[s]) | dict(w.stats)
-            c["blocks"] = c.get("file_tokens", 0) // block_size if mode != "stream" else None
+            c["blocks"] = c.get("file_tokens", 0) // block_size if packing != "stream" else None
             c["padding_fraction"] = round(1 - c.get("tokens", 0) / max(1, c.get("file_tokens", 0)), 4)
             splits[s] = c
         meta = tokenizer_meta() | {
-            "kind": "pretrain", "mode": mode, "block_size": block_size,
-            "block_aligned": mode != "stream", "val_fraction": val_fraction, "moved_to": reserve.moved,
+            "kind": "pretrain", "packing": packing, "block_size": block_size,
+            "block_aligned": packing != "stream", "val_fraction": val_fraction, "moved_to": reserve.moved,
             "moved_hashes": reserve.moved_hashes,
             "splits": splits, "cuts": dict(cut_kinds), "problems": dict(report.counts),
-            "sources": [str(p) for p in paths],
+            "sources": source_names(paths),
         }
         commit_outputs(out, writers.values(), meta)
         committed = True

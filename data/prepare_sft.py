@@ -16,26 +16,25 @@ would teach the model to stop mid-sentence without EOT).
 Validation split by entity, what a pair is about: a fixed hash of the entity puts about
 --val_fraction of the entities in val.bin, with all their pairs. The entity is the pair's
 "entity" field when it has one (data/fetch_data.py writes the idiom, "author《title》" of a
-poem, the poet), else records.entity_of(question): the first quoted subject of the question
+poem, the poet), else data.records.entity_of(question): the first quoted subject of the question
 (“…” or 《…》), else the question itself. So "成语“画蛇添足”是什么意思？" and "请用成语“画蛇添足”
 造一个句子。" are on one side. (Held-out test pairs belong in their own file.) Small data: when
 no entity falls in val, the one with the lowest hash goes there (when none falls in train, the
 one with the highest; a note says so), so two or more usable pairs always give two splits; a
 single pair is written to train only, with a warning.
 Writes out_dir/{train,val}.bin (uint16 tokens), {train,val}_mask.bin (uint8, 1 = this token is a
-trained target) and meta.json.
+trained target) and meta.json. --input and --out_dir are relative to the working directory; the
+defaults assume the repository root.
 """
-import json
 import sys
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 
-from records import (Report, SplitWriter, ValReserve, check_block_args, commit_outputs, pair_entity,
-                     expand_inputs, read_records, split_hash, string_field)
-from tokenizer import PAD_ID, SFT_TEMPLATE, encode_pair, tokenizer_meta
 from configurator import configure
+from data.records import pair_entity, read_records, split_hash, string_field
+from data.splits import SplitWriter, ValReserve, commit_outputs, source_names, start_prepare
+from data.tokenizer import PAD_ID, SFT_TEMPLATE, encode_pair, tokenizer_meta
 
 # ----------------------------------------------------------------------------- defaults
 input = "data/raw/sft_train.jsonl"
@@ -47,15 +46,7 @@ val_fraction = 0.02
 
 if __name__ == "__main__":
     config = configure(globals())
-    check_block_args(block_size, val_fraction)
-    print(json.dumps(config, ensure_ascii=False))
-    report = Report()
-    paths = expand_inputs(input, report)
-    if not paths:
-        sys.exit(f"no input files found for --input={input!r}. Run 'python data/fetch_data.py' for "
-                 "the default pairs, or pass your own JSON/JSONL of {\"question\", \"answer\"}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    report, paths, out = start_prepare(config, 'your own JSON/JSONL of {"question", "answer"}')
     writers = {name: SplitWriter(out / f"{name}.bin") for name in ("train", "val", "train_mask", "val_mask")}
     counts = {s: Counter(pairs=0, tokens=0, answer_tokens=0) for s in ("train", "val")}
     reserve = ValReserve("pairs", val_fraction)
@@ -107,10 +98,10 @@ if __name__ == "__main__":
             splits[s] = dict(c) | {"blocks": c["pairs"], "file_tokens": file_tokens,
                                    "padding_fraction": round(1 - c["tokens"] / max(1, file_tokens), 4)}
         meta = tokenizer_meta() | {
-            "kind": "sft", "mode": "sft", "block_size": block_size, "block_aligned": True,
+            "kind": "sft", "packing": "sft", "block_size": block_size, "block_aligned": True,
             "sft_template": SFT_TEMPLATE, "overflow_policy": "drop", "val_fraction": val_fraction,
             "moved_to": reserve.moved, "moved_hashes": reserve.moved_hashes,
-            "splits": splits, "problems": dict(report.counts), "sources": [str(p) for p in paths],
+            "splits": splits, "problems": dict(report.counts), "sources": source_names(paths),
         }
         commit_outputs(out, writers.values(), meta)
         committed = True

@@ -5,10 +5,10 @@
         for where, obj in read_records(path, report):
             ...   # where is "file:line", obj a dict; bad lines were reported and skipped
 
-Also the output side shared by the prepare scripts: the hash that picks the validation split,
-the entity of a question (entity_of, what an SFT split holds out), the reserve that keeps small
-data from leaving a split empty, and writers that only ever leave complete files behind (temp
-file, then os.replace).
+Also the rules every reader and writer of the data shares: the hash that picks the validation
+split (split_hash, split_of), the entity of a question (entity_of, what an SFT split holds out),
+the one sentence-end rule (SENTENCE_END) and the one atomic writer (atomic_path: temp file, then
+os.replace). What the prepare scripts share on the output side is in data/splits.py.
 
 Accepts JSONL (one object a line) and JSON arrays, a UTF-8 BOM, CRLF line ends. Reports
 (file:line, what was expected) and counts: malformed JSON, a value that is not an object,
@@ -26,11 +26,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]  # the repository
 BOM = b"\xef\xbb\xbf"
-# The one sentence-end rule: 。！？!? with any closing quotes or brackets, before a letter, a digit,
-# white space or the end (so "3.5" and "?!" inside a sentence do not end it). Packing cuts blocks
-# at it (data/blocks.py), evaluations.py splits answers with it, fetch_data.py cleans with it.
-SENTENCE_END = re.compile(r"[。！？!?][”’」』）)》]*(?=[\w\s]|$)")
+# The one sentence-end rule: a mark of SENTENCE_MARKS with any closing quotes or brackets after
+# it, where a letter, a digit, white space or the end of the text follows. So a run of marks
+# ends once, after its last mark ("好?!他", "好。。他"); a mark that other punctuation follows is no
+# end ("“好！”，他说" ends nowhere); "." is never one (English abbreviations, "3.5").
+# Packing cuts blocks at it (data/blocks.py); fetch_data.py cleans doubled marks with SENTENCE_MARKS.
+SENTENCE_MARKS = "。！？!?"
+SENTENCE_END = re.compile(rf"[{SENTENCE_MARKS}][”’」』）)》]*(?=[\w\s]|$)")
 _DECODER = json.JSONDecoder()
 
 
@@ -280,67 +284,14 @@ def split_of(h: float, meta: dict) -> str:
     return "val" if h < meta.get("val_fraction", 0) else "train"
 
 
-class ValReserve:
-    """Small data must still get both splits. Keeps back, in arrival order, the train items
-    whose split hash is the lowest so far and the val items whose hash is the highest so far
-    (about ln(n) items each, plus copies with the same hash). At the end, if no item is in val,
-    those with the lowest hash of all go there; if none is in train, those with the highest go
-    there; a single item goes to train. So two or more usable items always give two non-empty
-    splits. What is kept depends only on the items' order, not on batch sizes or worker counts."""
+def temp_path(path) -> Path:
+    """Where path is written before it is complete: next to it, named for this process. A run
+    removes those its killed predecessors left (data.splits.start_prepare globs TEMP_GLOB)."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
 
-    def __init__(self, unit: str, val_fraction: float):
-        self.unit = unit          # "documents", "pairs": for the messages
-        self.val_fraction = val_fraction
-        self.low, self.high = 2.0, -1.0
-        self.items = []           # (hash, item)
-        self.moved = {"val": 0, "train": 0}  # items settle moved out of their own split
-        self.moved_hashes = {"val": [], "train": []}  # their split hashes, for split_of
 
-    def keep(self, h: float, item) -> bool:
-        """Keep item back; False: write it now to its split (val when h < val_fraction)."""
-        if self.val_fraction == 0:
-            return False
-        if h < self.val_fraction:
-            if h < self.high:
-                return False
-            self.high = h
-        else:
-            if h > self.low:
-                return False
-            self.low = h
-        self.items.append((h, item))
-        return True
-
-    def settle(self, n_train: int, n_val: int) -> tuple[list, list]:
-        """(items for val, items for train), each in arrival order, given the numbers of items
-        already written to each split; prints what it did."""
-        if self.val_fraction == 0:  # no val split asked for: nothing was kept
-            return [], []
-        is_val = [h < self.val_fraction for h, _ in self.items]
-        n_train += is_val.count(False)
-        n_val += is_val.count(True)
-        n_items, move, to = n_train + n_val, set(), ""
-        if n_items == 1:
-            move, to = {i for i, v in enumerate(is_val) if v}, "train"
-            print(f"warning: only 1 usable {self.unit.removesuffix('s')}: wrote train only, the val "
-                  "split is empty (training then picks checkpoints by train loss)", file=sys.stderr)
-        elif n_items and (n_val == 0 or n_train == 0):
-            to, edge = ("val", self.low) if n_val == 0 else ("train", self.high)
-            move = {i for i, (h, _) in enumerate(self.items) if h == edge}
-            same = len(move) == n_items
-            if same:
-                move = {min(move)}
-            print(f"note: no {self.unit} fell in {to} (val_fraction={self.val_fraction}, {n_items} "
-                  f"{self.unit}); moved {len(move)} with the {'lowest' if to == 'val' else 'highest'} "
-                  f"split hash there" + ("; they all share one split key, so val repeats train" if same else ""),
-                  file=sys.stderr)
-        split = [to if i in move else "val" if v else "train" for i, v in enumerate(is_val)]
-        for (h, _), where, v in zip(self.items, split, is_val):
-            if where != ("val" if v else "train"):
-                self.moved[where] += 1
-                self.moved_hashes[where].append(h)
-        return ([item for (_, item), s in zip(self.items, split) if s == "val"],
-                [item for (_, item), s in zip(self.items, split) if s == "train"])
+TEMP_GLOB = "*.tmp-*"
 
 
 @contextmanager
@@ -352,8 +303,7 @@ def atomic_path(path) -> Iterator[Path]:
         with atomic_path(out / "ckpt.pt") as tmp:
             torch.save(state, tmp)
     """
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp = temp_path(path)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -372,43 +322,3 @@ def write_json_atomic(path: Path, obj) -> None:
 
 def write_jsonl_atomic(path: Path, records) -> None:
     write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-
-
-def check_block_args(block_size: int, val_fraction: float) -> None:
-    """Exit with a message naming the key when a prepare script's shared settings are off."""
-    if not 16 <= block_size <= 65536:
-        sys.exit(f"--block_size={block_size}: expected 16..65536")
-    if not 0 <= val_fraction < 1:
-        sys.exit(f"--val_fraction={val_fraction}: expected 0 <= val_fraction < 1")
-
-
-def commit_outputs(out: Path, writers, meta: dict) -> None:
-    """Move finished .bin files into place, meta.json last: without meta.json the .bin files
-    are never used, so an interruption at any point leaves nothing that looks valid."""
-    (out / "meta.json").unlink(missing_ok=True)
-    for w in writers:
-        w.commit()
-    write_json_atomic(out / "meta.json", meta)
-
-
-class SplitWriter:
-    """Writes one split to a temp file; commit() renames it into place."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        self.f = open(self.tmp, "wb")
-        self.stats = Counter()
-
-    def write(self, arr) -> None:
-        self.f.write(arr.tobytes())
-        self.stats["file_tokens"] += len(arr)
-
-    def commit(self) -> None:
-        self.f.close()
-        os.replace(self.tmp, self.path)
-
-    def discard(self) -> None:
-        self.f.close()
-        if self.tmp.exists():
-            self.tmp.unlink()

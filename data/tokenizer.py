@@ -25,7 +25,9 @@ EOT_ID = 50256              # ends every document and every SFT answer
 PAD_ID = 50257              # fills blocks after EOT; never a target (model vocab is padded to 50304)
 MODEL_VOCAB_SIZE = 50304    # GPT-2 vocab rounded up to a multiple of 64 for fast matmuls
 
-# The SFT prompt: training and sampling both render a question through sft_prompt().
+# The SFT prompt. prepare_sft.py renders each question with it (sft_prompt, through encode_pair)
+# and records it in meta.json as "sft_template"; the sampler renders with the template that the
+# checkpoint carries there, so a checkpoint keeps its own template if this one ever changes.
 SFT_TEMPLATE = "问：{question}\n答："
 
 # sha256 of the two files, as tiktoken_ext/openai_public.py's gpt2() checks them.

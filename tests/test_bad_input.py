@@ -64,7 +64,7 @@ def test_bom_and_crlf_are_accepted_and_counted(tmp_path):
 
 def test_crlf_inside_text_is_normalised(tmp_path, enc):
     src = write_jsonl(tmp_path / "in.jsonl", [{"text": f"第{i}行。\r\n第二行。"} for i in range(20)])
-    prepare(tmp_path, src, True, "--mode=stream")
+    prepare(tmp_path, src, True, "--packing=stream")
     tokens = [t for s in ("train", "val") for t in open(tmp_path / "out" / f"{s}.bin", "rb").read()]
     text = enc.decode([int.from_bytes(bytes(tokens[i:i + 2]), "little") for i in range(0, len(tokens), 2)])
     assert "\r" not in text and text.count("\n第二行") == 20
@@ -109,7 +109,7 @@ def test_bad_config_values_name_the_key(tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", [GOOD])
     for arg, message in [("--blok_size=64", "unknown key 'blok_size'"),
                          ("--block_size=big", "block_size expects int"),
-                         ("--mode=random", "expected one of stream, aligned, packed"),
+                         ("--packing=random", "expected one of stream, aligned, packed"),
                          ("--val_fraction=1.5", "expected 0 <= val_fraction < 1")]:
         proc = run_script("data/prepare.py", f"--input={src}", arg, check=False)
         assert proc.returncode != 0 and message in proc.stderr, (arg, proc.stderr)
@@ -143,3 +143,40 @@ def test_interrupted_run_leaves_previous_output_valid(tmp_path):
     assert proc.returncode != 0 and "interrupted" in stderr and "Traceback" not in stderr
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert not [p for p in os.listdir(out) if ".tmp-" in p]
+
+
+def test_renamed_flag_names_the_new_one(tmp_path):
+    """--mode became --packing: the old name exits with the new one, on the command line and in a
+    config file, and is not taken as an alias."""
+    src = write_jsonl(tmp_path / "in.jsonl", [GOOD])
+    proc = run_script("data/prepare.py", f"--input={src}", f"--out_dir={tmp_path / 'out'}", "--mode=packed",
+                      check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "argument '--mode=packed': mode was renamed: use --packing=packed" in proc.stderr
+    assert not (tmp_path / "out").exists()
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text('mode = "stream"\n')
+    proc = run_script("data/prepare.py", str(cfg), check=False)
+    assert proc.returncode != 0 and f"config file {cfg}: mode was renamed: use packing = 'stream'" in proc.stderr
+
+
+def test_configurator_renamed_keys():
+    from configurator import configure
+    g = {"packing": "packed", "RENAMED_KEYS": {"mode": "packing"}}
+    with pytest.raises(SystemExit, match="mode was renamed: use --packing=aligned"):
+        configure(g, ["--mode=aligned"])
+    assert configure(g, ["--packing=aligned"]) == {"packing": "aligned"}, "RENAMED_KEYS is no config key"
+    with pytest.raises(SystemExit, match="unknown key 'mode'"):
+        configure({"packing": "packed"}, ["--mode=aligned"])
+
+
+@pytest.mark.parametrize("script", ["data/prepare.py", "data/prepare_sft.py", "data/bench_prepare.py"])
+def test_missing_default_input_says_where_to_run(tmp_path, script):
+    """The default --input is relative to the working directory: run elsewhere, the message says
+    to run from the repository root or to pass --input, and names the directory it looked in."""
+    proc = subprocess.run([sys.executable, str(ROOT / script)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "data/raw/" in proc.stderr and str(tmp_path) in proc.stderr
+    assert "repository root" in proc.stderr and "--input=" in proc.stderr
+    assert not (tmp_path / "data").exists(), "nothing is written for a run that found no input"

@@ -16,9 +16,9 @@ def prepared(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("prepared")
     src = write_jsonl(tmp / "docs.jsonl", corpus())
     dirs = {}
-    for mode in ("stream", "aligned", "packed"):
-        dirs[mode] = tmp / mode
-        run_script("data/prepare.py", f"--input={src}", f"--out_dir={dirs[mode]}", f"--mode={mode}",
+    for packing in ("stream", "aligned", "packed"):
+        dirs[packing] = tmp / packing
+        run_script("data/prepare.py", f"--input={src}", f"--out_dir={dirs[packing]}", f"--packing={packing}",
                    f"--block_size={BLOCK}", "--val_fraction=0.2")
     dirs["sft"] = tmp / "sft"
     run_script("data/prepare_sft.py", f"--input={write_jsonl(tmp / 'sft.jsonl', pairs())}",
@@ -26,18 +26,18 @@ def prepared(tmp_path_factory):
     return dirs
 
 
-@pytest.mark.parametrize("mode", ["stream", "aligned", "packed", "sft"])
-def test_batch_shapes_shift_and_dtypes(prepared, mode):
-    ds = load_dataset(prepared[mode], "train")
+@pytest.mark.parametrize("packing", ["stream", "aligned", "packed", "sft"])
+def test_batch_shapes_shift_and_dtypes(prepared, packing):
+    ds = load_dataset(prepared[packing], "train")
     g = torch.Generator().manual_seed(0)
     x, y, mask = get_batch(ds, 8, "cpu", g)
     assert x.shape == y.shape == mask.shape == (8, BLOCK)
     assert x.dtype == y.dtype == torch.int64 and mask.dtype == torch.bool
     assert torch.equal(x[:, 1:], y[:, :-1]), "y is x shifted by one"
     assert int(x.max()) <= PAD_ID
-    if mode == "stream":
+    if packing == "stream":
         assert mask.all()
-    elif mode in ("aligned", "packed"):
+    elif packing in ("aligned", "packed"):
         assert torch.equal(mask, y != PAD_ID)
         assert not mask[:, -1].any()
 

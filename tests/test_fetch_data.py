@@ -5,7 +5,7 @@ import os
 import tarfile
 import zipfile
 
-import fetch_data
+from data import fetch_data, sources
 from conftest import run_script
 
 TANG = [  # traditional script, as chinese-poetry ships it
@@ -88,7 +88,7 @@ def test_test_split_is_fixed_and_disjoint(tmp_path):
 
 
 def test_lone_quotes():
-    assert fetch_data.drop_lone_closing_quotes("他说“好”。然后”走了") == "他说“好”。然后走了"
+    assert sources.drop_lone_closing_quotes("他说“好”。然后”走了") == "他说“好”。然后走了"
 
 
 def test_missing_npm_gives_instructions(tmp_path):
@@ -149,3 +149,25 @@ def test_test_split_is_held_out_by_entity(capsys):
     assert {p["entity"] for p in pairs if p["kind"] == "poem_recite"} == {f"诗人{i % 3}《诗{i}》" for i in range(12)}
     found = fetch_data.answer_overlap(train + test[:1], test)
     assert found and found[0] == (test[0], "identical"), "the measure sees an overlap when there is one"
+
+
+def test_write_jsonl_is_atomic(tmp_path):
+    """An error while rows are written leaves the previous file whole and no temp file."""
+    path = tmp_path / "rows.jsonl"
+    assert fetch_data.write_jsonl(path, [{"a": 1}, {"b": "二"}]) == 2
+    before = path.read_bytes()
+
+    def rows():
+        yield {"c": 3}
+        raise RuntimeError("source broke")
+    try:
+        fetch_data.write_jsonl(path, rows())
+    except RuntimeError:
+        pass
+    assert path.read_bytes() == before == '{"a": 1}\n{"b": "二"}\n'.encode()
+    assert [p.name for p in tmp_path.iterdir()] == ["rows.jsonl"]
+
+
+def test_doubled_stops_are_folded():
+    assert sources.clean_idiom_field("比喻无用。◇又作“画蛇著足”。", "画蛇添足") == "比喻无用。又作“画蛇著足”。"
+    assert sources.clean_idiom_field("真的吗？。。好", "x") == "真的吗？好"

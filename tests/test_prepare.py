@@ -1,10 +1,12 @@
-"""data/prepare.py end to end on corpora the tests write: alignment, modes, splits, cleaning."""
+"""data/prepare.py end to end on corpora the tests write: alignment, packings, splits, cleaning."""
+import json
+
 import numpy as np
 import pytest
 from conftest import read_bin, read_meta, run_script, write_jsonl
 
 from data.tokenizer import EOT_ID, PAD_ID
-from records import clean_text, split_hash
+from data.records import clean_text, split_hash
 
 BLOCK = 64
 
@@ -36,10 +38,10 @@ def segments(tokens):
     return runs, cur
 
 
-def prepare(tmp_path, docs, mode, **overrides):
+def prepare(tmp_path, docs, packing, **overrides):
     src = write_jsonl(tmp_path / "in.jsonl", docs)
-    out = tmp_path / f"out_{mode}"
-    args = [f"--input={src}", f"--out_dir={out}", f"--mode={mode}", f"--block_size={BLOCK}",
+    out = tmp_path / f"out_{packing}"
+    args = [f"--input={src}", f"--out_dir={out}", f"--packing={packing}", f"--block_size={BLOCK}",
             "--val_fraction=0.2"] + [f"--{k}={v}" for k, v in overrides.items()]
     run_script("data/prepare.py", *args)
     return out
@@ -51,11 +53,12 @@ def test_clean_text_removes_title_line_debris_and_blank_runs():
     assert clean_text("正文第一行\n第二行", "别的标题") == "正文第一行\n第二行"
 
 
-@pytest.mark.parametrize("mode", ["aligned", "packed"])
-def test_block_alignment(tmp_path, mode):
-    out = prepare(tmp_path, corpus(), mode)
+@pytest.mark.parametrize("packing", ["aligned", "packed"])
+def test_block_alignment(tmp_path, packing):
+    out = prepare(tmp_path, corpus(), packing)
     meta = read_meta(out)
     assert meta["block_aligned"] and meta["block_size"] == BLOCK
+    assert meta["packing"] == packing and "mode" not in meta
     for split in ("train", "val"):
         size = (out / f"{split}.bin").stat().st_size
         assert size % (2 * BLOCK) == 0
@@ -104,7 +107,7 @@ def test_packed_blocks_hold_whole_documents_and_lose_nothing(tmp_path, enc):
     assert joined.count("<|endoftext|>") == len(texts)
 
 
-def test_stream_mode_keeps_every_token(tmp_path, enc):
+def test_stream_packing_keeps_every_token(tmp_path, enc):
     docs = corpus()
     out = prepare(tmp_path, docs, "stream")
     got = []
@@ -123,7 +126,7 @@ def test_train_and_val_are_disjoint_and_deterministic(tmp_path, enc):
     out1 = prepare(tmp_path, docs, "stream", num_workers=1)
     out2 = tmp_path / "again"
     run_script("data/prepare.py", f"--input={tmp_path / 'in.jsonl'}", f"--out_dir={out2}",
-               "--mode=stream", f"--block_size={BLOCK}", "--val_fraction=0.2", "--num_workers=2",
+               "--packing=stream", f"--block_size={BLOCK}", "--val_fraction=0.2", "--num_workers=2",
                "--docs_per_task=7")
     split_texts = {}
     for split in ("train", "val"):
@@ -137,7 +140,6 @@ def test_train_and_val_are_disjoint_and_deterministic(tmp_path, enc):
 
 
 def test_input_accepts_folders_globs_and_json_arrays(tmp_path):
-    import json
     docs = corpus(40)
     d = tmp_path / "wiki"
     d.mkdir()
@@ -157,7 +159,7 @@ def test_long_document_without_sentence_end_is_cut_and_reported(tmp_path, enc):
     no_punct = {"title": "无标点", "text": "长" * 400}
     out = tmp_path / "o"
     src = write_jsonl(tmp_path / "in.jsonl", corpus(20) + [long_doc, no_punct])
-    proc = run_script("data/prepare.py", f"--input={src}", f"--out_dir={out}", "--mode=packed",
+    proc = run_script("data/prepare.py", f"--input={src}", f"--out_dir={out}", "--packing=packed",
                       f"--block_size={BLOCK}", "--val_fraction=0.2")
     assert f"{src}:21: document of" in proc.stderr and "no sentence end" in proc.stderr
     assert f"{src}:22: document of" in proc.stderr
@@ -170,7 +172,7 @@ def test_long_document_without_sentence_end_is_cut_and_reported(tmp_path, enc):
 
 
 def test_packer_bounds_open_blocks():
-    from blocks import BestFitPacker
+    from data.blocks import BestFitPacker
     written = []
     p = BestFitPacker(10, written.append, max_open=2)
     for n in (6, 6, 6, 3, 4, 4):
@@ -184,20 +186,20 @@ def test_packer_bounds_open_blocks():
     assert lengths == [4, 6, 9, 10]
 
 
-@pytest.mark.parametrize("mode", ["stream", "aligned", "packed"])
-def test_ten_documents_get_a_val_split(tmp_path, mode, enc):
+@pytest.mark.parametrize("packing", ["stream", "aligned", "packed"])
+def test_ten_documents_get_a_val_split(tmp_path, packing, enc):
     """A first try with a sample file: ten documents, none of which the hash puts in val."""
     docs = corpus(10)
     assert all(split_hash(t) >= 0.01 for t in expected_texts(docs))
-    out = prepare(tmp_path, docs, mode, val_fraction=0.01, num_workers=1)
+    out = prepare(tmp_path, docs, packing, val_fraction=0.01, num_workers=1)
     (tmp_path / "w").mkdir()
-    again = prepare(tmp_path / "w", docs, mode, val_fraction=0.01, num_workers=2, docs_per_task=3)
+    again = prepare(tmp_path / "w", docs, packing, val_fraction=0.01, num_workers=2, docs_per_task=3)
     meta = read_meta(out)
     assert meta["splits"]["val"]["documents"] == meta["moved_to"]["val"] == 1
     assert meta["splits"]["train"]["documents"] == 9
     for split in ("train", "val"):
         assert (out / f"{split}.bin").read_bytes() == (again / f"{split}.bin").read_bytes()
-    if mode == "stream":
+    if packing == "stream":
         got = [enc.decode(r) for s in ("train", "val") for r in segments(read_bin(out / f"{s}.bin"))[0]]
         assert sorted(got) == sorted(expected_texts(docs))
 
@@ -225,7 +227,7 @@ def test_one_tokenizer_call_per_batch_encodes_each_text_as_alone(enc):
     """encode_documents joins a batch for one call; every text must get exactly its own tokens,
     whatever its first and last characters (letters, digits, punctuation, contractions, CJK,
     emoji, special-token text), and a text the join could change is encoded alone."""
-    from prepare import encode_documents
+    from data.prepare import encode_documents
     edges = ["abc", "'s", "123", "。", "!?", "<|endoftext|>", "中文", "😀", "a b", "x\ny", "\u3000\n"]
     texts = [a + "中" + b for a in edges[:-1] for b in edges[:-1]] + ["12", "34", "'t", "ll"]
     for batch in (texts, texts + [" leading space"], texts + [edges[-1] + "尾"], texts + ["头" + edges[-1]],
@@ -234,3 +236,22 @@ def test_one_tokenizer_call_per_batch_encodes_each_text_as_alone(enc):
         want = [enc.encode_ordinary(t) + [EOT_ID] for t in batch]
         assert tokens.dtype == np.uint16 and tokens.tolist() == [i for w in want for i in w]
         assert lens.tolist() == [len(w) - 1 for w in want]
+
+
+def test_one_sentence_end_rule():
+    """Packing cuts at data.records.SENTENCE_END, the one rule (tests/test_layout.py: no copies)."""
+    from data import records
+    ends = lambda text: [m.end() for m in records.SENTENCE_END.finditer(text)]  # noqa: E731
+    assert ends("他说：“好。”然后走了。") == [7, 12], "closing quotes belong to the end"
+    assert ends("真的?!他问") == [4] and ends("好。。他") == [3], "a run of marks ends once, after its last"
+    assert ends("“好！”，他说") == [], "a mark that other punctuation follows ends nothing"
+    assert ends("约3.5米. Mr. Li") == [], "a full stop is never a sentence end"
+
+
+def test_bench_prepare_takes_the_packing_flag(tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", corpus(40))
+    proc = run_script("data/bench_prepare.py", f"--input={src}", "--num_workers=2", "--packing=packed")
+    metrics = [json.loads(line)["metric"] for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert "prepare_pool_tokens_per_s" in metrics
+    proc = run_script("data/bench_prepare.py", f"--input={src}", "--packing=blocks", check=False)
+    assert proc.returncode != 0 and "expected one of stream, aligned, packed" in proc.stderr

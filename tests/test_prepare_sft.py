@@ -1,9 +1,11 @@
 """data/prepare_sft.py: one pair a block, masks that cover exactly the answer and its EOT."""
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-from conftest import read_bin, read_meta, run_script, write_jsonl
+from conftest import ROOT, read_bin, read_meta, run_script, write_jsonl
 
 from data.records import entity_of, split_hash
 from data.tokenizer import EOT_ID, PAD_ID, sft_prompt
@@ -146,3 +148,29 @@ def test_one_pair_writes_train_only(tmp_path):
     meta = read_meta(tmp_path / "sft")
     assert meta["splits"]["train"]["pairs"] == 1 and meta["splits"]["val"]["pairs"] == 0
     assert "warning: only 1 usable pair: wrote train only" in proc.stderr
+
+
+def test_paths_are_relative_to_the_working_directory(tmp_path):
+    """--input and --out_dir mean what they mean to any CLI: relative to where you run it. The
+    sources in meta.json are recorded so that evaluations.py finds them again from anywhere."""
+    (tmp_path / "in").mkdir()
+    write_jsonl(tmp_path / "in" / "sft.jsonl", pairs(10))
+    (tmp_path / "out" / "sft").mkdir(parents=True)
+    (tmp_path / "out" / "sft" / "train.bin.tmp-12345").write_bytes(b"left by a killed run")
+    proc = subprocess.run([sys.executable, str(ROOT / "data/prepare_sft.py"), "--input=in/sft.jsonl",
+                           "--out_dir=out/sft", f"--block_size={BLOCK}"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "out" / "sft"
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "train_mask.bin", "val.bin",
+                                                     "val_mask.bin"]
+    meta = read_meta(out)
+    assert meta["sources"] == [str((tmp_path / "in" / "sft.jsonl").resolve())]
+    assert meta["packing"] == "sft" and "mode" not in meta
+    assert not (ROOT / "out").exists() and not (ROOT / "in").exists()
+
+
+def test_sources_inside_the_repository_are_recorded_from_its_root(tmp_path):
+    from data.splits import source_names
+    assert source_names([ROOT / "data" / "raw" / "sft_train.jsonl"]) == ["data/raw/sft_train.jsonl"]
+    assert source_names([tmp_path / "x.jsonl"]) == [str((tmp_path / "x.jsonl").resolve())]
