@@ -23,8 +23,8 @@ from pathlib import Path
 
 from configurator import configure
 from data.blocks import PACKINGS
-from data.prepare import _init_worker, bounded_imap, clean_text, process_task, tasks
-from data.records import Report, read_records
+from data.encode import _init_worker, bounded_imap, process_task, tasks
+from data.records import Report, clean_text, read_records
 from data.tokenizer import get_tokenizer
 
 # ----------------------------------------------------------------------------- defaults

@@ -88,3 +88,36 @@ def test_data_modules_define_the_sentence_end_rule_once():
             copies += [f"{path.name}:{node.lineno}: {t.id}" for t in targets
                        if isinstance(t, ast.Name) and "SENTENCE_END" in t.id and path.name != "records.py"]
     assert not copies, copies
+
+
+def imported_modules(path) -> list[tuple[int, str]]:
+    """(line, top-level module name) of every absolute import in path, at any depth."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name.split(".")[0]) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append((node.lineno, node.module.split(".")[0]))
+    return found
+
+
+def test_scripts_are_leaves():
+    """No script or library module imports a script (train, sample, ..., data/prepare.py): they
+    import library modules only (STYLE.md 15). Tests may import a script's functions to test them."""
+    data_scripts = {p.stem for p in (ROOT / "data").glob("*.py") if "__main__" in p.read_text(encoding="utf-8")}
+    code = [p for p in python_files() if p.parent != ROOT / "tests"]
+    found = [f"{p.relative_to(ROOT)}:{line}: imports the script {name}"
+             for p in code for line, name in imported_modules(p) if name in SCRIPTS]
+    found += [f"{p.relative_to(ROOT)}:{node.lineno}: imports the script data/{node.module[5:]}.py"
+              for p in code for node in ast.walk(ast.parse(p.read_text(encoding="utf-8")))
+              if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("data.")
+              and node.module[5:] in data_scripts]
+    assert not found, "\n".join(found)
+
+
+def test_files_are_short_enough_to_read_in_one_sitting():
+    """STYLE.md 14 and issue 11: no file over 400 lines; sample.py, a thin CLI over engine.py, at most 150."""
+    sizes = {p.relative_to(ROOT).as_posix(): len(p.read_text(encoding="utf-8").splitlines()) for p in python_files()}
+    assert sizes["sample.py"] <= 150, sizes["sample.py"]
+    long = {name: n for name, n in sizes.items() if n > 400}
+    assert not long, long

@@ -227,7 +227,7 @@ def test_one_tokenizer_call_per_batch_encodes_each_text_as_alone(enc):
     """encode_documents joins a batch for one call; every text must get exactly its own tokens,
     whatever its first and last characters (letters, digits, punctuation, contractions, CJK,
     emoji, special-token text), and a text the join could change is encoded alone."""
-    from data.prepare import encode_documents
+    from data.encode import encode_documents
     edges = ["abc", "'s", "123", "。", "!?", "<|endoftext|>", "中文", "😀", "a b", "x\ny", "\u3000\n"]
     texts = [a + "中" + b for a in edges[:-1] for b in edges[:-1]] + ["12", "34", "'t", "ll"]
     for batch in (texts, texts + [" leading space"], texts + [edges[-1] + "尾"], texts + ["头" + edges[-1]],
