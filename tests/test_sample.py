@@ -71,3 +71,18 @@ def test_interactive_chat_in_a_terminal(data, tmp_path):
     finally:
         proc.kill()
         os.close(master)
+
+
+def test_paths_are_relative_to_the_working_directory(data, tmp_path):
+    """train.py and sample.py read --data_dir and write/read --out_dir relative to where they are run
+    (as any command line tool does), not to the repository."""
+    (tmp_path / "d").symlink_to(data / "sft")
+    run = dict(cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY, "--data_dir=d", "--out_dir=out-here",
+                           "--max_iters=1", "--eval_interval=1"], **run)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "out-here" / "ckpt.pt").exists() and not (ROOT / "out-here").exists()
+    proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--out_dir=out-here", "--start=你好",
+                           "--max_new_tokens=3", "--save_path=r.jsonl"], **run)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "r.jsonl").read_text(encoding="utf-8"))["prompt"] == "你好"
