@@ -44,6 +44,7 @@ device = ""                 # "" = cuda, then mps, then cpu
 precision = ""              # fp32, bf16 or fp16; "" = the fastest on this device (engine.pick_precision)
 save_path = ""
 # -----------------------------------------------------------------------------
+RENAMED_KEYS = {"dtype": "precision"}  # --dtype is training's autocast type; generation has --precision
 
 if __name__ == "__main__":
     config = configure(globals())
