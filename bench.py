@@ -1,6 +1,7 @@
-"""MiniGLM's speed and memory figures: one JSON object a line, {"metric", "value", "unit"}.
+"""MiniGLM's speed and memory figures: one JSON object a line, {"metric", "value", "unit"}; every
+metric's name, unit and direction (higher or lower is better) is listed in metrics.BENCH.
 
-    python bench.py                  # everything (builds the default corpus first if missing)
+    python bench.py                  # all groups but packing (builds the default corpus first if missing)
     python bench.py --only=prepare   # one group
 
 Groups:
@@ -22,14 +23,14 @@ Groups:
            sample_gradio.py in a subprocess called through its API (/generate, gradio_client):
            time to the first streamed text and tokens/s end to end, median of 5 after a warm-up,
            against the same app sending an update per piece (--stream_every=0), called in turn;
-           sample.py's own tokens/s in the default dtype and in float32, in the same run.
-  modes    (only with --only=modes; about 15 minutes on 2 cores) the prepare-mode question:
-           the CPU model of config/train_cpu.py trained for modes_iters steps on stream, aligned
+           sample.py's own tokens/s in the default precision and in fp32, in the same run.
+  packing  (only with --only=packing; about 15 minutes on 2 cores) the packing-layout question:
+           the CPU model of config/train_cpu.py trained for packing_iters steps on stream, aligned
            and packed data (equal compute: same steps, batch and block), then scored on the same
-           held-out documents, identically for every mode: mean NLL per token of each document
+           held-out documents, identically for every layout: mean NLL per token of each document
            and its closing EOT, each scored alone after an EOT.
 Figures are measured on the machine that runs this; compare ratios from one run, not seconds
-across machines.
+across machines. --corpus is relative to the current directory.
 """
 import json
 import re
@@ -44,19 +45,28 @@ from urllib.error import URLError
 from urllib.request import urlopen
 
 from configurator import configure
+from metrics import BENCH
 
 ROOT = Path(__file__).resolve().parent
 
 # ----------------------------------------------------------------------------- defaults
-only = ""                                  # a group name, or "" for all but modes
-modes_iters = 150
-modes_docs = 400                           # held-out documents scored per mode
+only = ""                                  # a group name, or "" for all but packing
+packing_iters = 150
+packing_docs = 400                         # held-out documents scored per packing layout
 corpus = "data/raw/pretrain.jsonl"
 # -----------------------------------------------------------------------------
+RENAMED_KEYS = {"modes_iters": "packing_iters", "modes_docs": "packing_docs"}
+DEFAULT_CORPUS = ROOT / "data/raw/pretrain.jsonl"  # what data/fetch_data.py builds
 
 
-def metric(name: str, value: float, unit: str) -> None:
-    print(json.dumps({"metric": name, "value": round(value, 3), "unit": unit}), flush=True)
+def metric(name: str, value: float, note: str = "", **fields) -> None:
+    """Print one figure of metrics.BENCH: name is its row ({fields} filled in), the unit comes from
+    the row and note (what was measured, how) follows it."""
+    if name not in BENCH:
+        raise ValueError(f"metric {name!r} is not in metrics.BENCH: add it there (unit, direction, description)")
+    m = BENCH[name]
+    print(json.dumps({"metric": name.format(**fields), "value": round(value, m.digits),
+                      "unit": f"{m.unit} {note}" if note else m.unit}), flush=True)
 
 
 def tree_rss_mb(pid: int) -> float:
@@ -97,7 +107,9 @@ def run_sampled(cmd: list) -> tuple[subprocess.CompletedProcess, float, float]:
 
 def ensure_corpus() -> None:
     """The default corpus (data/fetch_data.py) and its prepared blocks, built if missing."""
-    if not (ROOT / corpus).exists():
+    if not Path(corpus).exists():
+        if Path(corpus).resolve() != DEFAULT_CORPUS:
+            sys.exit(f"--corpus={corpus}: not found in {Path.cwd()}")
         subprocess.run([sys.executable, "data/fetch_data.py"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     if not (ROOT / "data/processed_pretrain/meta.json").exists():
         subprocess.run([sys.executable, "data/prepare.py"], cwd=ROOT, check=True, capture_output=True)
@@ -106,18 +118,21 @@ def ensure_corpus() -> None:
 def bench_prepare() -> None:
     ensure_corpus()
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "data/prepare.py", f"--input={corpus}", f"--out_dir={tmp}"]
+        cmd = [sys.executable, "data/prepare.py", f"--input={Path(corpus).resolve()}", f"--out_dir={tmp}"]
         _, seconds, peak = run_sampled(cmd)
         meta = json.loads((Path(tmp) / "meta.json").read_text(encoding="utf-8"))
         _, seconds_one, _ = run_sampled(cmd + ["--num_workers=1"])
     tokens = sum(s["tokens"] for s in meta["splits"].values())
-    metric("prepare_tokens_per_s", tokens / seconds, f"tokens/s ({tokens:,} tokens, mode {meta['mode']})")
-    metric("prepare_seconds", seconds, "s")
-    metric("prepare_peak_rss_mb", peak, "MB (parent + workers)")
-    metric("prepare_workers_speedup", seconds_one / seconds, "x (default workers vs --num_workers=1)")
-    result = subprocess.run([sys.executable, "data/bench_prepare.py", f"--input={corpus}"], cwd=ROOT,
-                            capture_output=True, text=True, check=True)
-    print(result.stdout, end="", flush=True)
+    metric("prepare_tokens_per_s", tokens / seconds, f"({tokens:,} tokens, packing {meta['packing']})")
+    metric("prepare_seconds", seconds)
+    metric("prepare_peak_rss_mb", peak, "(parent + workers)")
+    metric("prepare_workers_speedup", seconds_one / seconds, "(default workers vs --num_workers=1)")
+    result = subprocess.run([sys.executable, "data/bench_prepare.py", f"--input={Path(corpus).resolve()}"],
+                            cwd=ROOT, capture_output=True, text=True, check=True)
+    for line in result.stdout.splitlines():  # its own lines, held to the same table
+        if json.loads(line)["metric"] not in BENCH:
+            sys.exit(f"data/bench_prepare.py printed {line}: a metric not in metrics.BENCH")
+        print(line, flush=True)
 
 
 def plain_loop_positions_per_s(model, steps: int, batch: int, block: int) -> float:
@@ -154,11 +169,11 @@ def bench_train() -> None:
     torch.manual_seed(0)
     plain = plain_loop_positions_per_s(GPT(GPTConfig(block_size=block)), steps, batch, block)
     compiled = plain_loop_positions_per_s(torch.compile(GPT(GPTConfig(block_size=block))), steps, batch, block)
-    metric("train_positions_per_s", ours, "positions/s (train.py, 45M, 8x256, fp32, CPU: every position computed)")
-    metric("train_tokens_per_s", counted, "tokens/s (the same run: targets whose loss counts, padding excluded)")
-    metric("train_plain_loop_positions_per_s", plain, "positions/s (nanoGPT-style loop, same model, no padding)")
-    metric("train_compiled_loop_positions_per_s", compiled, "positions/s (same loop, torch.compile)")
-    metric("train_vs_plain_loop", ours / plain, "x (positions/s)")
+    metric("train_positions_per_s", ours, "(train.py, 45M, 8x256, fp32, CPU: every position computed)")
+    metric("train_tokens_per_s", counted, "(the same run: targets whose loss counts, padding excluded)")
+    metric("train_plain_loop_positions_per_s", plain, "(nanoGPT-style loop, same model, no padding)")
+    metric("train_compiled_loop_positions_per_s", compiled, "(same loop, torch.compile)")
+    metric("train_vs_plain_loop", ours / plain, "(positions/s)")
 
 
 def nanogpt_generate(model, idx, max_new_tokens: int):
@@ -187,13 +202,13 @@ def bench_generate() -> None:
             rates[name] = n / (time.perf_counter() - t0)
         t0 = time.perf_counter()
         rates["nanogpt"] = (nanogpt_generate(model, prompt, new).size(1) - prompt.size(1)) / (time.perf_counter() - t0)
-        metric(f"generate_tokens_per_s_kv_{new}", rates["kv"], "tokens/s (batch 1, 45M, fp32, CPU, greedy)")
-        metric(f"generate_tokens_per_s_nocache_{new}", rates["nocache"],
-               "tokens/s (the same generate with use_cache=False: same cropping rule)")
-        metric(f"generate_tokens_per_s_nanogpt_{new}", rates["nanogpt"],
-               "tokens/s (nanoGPT's generate: whole last block every step)")
-        metric(f"generate_kv_speedup_{new}", rates["kv"] / rates["nocache"], "x (vs use_cache=False)")
-        metric(f"generate_kv_speedup_vs_nanogpt_{new}", rates["kv"] / rates["nanogpt"], "x")
+        metric("generate_tokens_per_s_kv_{new}", rates["kv"], "(batch 1, 45M, fp32, CPU, greedy)", new=new)
+        metric("generate_tokens_per_s_nocache_{new}", rates["nocache"],
+               "(the same generate with use_cache=False: same cropping rule)", new=new)
+        metric("generate_tokens_per_s_nanogpt_{new}", rates["nanogpt"],
+               "(nanoGPT's generate: whole last block every step)", new=new)
+        metric("generate_kv_speedup_{new}", rates["kv"] / rates["nocache"], "(vs use_cache=False)", new=new)
+        metric("generate_kv_speedup_vs_nanogpt_{new}", rates["kv"] / rates["nanogpt"], new=new)
 
 
 def random_sft_checkpoint(out_dir: Path) -> None:
@@ -201,14 +216,16 @@ def random_sft_checkpoint(out_dir: Path) -> None:
     import dataclasses
 
     import torch
+
+    import checkpoint
     from data.tokenizer import SFT_TEMPLATE, tokenizer_meta
     from model import GPT, GPTConfig
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=256))
     meta = tokenizer_meta() | {"kind": "sft", "block_size": 256, "sft_template": SFT_TEMPLATE}
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model.state_dict(), "model_args": dataclasses.asdict(model.config), "data_meta": meta,
-                "config": {}}, out_dir / "ckpt.pt")
+    checkpoint.save(out_dir, {"model": model.state_dict(), "model_args": dataclasses.asdict(model.config),
+                              "data_meta": meta, "config": {}}, best=True)
 
 
 def start_app(log: Path, *args) -> tuple[subprocess.Popen, str]:
@@ -269,21 +286,22 @@ def bench_ui(reps: int = 5) -> None:
             first, tps, total, tokens = (statistics.median(r[i] for r in rows) for i in range(4))
             unit = f"(API, batch 1, 45M, CPU, median of {reps}, {tokens:.0f} new tokens)"
             if not name:
-                metric("ui_first_token_s", first, f"s {unit}")
-            metric(f"ui_tokens_per_s{name}", tps, f"tokens/s {unit}" + (", --stream_every=0" if name else ""))
-            metric(f"ui_reply_s{name}", total, f"s for the whole reply {unit}" + (", --stream_every=0" if name else ""))
-        for dtype in ("", "float32"):
+                metric("ui_first_token_s", first, unit)
+            metric("ui_tokens_per_s{variant}", tps, unit + (", --stream_every=0" if name else ""), variant=name)
+            metric("ui_reply_s{variant}", total, f"for the whole reply {unit}" + (", --stream_every=0" if name else ""),
+                   variant=name)
+        for precision in ("", "fp32"):
             out = subprocess.run([sys.executable, "sample.py", f"--out_dir={model_dir}", f"--start={question}",
-                                  f"--max_new_tokens={new}", f"--dtype={dtype}"], cwd=ROOT, capture_output=True,
-                                 text=True, check=True).stderr
+                                  f"--max_new_tokens={new}", f"--precision={precision}"], cwd=ROOT,
+                                 capture_output=True, text=True, check=True).stderr
             n, speed = re.search(r"\[(\d+) tokens, ([\d.]+) tokens/s", out).groups()
             label = re.search(r", (\w+)\]", out).group(1)
-            metric("cli_tokens_per_s" + ("_float32" if dtype else ""), float(speed),
-                   f"tokens/s (sample.py, {label}, {n} new tokens, batch 1, 45M, CPU)")
+            metric("cli_tokens_per_s{variant}", float(speed), f"(sample.py, {label}, {n} new tokens, batch 1, 45M, CPU)",
+                   variant=f"_{precision}" if precision else "")
 
 
 def document_nll(model, docs: list, block: int) -> float:
-    """Mean NLL per token over documents, each scored alone after an EOT (every mode's model has
+    """Mean NLL per token over documents, each scored alone after an EOT (every layout's model has
     seen a document start after an EOT; none is favoured by position 0), its tokens + EOT."""
     import torch
     from data.tokenizer import EOT_ID
@@ -298,15 +316,17 @@ def document_nll(model, docs: list, block: int) -> float:
     return total / count
 
 
-def bench_modes() -> None:
+def bench_packing() -> None:
     import numpy as np
     ensure_corpus()
+    from checkpoint import load
     from data.tokenizer import EOT_ID
-    from sample import load_checkpoint
+    layouts = ("stream", "aligned", "packed")
     with tempfile.TemporaryDirectory() as tmp:
-        for mode in ("stream", "aligned", "packed"):
-            subprocess.run([sys.executable, "data/prepare.py", f"--input={corpus}", f"--out_dir={tmp}/{mode}",
-                            f"--mode={mode}"], cwd=ROOT, check=True, capture_output=True)
+        for packing in layouts:
+            subprocess.run([sys.executable, "data/prepare.py", f"--input={Path(corpus).resolve()}",
+                            f"--out_dir={tmp}/{packing}", f"--packing={packing}"], cwd=ROOT, check=True,
+                           capture_output=True)
         val = np.fromfile(f"{tmp}/stream/val.bin", dtype=np.uint16).tolist()
         docs, cur = [], []
         for t in val:
@@ -315,21 +335,21 @@ def bench_modes() -> None:
                 cur = []
             else:
                 cur.append(t)
-        docs = docs[:modes_docs]
-        for mode in ("stream", "aligned", "packed"):
+        docs = docs[:packing_docs]
+        for packing in layouts:
             t0 = time.perf_counter()
-            subprocess.run([sys.executable, "train.py", "config/train_cpu.py", f"--data_dir={tmp}/{mode}",
-                            f"--out_dir={tmp}/out-{mode}", f"--max_iters={modes_iters}",
-                            f"--lr_decay_iters={modes_iters}", f"--eval_interval={modes_iters}", "--eval_iters=5"],
-                           cwd=ROOT, check=True, capture_output=True)
-            model, ckpt = load_checkpoint(f"{tmp}/out-{mode}")
+            subprocess.run([sys.executable, "train.py", "config/train_cpu.py", f"--data_dir={tmp}/{packing}",
+                            f"--out_dir={tmp}/out-{packing}", f"--max_iters={packing_iters}",
+                            f"--lr_decay_iters={packing_iters}", f"--eval_interval={packing_iters}",
+                            "--eval_iters=5"], cwd=ROOT, check=True, capture_output=True)
+            model, ckpt = load(f"{tmp}/out-{packing}")
             nll = document_nll(model, docs, ckpt["model_args"]["block_size"])
-            metric(f"mode_{mode}_heldout_nll", nll, f"nats/token ({len(docs)} held-out documents, "
-                   f"{modes_iters} steps, {time.perf_counter() - t0:.0f}s)")
+            metric("packing_{packing}_heldout_nll", nll, f"({len(docs)} held-out documents, "
+                   f"{packing_iters} steps, {time.perf_counter() - t0:.0f}s)", packing=packing)
 
 
 GROUPS = {"prepare": bench_prepare, "train": bench_train, "generate": bench_generate, "ui": bench_ui,
-          "modes": bench_modes}
+          "packing": bench_packing}
 DEFAULT = ("prepare", "train", "generate", "ui")
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """Evaluate a MiniGLM checkpoint: perplexity on the held-out split, answers scored with Rouge
-(rouge-chinese over jieba words, the course metric) and the graders' checks; --report writes the
-report to hand in.
+(rouge-chinese over jieba words, the course metric) and the graders' checks; --report=True
+writes the report to hand in.
 
     python evaluations.py --out_dir=out-sft                    # SFT: every question of the SFT test split
     python evaluations.py --out_dir=out                        # pretrained: continue held-out documents
-    python evaluations.py --out_dir=out-sft --input=my_test.json --max_samples=200 --report
+    python evaluations.py --out_dir=out-sft --input=my_test.json --max_samples=200 --report=True
 
 SFT checkpoints answer each question of data/raw/sft_test.jsonl (or --input: a JSON array or
 JSONL of {"question", "answer"}). Pretrained checkpoints continue the first sentence of held-out
@@ -13,54 +13,59 @@ the same hash as prepare.py; or --input: JSON/JSONL of {"text"}), scored against
 document (its first max_reference_chars characters). Perplexity: exp of the summed NLL over the
 counted tokens of ppl_split (masked positions excluded) divided once by their number.
 
-Checks on every answer: empty; garbled ("\ufffd", control or unassigned characters); repetitive
-(the same 2-20 characters three times in a row, one character five times, or spans of 5+
-characters copied from earlier in the answer making up a third of it); truncated (no EOT within
-max_new_tokens; SFT only: a continuation has no end to reach, so its rate is n/a). Rouge of an
-empty answer, or of a text over rouge_max_words words, is 0 with a flag instead of an error
-(rouge-chinese refuses the one and is very slow on the other).
+The graders' checks on every answer (metrics.py, with every metric's definition): empty;
+garbled ("\ufffd", control or unassigned characters); repetitive (the same 2-20 characters three
+times in a row, one character five times, or spans of 5+ characters copied from earlier in the
+answer making up a third of it); truncated (no EOT within max_new_tokens; SFT only: a
+continuation has no end to reach, so its rate is n/a). Rouge of an empty answer, or of a text
+over rouge_max_words words, is 0 with a flag instead of an error (rouge-chinese refuses the one
+and is very slow on the other).
 Beside the held-out scores, the same number of questions (documents) the model was trained on
 are answered and scored alike (--seen_samples): memorisation and generalisation are different
 claims. Writes out_dir/eval.json (held-out figures at the top level, trained-on ones under
 "seen") and out_dir/eval_samples.jsonl (each with "set": held_out or seen) and prints a table;
-with --report also out_dir/loss.png, out_dir/eval.png (visualize.py) and out_dir/report.md.
+with --report=True also out_dir/loss.png, out_dir/eval.png and out_dir/report.md (report.py).
+Paths are relative to the current directory: --out_dir, --input, and the paths the checkpoint
+recorded at training time (its data_dir, its data's sources; data/raw/sft_test.jsonl), which
+assume the repository's folder, where make demo runs.
 """
 import logging
 import math
 import random
-import re
 import sys
 import time
-import unicodedata
 from pathlib import Path
 
 import jieba
 import numpy as np
 import torch
-from rouge_chinese import Rouge
 from tqdm import tqdm
 
+from checkpoint import mode_of
 from configurator import configure
-from data.records import (Report, clean_text, expand_inputs, pair_entity, read_records, split_hash, split_of,
-                          string_field, write_json_atomic, write_jsonl_atomic)
+from data.records import (SENTENCE_END, Report, clean_text, expand_inputs, pair_entity, read_records, split_hash,
+                          split_of, string_field, write_json_atomic, write_jsonl_atomic)
 from data.tokenizer import encode_pair
 from data_utils import batch_at, load_dataset
-from model import inference_dtype, select_device
-from sample import checkpoint_mode, exit_on_bad_sampling_flags, load_checkpoint, stream_reply
-
-ROOT = Path(__file__).resolve().parent
+from engine import SAMPLING_DEFAULTS, exit_on_bad_flags, load_model, pick_precision, stream_reply
+from metrics import FLAGS, distinct_2, flags_of, rouge, table_rows
+from model import select_device
+from report import write_report
 
 # ----------------------------------------------------------------------------- defaults
-out_dir = "out-sft"
+out_dir = "out-sft"         # relative to the current directory, like every path here
 input = ""                  # "" = the SFT test split (SFT) or the held-out documents (pretrained)
 max_samples = 0             # 0 = all; else that many, chosen by --seed, kept in file order
 seen_samples = -1           # also answer this many trained-on questions (documents), scored alike;
                             # -1 = as many as the held-out ones, 0 = none
+# The sampling settings are engine.SAMPLING's except two, on purpose: greedy decoding scores the
+# answer the model finds most likely (and makes a run repeatable), and 128 new tokens hold any
+# reference answer of the default data while keeping a run short.
 max_new_tokens = 128
-temperature = 0.0           # 0 = greedy: the answer the model finds most likely
-top_k = 50
-top_p = 0.95
-repetition_penalty = 1.1
+temperature = 0.0           # 0 = greedy
+top_k = SAMPLING_DEFAULTS["top_k"]
+top_p = SAMPLING_DEFAULTS["top_p"]
+repetition_penalty = SAMPLING_DEFAULTS["repetition_penalty"]
 seed = 1337
 max_reference_chars = 200   # pretrained: the reference is this much of the document after the prompt
 ppl_split = "val"           # the split of the checkpoint's data_dir scored for perplexity
@@ -69,19 +74,11 @@ batch_size = 16
 rouge_max_words = 1000
 report = False              # also draw the plots and write out_dir/report.md
 device = ""                 # "" = cuda, then mps, then cpu
-dtype = ""                  # "" = bfloat16 where the GPU or CPU computes it natively, else float32
+precision = ""              # fp32, bf16 or fp16; "" = the fastest on this device (engine.pick_precision)
 # -----------------------------------------------------------------------------
+RENAMED_KEYS = {"dtype": "precision"}  # the configurator answers the old flag with the new name
 
 SFT_TEST = "data/raw/sft_test.jsonl"
-FLAGS = ("empty", "garbled", "repetitive", "truncated")
-_SENTENCE_END = re.compile(r"[。！？!?]")
-_LOOP = re.compile(r"(.{2,20}?)\1{2,}|(.)\2{4,}", re.DOTALL)
-# A span of at least REPEAT_MIN_CHARS characters that copies earlier text counts as repeated; an
-# answer is repetitive once such copies make up REPEAT_SHARE of it: a sentence said twice is 1/2,
-# an A-B-A loop of equal parts 1/3. Measured on the default data's references (README): 5 of 4,051
-# SFT answers and 1 of 3,000 documents (a Shijing refrain) reach 1/3; none reach 1/2.
-REPEAT_MIN_CHARS = 5
-REPEAT_SHARE = 1 / 3
 
 
 def perplexity(model, ds, batch_size: int = 16, max_blocks: int = 0, device: str = "cpu") -> dict:
@@ -104,64 +101,11 @@ def perplexity(model, ds, batch_size: int = 16, max_blocks: int = 0, device: str
             "tokens": count, "blocks": len(starts)}
 
 
-def is_garbled(text: str) -> bool:
-    """A replacement character, or a control, unassigned, private-use or surrogate code point."""
-    return any(ch == "\ufffd" or (unicodedata.category(ch) in ("Cc", "Cn", "Co", "Cs") and ch not in "\n\t")
-               for ch in text)
-
-
-def repeated_share(text: str, min_chars: int = REPEAT_MIN_CHARS) -> float:
-    """The share of text that copies an earlier part of it. Left to right, the longest span at
-    this position that already occurs earlier (the copy may overlap it, as in a loop) counts as
-    repeated if it has at least min_chars characters, and the walk jumps past it (an LZ77 parse)."""
-    i, copied = 0, 0
-    while i < len(text):
-        n = 0
-        while i + n < len(text) and text.find(text[i:i + n + 1], 0, i + n) >= 0:
-            n += 1
-        if n >= min_chars:
-            copied += n
-            i += n
-        else:
-            i += 1
-    return copied / len(text) if text else 0.0
-
-
-def is_repetitive(text: str) -> bool:
-    """A short loop (the same 2-20 characters three times in a row, or one character five times),
-    or copies of earlier spans making up REPEAT_SHARE of the text (repeated_share)."""
-    return _LOOP.search(text) is not None or repeated_share(text) >= REPEAT_SHARE
-
-
-def distinct_2(text: str) -> float | None:
-    """Distinct character bigrams / all character bigrams (None under two characters)."""
-    grams = [text[i:i + 2] for i in range(len(text) - 1)]
-    return len(set(grams)) / len(grams) if grams else None
-
-
-def words(text: str) -> str:
-    return " ".join(w for w in jieba.cut(text) if w.strip())
-
-
-def rouge(prediction: str, reference: str, max_words: int = 1000) -> tuple[dict, str | None]:
-    """({rouge_1, rouge_2, rouge_l} F1 over jieba words, flag): all 0 with a flag where
-    rouge-chinese cannot score (empty text) or would take too long (over max_words words)."""
-    zero = {"rouge_1": 0.0, "rouge_2": 0.0, "rouge_l": 0.0}
-    hyp, ref = words(prediction), words(reference)
-    if not hyp or not ref:
-        return zero, "rouge_empty"
-    if max(hyp.count(" "), ref.count(" ")) + 1 > max_words:
-        return zero, "rouge_too_long"
-    try:
-        s = Rouge().get_scores(hyp, ref)[0]
-    except (ValueError, RecursionError) as e:
-        return zero, f"rouge_error: {e}"
-    return {"rouge_1": s["rouge-1"]["f"], "rouge_2": s["rouge-2"]["f"], "rouge_l": s["rouge-l"]["f"]}, None
-
-
 def split_document(text: str) -> tuple[str, str]:
-    """(first sentence, the rest): up to the first 。！？, else up to the first line break."""
-    end = _SENTENCE_END.search(text)
+    """(first sentence, the rest): up to the first sentence end (data.records.SENTENCE_END: 。！？!?
+    and any closing quotes after it, before a letter, a space or the end), else up to the first
+    line break."""
+    end = SENTENCE_END.search(text)
     cut = end.end() if end else text.find("\n") + 1
     return (text[:cut], text[cut:].strip()) if cut > 0 else (text, "")
 
@@ -173,7 +117,7 @@ def load_cases(mode: str, source: str, data_meta: dict, report: Report, referenc
     records of the checkpoint's sources that the prepare scripts wrote to train: by their own
     split rule (the document's hash, or the pair's entity; split_of) and, for pairs, only those
     that fit a block; [] when those files are not here)."""
-    sources = [ROOT / p for p in data_meta.get("sources", [])]
+    sources = [Path(p) for p in data_meta.get("sources", [])]  # as prepared: relative to that directory
     if seen:
         if not sources or not all(p.exists() for p in sources):
             return []
@@ -183,14 +127,16 @@ def load_cases(mode: str, source: str, data_meta: dict, report: Report, referenc
         if not paths:
             sys.exit(f"--input={source}: no .json or .jsonl file there")
     elif mode == "chat":
-        paths = [ROOT / SFT_TEST]
+        paths = [Path(SFT_TEST)]
         if not paths[0].exists():
-            sys.exit(f"{SFT_TEST} not found: run python data/fetch_data.py, or pass --input=your_test.jsonl")
+            sys.exit(f"{SFT_TEST} not found in {Path.cwd()}: run from the repository's folder after "
+                     "python data/fetch_data.py, or pass --input=your_test.jsonl")
     else:
         paths = sources
         if not paths or not all(p.exists() for p in paths):
             sys.exit(f"the checkpoint's source documents ({', '.join(map(str, paths)) or 'none recorded'}) are "
-                     "not here: pass --input= a JSONL of {\"text\"} documents")
+                     f"not in {Path.cwd()}: run from the folder the data was prepared in, or pass --input= a "
+                     "JSONL of {\"text\"} documents")
     cases = []
     for path in paths:
         for where, obj in read_records(path, report):
@@ -234,9 +180,7 @@ def evaluate(model, ckpt: dict, mode: str, cases: list, settings: dict, label: s
         prediction = "".join(stream_reply(model, ckpt, case["prompt"], mode, generator=gen, stats=stats,
                                           **{k: settings[k] for k in keys}))
         scores, rouge_flag = rouge(prediction, case["reference"], settings["rouge_max_words"])
-        flags = [name for name, on in zip(FLAGS, (not prediction.strip(), is_garbled(prediction),
-                                                   is_repetitive(prediction), chat and not stats["stopped_at_eot"]),
-                                          strict=True) if on]
+        flags = flags_of(prediction, stats["stopped_at_eot"], check_truncation=chat)
         samples.append({"question": case["prompt"], "reference": case["reference"], "prediction": prediction,
                         **{k: round(v, 4) for k, v in scores.items()}, "flags": flags + [rouge_flag] * bool(rouge_flag),
                         "distinct_2": distinct_2(prediction), "chars": len(prediction),
@@ -249,55 +193,49 @@ def evaluate(model, ckpt: dict, mode: str, cases: list, settings: dict, label: s
         return sum(values) / len(values) if values else None
 
     summary = {k: mean(s[k] for s in samples) for k in ("rouge_1", "rouge_2", "rouge_l")}
-    summary |= {f"{f}_rate": sum(f in s["flags"] for s in samples) / n for f in FLAGS}
-    summary["repetition_rate"] = summary.pop("repetitive_rate")
-    summary["truncation_rate"] = summary.pop("truncated_rate") if chat else None
+    summary |= {rate: sum(f in s["flags"] for s in samples) / n for f, rate in FLAGS.items()}
+    summary["truncation_rate"] = summary["truncation_rate"] if chat else None
     summary |= {"rouge_unscored_rate": sum(any(f.startswith("rouge_") for f in s["flags"]) for s in samples) / n,
                 "distinct_2": mean(s["distinct_2"] for s in samples), "mean_chars": mean(s["chars"] for s in samples),
                 "tokens_per_s": sum(s["new_tokens"] for s in samples) / max(seconds, 1e-9), "samples": n}
     return samples, summary
 
 
-TABLE = (("perplexity", "perplexity"), ("Rouge-1 F1", "rouge_1"), ("Rouge-2 F1", "rouge_2"),
-         ("Rouge-L F1", "rouge_l"), ("empty rate", "empty_rate"), ("garbled rate", "garbled_rate"),
-         ("repetition rate", "repetition_rate"), ("truncation rate", "truncation_rate"),
-         ("distinct-2", "distinct_2"), ("mean answer chars", "mean_chars"), ("tokens/s", "tokens_per_s"),
-         ("samples", "samples"))
-
-
 def print_table(results: dict) -> None:
     """Held-out scores beside the scores on questions (documents) the model was trained on."""
     seen = results.get("seen") or {}
     print(f"{'':<20}{'held out':>12}{'trained on':>12}")
-    for name, key in TABLE:
-        shown = ["n/a" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
-                 for v in (results.get(key), seen.get(key) if key != "perplexity" else None)]
-        print(f"{name:<20}{shown[0]:>12}{shown[1] if seen else '-':>12}")
+    for key, m in table_rows():
+        shown = [m.show(v) for v in (results.get(key), seen.get(key) if key != "perplexity" else None)]
+        print(f"{m.label:<20}{shown[0]:>12}{shown[1] if seen else '-':>12}")
 
 
 if __name__ == "__main__":
     config = configure(globals())
     jieba.setLogLevel(logging.WARNING)
-    exit_on_bad_sampling_flags(config)  # sample.py's table of ranges
+    exit_on_bad_flags(config)  # engine.SAMPLING's ranges and engine.PRECISIONS
     for key, ok in [("max_samples", max_samples >= 0), ("seen_samples", seen_samples >= -1),
                     ("ppl_max_blocks", ppl_max_blocks >= 0),
                     ("batch_size", batch_size >= 1), ("rouge_max_words", rouge_max_words >= 1)]:
         if not ok:
             sys.exit(f"--{key}={config[key]}: out of range (see --help)")
     settings = {k: config[k] for k in config if k not in ("report",)}
+    out = Path(out_dir)
     try:
         device, _ = select_device(device)
-        dtype = inference_dtype(device, dtype)
-        model, ckpt = load_checkpoint(ROOT / out_dir, device, dtype)
+        precision = pick_precision(device, precision)
+        model, ckpt = load_model(out, device, precision)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(str(e))
-    out = ROOT / out_dir
-    mode = checkpoint_mode(ckpt)
-    settings |= {"mode": mode, "device": device, "dtype": dtype, "iter_num": ckpt.get("iter_num")}
-    print(f"[{out_dir}: mode {mode}, {model.num_params() / 1e6:.1f}M parameters, {device}, {dtype}]", file=sys.stderr)
+    mode = mode_of(ckpt)
+    settings |= {"mode": mode, "device": device, "precision": precision, "iter_num": ckpt.get("iter_num")}
+    print(f"[{out_dir}: mode {mode}, {model.num_params() / 1e6:.1f}M parameters, {device}, {precision}]",
+          file=sys.stderr)
 
     results = {"perplexity": None, "ppl_note": ""}
-    data_dir = ROOT / ckpt["config"].get("data_dir", "")
+    # data_dir as given at training time, relative to the directory training ran in (normally
+    # the repository's folder), so read from the current directory
+    data_dir = Path(ckpt["config"].get("data_dir", ""))
     try:
         ds = load_dataset(data_dir, ppl_split)
         t0 = time.perf_counter()
@@ -307,7 +245,8 @@ if __name__ == "__main__":
         print(f"perplexity {ppl['perplexity']:.3f} over {ppl['tokens']:,} tokens of {ds.path} "
               f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
     except (FileNotFoundError, ValueError, KeyError) as e:
-        results["ppl_note"] = f"no perplexity: {data_dir} split {ppl_split!r} unavailable ({e})"
+        where = "" if data_dir.is_absolute() else f" (the checkpoint's data_dir, read from {Path.cwd()})"
+        results["ppl_note"] = f"no perplexity: {data_dir} split {ppl_split!r} unavailable{where} ({e})"
         print(results["ppl_note"], file=sys.stderr)
 
     def subset(cases: list, n: int) -> list:
@@ -334,12 +273,11 @@ if __name__ == "__main__":
             samples += [s | {"set": "seen"} for s in more]
         else:
             print("no trained-on questions to compare with: the checkpoint's source files "
-                  f"({', '.join(ckpt['data_meta'].get('sources', [])) or 'none recorded'}) are not here",
+                  f"({', '.join(ckpt['data_meta'].get('sources', [])) or 'none recorded'}) are not in {Path.cwd()}",
                   file=sys.stderr)
     write_json_atomic(out / "eval.json", results)
     write_jsonl_atomic(out / "eval_samples.jsonl", samples)
     print_table(results)
     print(f"wrote {out / 'eval.json'} and {out / 'eval_samples.jsonl'}", file=sys.stderr)
     if report:
-        from visualize import write_report
         print(f"wrote {write_report(out)}", file=sys.stderr)

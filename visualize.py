@@ -1,30 +1,19 @@
-"""Plots and the report of a run: loss curves from metrics.jsonl; Rouge-L and the graders' rates
-from eval.json / eval_samples.jsonl (evaluations.py); report.md, the material to hand in.
+"""Plots and the report of a run (report.py): loss curves from metrics.jsonl; Rouge-L and the
+graders' rates from eval.json / eval_samples.jsonl (evaluations.py); report.md, the material to
+hand in.
 
     python visualize.py --out_dir=out                      # out/loss.png (and out/eval.png once evaluated)
     python visualize.py --out_dir=out-cpu,out-cpu-sft      # several runs in one figure: out-cpu/loss_runs.png
     python visualize.py --out_dir=out-sft --report=True    # also out-sft/report.md
 
-Chinese labels use a CJK font when one is installed (Noto Sans CJK from Debian's fonts-noto-cjk,
-WenQuanYi, Source Han, SimHei, Microsoft YaHei, PingFang); without one the labels are English so
-the figures still draw. Runs headless (the Agg backend).
+Folders and --save_path are relative to the current directory. Chinese labels need a CJK font
+(Debian: apt-get install fonts-noto-cjk); without one the labels are English.
 """
-import json
 import sys
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: files only, no window
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from matplotlib import font_manager  # noqa: E402
-
-from configurator import configure  # noqa: E402
-from data.records import Report, read_records, write_text_atomic  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent
+from configurator import configure
+from report import cjk_font, plot_eval, plot_losses, write_report
 
 # ----------------------------------------------------------------------------- defaults
 out_dir = "out"             # one run, or several separated by commas
@@ -32,205 +21,18 @@ save_path = ""              # "" = out_dir/loss.png (one run) or <first out_dir>
 report = False              # also write out_dir/report.md (one run)
 # -----------------------------------------------------------------------------
 
-CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Source Han Sans SC", "WenQuanYi Zen Hei",
-             "WenQuanYi Micro Hei", "SimHei", "Microsoft YaHei", "PingFang SC", "Heiti SC", "Arial Unicode MS")
-LABELS = {
-    True: {"iter": "迭代步数", "loss": "损失", "lr": "学习率", "train": "训练", "val": "验证",
-           "title": "训练曲线", "rouge": "Rouge-L F1", "count": "样本数", "rate": "比例",
-           "hist": "Rouge-L 分布", "rates": "评审检查", "empty": "空回答", "garbled": "乱码",
-           "repetition": "重复", "truncation": "截断"},
-    False: {"iter": "iteration", "loss": "loss", "lr": "learning rate", "train": "train", "val": "val",
-            "title": "training curves", "rouge": "Rouge-L F1", "count": "answers", "rate": "rate",
-            "hist": "Rouge-L distribution", "rates": "graders' checks", "empty": "empty", "garbled": "garbled",
-            "repetition": "repetitive", "truncation": "truncated"},
-}
-
-
-def cjk_font() -> str | None:
-    """The first installed CJK font of CJK_FONTS, made matplotlib's sans-serif; None if there is none."""
-    installed = {f.name for f in font_manager.fontManager.ttflist}
-    name = next((f for f in CJK_FONTS if f in installed), None)
-    if name:
-        plt.rcParams["font.sans-serif"] = [name, "DejaVu Sans"]
-        plt.rcParams["axes.unicode_minus"] = False
-    return name
-
-
-def labels() -> dict:
-    return LABELS[cjk_font() is not None]
-
-
-def read_metrics(path: Path) -> tuple[list, list]:
-    """(train records, val records) of a metrics.jsonl; bad lines are reported with file:line."""
-    report, train, val = Report(), [], []
-    for where, r in read_records(path, report):
-        if r.get("split") == "train" and isinstance(r.get("loss"), (int, float)) and isinstance(r.get("iter"), int):
-            train.append(r)
-        elif r.get("split") == "val" and isinstance(r.get("iter"), int):
-            val.append(r)
-        else:
-            report.add("bad_metric", where,
-                       "expected {\"iter\", \"split\": \"train\" with \"loss\" or \"val\"}; skipped")
-    if report.counts:
-        print(f"{path}: {report.summary()}", file=sys.stderr)
-    return train, val
-
-
-def plot_losses(out_dirs: list, save: Path) -> Path:
-    """Train (thin) and val (dots) loss against iteration for each run; the learning rate of the
-    first run on a second axis."""
-    t = labels()
-    fig, ax = plt.subplots(figsize=(9, 5))
-    lr_ax = ax.twinx()
-    drawn = 0
-    for k, d in enumerate(out_dirs):
-        path = Path(d) / "metrics.jsonl"
-        if not path.exists():
-            print(f"{path}: not found (train.py writes it); run skipped", file=sys.stderr)
-            continue
-        train, val = read_metrics(path)
-        color, name = f"C{k}", Path(d).name
-        if train:
-            ax.plot([r["iter"] for r in train], [r["loss"] for r in train], color=color, lw=1, alpha=0.8,
-                    label=f"{name} {t['train']}")
-        points = [(r["iter"], r["val_loss"]) for r in val if isinstance(r.get("val_loss"), (int, float))]
-        if points:
-            ax.plot(*zip(*points, strict=True), "o--", color=color, ms=4, label=f"{name} {t['val']}")
-        if k == 0 and train:
-            lr_ax.plot([r["iter"] for r in train], [r["lr"] for r in train], color="gray", lw=0.8, alpha=0.5)
-        drawn += bool(train or points)
-    if not drawn:
-        plt.close(fig)
-        sys.exit(f"no metrics.jsonl with records in {', '.join(map(str, out_dirs))}")
-    ax.set(xlabel=t["iter"], ylabel=t["loss"], title=t["title"])
-    lr_ax.set_ylabel(t["lr"], color="gray")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    return save_figure(fig, save)
-
-
-def plot_eval(out: Path) -> Path | None:
-    """out/eval.png: the Rouge-L histogram of eval_samples.jsonl and the rates of eval.json."""
-    if not (out / "eval.json").exists() or not (out / "eval_samples.jsonl").exists():
-        return None
-    t = labels()
-    results = json.loads((out / "eval.json").read_text(encoding="utf-8"))
-    scores = [s["rouge_l"] for s in held_out_samples(out) if isinstance(s.get("rouge_l"), (int, float))]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.hist(scores, bins=20, range=(0, 1), color="C0")
-    left.set(xlabel=t["rouge"], ylabel=t["count"], title=f"{t['hist']} (n={len(scores)})")
-    names = ("empty", "garbled", "repetition", "truncation")
-    rates = [results.get(f"{n}_rate") for n in names]  # None: n/a (truncation of a continuation)
-    bars = right.bar([t[n] for n in names], [r or 0 for r in rates], color=["C1", "C3", "C4", "C2"])
-    right.bar_label(bars, labels=["n/a" if r is None else f"{r:.1%}" for r in rates])
-    right.set(ylim=(0, 1), ylabel=t["rate"], title=t["rates"])
-    fig.tight_layout()
-    return save_figure(fig, out / "eval.png")
-
-
-def held_out_samples(out: Path) -> list:
-    """The held-out answers of eval_samples.jsonl (not those to questions the model trained on)."""
-    path = out / "eval_samples.jsonl"
-    return [s for _, s in read_records(path, Report()) if s.get("set", "held_out") == "held_out"] \
-        if path.exists() else []
-
-
-def save_figure(fig, path: Path) -> Path:
-    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
-
-
-def fmt(value, digits: int = 4) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-
-def one_line(text: str) -> str:
-    """Text for a Markdown list item: line breaks shown as " / "."""
-    return " / ".join(line.strip() for line in text.splitlines() if line.strip())
-
-
-def write_report(out: Path) -> Path:
-    """out/report.md: data, training, evaluation, sample answers good and bad, and the plots."""
-    out = Path(out)
-    ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True, mmap=True)
-    meta, cfg, args = ckpt["data_meta"], ckpt["config"], ckpt["model_args"]
-    with torch.device("meta"):
-        n_params = GPT(GPTConfig(**args)).num_params()
-    train, val = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else ([], [])
-    loss_png = plot_losses([out], out / "loss.png") if train or val else None
-    eval_png = plot_eval(out)
-    lines = [f"# MiniGLM 实验报告：`{out.name}`", "",
-             f"检查点 `{out.name}/ckpt.pt`，{'SFT（问答）' if meta.get('kind') == 'sft' else '预训练（续写）'}模型。",
-             "",
-             "## 数据", "", f"- 来源：{', '.join(map(str, meta.get('sources', []))) or '未记录'}",
-             f"- 分词器 {meta.get('tokenizer')}（词表 {meta.get('vocab_size')}），块长 {meta.get('block_size')}，"
-             f"模式 {meta.get('mode')}，验证集比例 {meta.get('val_fraction')}", "",
-             "| 划分 | 文档/问答对 | tokens | 块 | 填充比例 |", "|---|---|---|---|---|"]
-    for split, s in meta.get("splits", {}).items():
-        docs = s.get("documents", s.get("pairs", 0))
-        lines.append(f"| {split} | {docs:,} | {s.get('tokens', 0):,} | {s.get('blocks', 0):,} | "
-                     f"{fmt(s.get('padding_fraction'))} |")
-    lines += ["", "## 训练", "",
-              f"- 模型：{args['n_layer']} 层，{args['n_embd']} 宽，{args['n_head']} 头，块长 {args['block_size']}，"
-              f"{n_params / 1e6:.1f}M 参数",
-              f"- 设置：init_from={cfg.get('init_from')}，batch_size={cfg.get('batch_size')} × "
-              f"gradient_accumulation_steps={cfg.get('gradient_accumulation_steps')}，learning_rate={cfg.get('learning_rate')}，"
-              f"max_iters={cfg.get('max_iters')}，device={cfg.get('device') or 'auto'}，data_dir={cfg.get('data_dir')}",
-              f"- 训练步数 {ckpt.get('iter_num')}，用时 {fmt((train or val or [{}])[-1].get('time'), 0)} 秒",
-              f"- 最终训练损失 {fmt(train[-1]['loss'] if train else None)}，最终验证损失 "
-              f"{fmt(val[-1].get('val_loss') if val else None)}，最佳验证损失 {fmt(ckpt.get('best_val_loss'))}", ""]
-    if loss_png:
-        lines += [f"![训练曲线]({loss_png.name})", ""]
-    lines += ["## 评测", ""]
-    if (out / "eval.json").exists():
-        r = json.loads((out / "eval.json").read_text(encoding="utf-8"))
-        st = r.get("settings", {})
-        seen = r.get("seen") or {}
-        lines += ["| 指标 | 留出集 | 训练过的问题（文档） |", "|---|---|---|"]
-        for name, key in [("困惑度 perplexity", "perplexity"), ("Rouge-1 F1", "rouge_1"), ("Rouge-2 F1", "rouge_2"),
-                          ("Rouge-L F1", "rouge_l"), ("空回答比例", "empty_rate"), ("乱码比例", "garbled_rate"),
-                          ("重复比例", "repetition_rate"), ("截断比例（没有生成结束符）", "truncation_rate"),
-                          ("distinct-2", "distinct_2"), ("平均回答字数", "mean_chars"),
-                          ("生成速度 tokens/s", "tokens_per_s"), ("样本数", "samples")]:
-            lines.append(f"| {name} | {fmt(r.get(key))} | {fmt(seen.get(key)) if seen and key != 'perplexity' else '-'} |")
-        lines += ["", f"设置：max_new_tokens={st.get('max_new_tokens')}，temperature={st.get('temperature')}，"
-                  f"top_k={st.get('top_k')}，top_p={st.get('top_p')}，repetition_penalty={st.get('repetition_penalty')}，"
-                  f"seed={st.get('seed')}，max_samples={st.get('max_samples')}，{st.get('device')} {st.get('dtype')}。"
-                  + (f"{r['ppl_note']}" if r.get("ppl_note") else ""), ""]
-        if eval_png:
-            lines += [f"![评测]({eval_png.name})", ""]
-        lines += ["留出集：模型没有训练过的问题（或文档）；训练过的问题：从它的训练数据里抽取的样本，同样打分。"
-                  "两列相差越大，模型越是在背诵训练数据，而不是举一反三。", ""]
-        samples = held_out_samples(out)
-        ranked = sorted(samples, key=lambda s: (-len(s.get("flags", [])), s.get("rouge_l", 0)))
-        good = sorted((s for s in samples if not s.get("flags")), key=lambda s: -s.get("rouge_l", 0))[:3]
-        for title, chosen in (("## 较好的回答", good), ("## 较差的回答", ranked[:3])):
-            lines += [title, ""]
-            for s in chosen:
-                lines += [f"- **问/提示**：{one_line(s['question'])}", f"  - 参考：{one_line(s['reference'])}",
-                          f"  - 模型：{one_line(s['prediction']) or '（空）'}",
-                          f"  - Rouge-L {fmt(s.get('rouge_l'))}；问题：{'、'.join(s.get('flags', [])) or '无'}"]
-            lines.append("" if chosen else "（没有）\n")
-    else:
-        lines += ["还没有评测结果：先运行 `python evaluations.py --out_dir=...`。", ""]
-    path = out / "report.md"
-    write_text_atomic(path, "\n".join(lines) + "\n")
-    return path
-
-
 if __name__ == "__main__":
     config = configure(globals())
-    dirs = [ROOT / d for d in out_dir.split(",") if d]
+    dirs = [Path(d) for d in out_dir.split(",") if d]
     if not dirs:
         sys.exit("--out_dir: expected one or more run folders, separated by commas")
     if not cjk_font():
         print("no CJK font found: labels are in English (Debian: apt-get install fonts-noto-cjk)", file=sys.stderr)
-    save = ROOT / save_path if save_path else dirs[0] / ("loss.png" if len(dirs) == 1 else "loss_runs.png")
-    print(f"wrote {plot_losses(dirs, save)}")
+    save = Path(save_path) if save_path else dirs[0] / ("loss.png" if len(dirs) == 1 else "loss_runs.png")
+    try:
+        print(f"wrote {plot_losses(dirs, save)}")
+    except FileNotFoundError as e:
+        sys.exit(str(e))
     for d in dirs:
         if (png := plot_eval(d)) is not None:
             print(f"wrote {png}")
@@ -239,4 +41,7 @@ if __name__ == "__main__":
             sys.exit("--report: one --out_dir at a time")
         if not (dirs[0] / "ckpt.pt").exists():
             sys.exit(f"--report: {dirs[0] / 'ckpt.pt'} not found; the report describes a trained checkpoint")
-        print(f"wrote {write_report(dirs[0])}")
+        try:
+            print(f"wrote {write_report(dirs[0])}")
+        except ValueError as e:  # a checkpoint that is not ours, or is damaged: checkpoint.read says which
+            sys.exit(str(e))

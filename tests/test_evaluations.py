@@ -1,20 +1,23 @@
-"""evaluations.py and visualize.py: perplexity, Rouge, the graders' checks, plots and the report."""
+"""evaluations.py, visualize.py and bench.py over metrics.py and report.py: perplexity, Rouge, the
+graders' checks, the metrics tables, plots and the report."""
+import ast
 import json
 import math
+import re
 
 import numpy as np
 import pytest
 import torch
-from conftest import PAIRS, read_bin, run_script, write_jsonl
+from conftest import PAIRS, ROOT, read_bin, run_script, write_jsonl
 from test_prepare import corpus
 
 from data.records import clean_text, in_val
 from data_utils import load_dataset
 from data.records import Report
-from evaluations import (distinct_2, is_garbled, is_repetitive, load_cases, perplexity, repeated_share, rouge,
-                         split_document)
+from evaluations import load_cases, perplexity, split_document
+from metrics import BENCH, EVAL, distinct_2, is_garbled, is_repetitive, repeated_share, rouge, table_rows
 from model import GPT, GPTConfig
-from visualize import plot_losses
+from report import plot_losses
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -145,6 +148,12 @@ def test_split_document_at_the_first_sentence():
     assert split_document("一句话。") == ("一句话。", "")
 
 
+def test_split_document_follows_the_one_sentence_end_rule():
+    """data.records.SENTENCE_END: a closing quote stays with its sentence, and "？！" ends once."""
+    assert split_document("他说：“好。”然后走了。") == ("他说：“好。”", "然后走了。")
+    assert split_document("真的吗？！当然。") == ("真的吗？！", "当然。")
+
+
 def test_sft_evaluation_end_to_end_with_report(sft_model, tmp_path):
     src = write_jsonl(tmp_path / "test.jsonl", PAIRS + [{"question": "缺答案"}])
     with open(src, "a", encoding="utf-8") as f:
@@ -167,7 +176,17 @@ def test_sft_evaluation_end_to_end_with_report(sft_model, tmp_path):
     assert sorted(s["question"] for s in samples if s["set"] == "seen") == sorted(p["question"] for p in PAIRS)
     assert "trained on" in proc.stdout
     assert "Rouge-L F1" in proc.stdout and "perplexity" in proc.stdout
+    assert results["settings"]["precision"] in ("fp32", "bf16", "fp16") and "dtype" not in results["settings"]
+    # every number eval.json holds is a metric of metrics.EVAL, and both tables list EVAL's rows
+    for figures in (results, results["seen"]):
+        numbers = [k for k, v in figures.items() if v is None or isinstance(v, (int, float))]
+        assert numbers and set(numbers) <= set(EVAL), set(numbers) - set(EVAL)
+    printed = [line[:20].strip() for line in proc.stdout.splitlines()[1:]]
+    assert printed == [m.label for _, m in table_rows()]
     report = (sft_model / "report.md").read_text(encoding="utf-8")
+    head = report.index("| 指标 | 留出集 | 训练过的问题（文档） |")
+    rows = report[head:].split("\n\n")[0].splitlines()[2:]
+    assert [r.split(" | ")[0].removeprefix("| ") for r in rows] == [m.label_zh for _, m in table_rows()]
     for section in ("## 数据", "## 训练", "## 评测", "## 较好的回答", "## 较差的回答", "![训练曲线](loss.png)",
                     "![评测](eval.png)", PAIRS[0]["answer"], "| 指标 | 留出集 | 训练过的问题（文档） |"):
         assert section in report, section
@@ -221,6 +240,44 @@ def test_evaluations_bad_input_messages(sft_model, tmp_path):
                        ("--top_k=-1", "--top_k=-1: expected a whole number from 0 to")]:
         proc = run_script("evaluations.py", f"--out_dir={sft_model}", arg, check=False)
         assert proc.returncode == 1 and words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    proc = run_script("evaluations.py", f"--out_dir={sft_model}", "--precision=int3", check=False)
+    assert proc.returncode == 1 and "--precision='int3': expected one of fp32, bf16, fp16" in proc.stderr
+    proc = run_script("evaluations.py", f"--out_dir={sft_model}", "--dtype=float32", check=False)
+    assert proc.returncode == 1 and "dtype" in proc.stderr and "precision" in proc.stderr  # the new name
+
+
+def metric_calls(path):
+    """The names of every metric("...") call in a file (a name must be a literal: the table's row)."""
+    calls = [n for n in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+             if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "metric"]
+    assert all(isinstance(c.args[0], ast.Constant) for c in calls), "metric() takes a literal name"
+    return [c.args[0].value for c in calls]
+
+
+def test_every_bench_metric_is_in_the_table():
+    names = metric_calls(ROOT / "bench.py")
+    assert len(names) > 15 and set(names) <= set(BENCH), set(names) - set(BENCH)
+    # the rest of the table: data/bench_prepare.py's lines, which bench.py passes on (checked there)
+    rest = set(BENCH) - set(names)
+    prepare = (ROOT / "data" / "bench_prepare.py").read_text(encoding="utf-8")
+    assert rest and all(f'"{name}"' in prepare for name in rest), rest
+    for m in list(BENCH.values()) + list(EVAL.values()):
+        assert m.better in ("higher", "lower", "") and m.description
+
+
+def test_bench_metric_prints_the_table_unit_and_refuses_other_names(capsys):
+    from bench import metric
+    metric("generate_kv_speedup_{new}", 2.34567, "(vs use_cache=False)", new=256)
+    line = json.loads(capsys.readouterr().out)
+    assert line == {"metric": "generate_kv_speedup_256", "value": 2.346, "unit": "x (vs use_cache=False)"}
+    with pytest.raises(ValueError, match="not in metrics.BENCH"):
+        metric("generate_tokens_per_second", 1.0)
+
+
+def test_bench_help_runs():
+    proc = run_script("bench.py", "--help")
+    assert "--only=prepare" in proc.stdout and "--packing_iters=" in proc.stdout
+    assert re.search(r"--only='modes'.*expected one of", run_script("bench.py", "--only=modes", check=False).stderr)
 
 
 def test_loss_plots_from_synthetic_metrics(tmp_path, capsys, monkeypatch):
@@ -240,7 +297,7 @@ def test_loss_plots_from_synthetic_metrics(tmp_path, capsys, monkeypatch):
     assert png.read_bytes()[:8] == PNG and png.stat().st_size > 10_000
     err = capsys.readouterr().err
     assert f"{runs[0] / 'metrics.jsonl'}:103" in err and f"{runs[0] / 'metrics.jsonl'}:104" in err
-    monkeypatch.setattr("visualize.CJK_FONTS", ("No Such Font",))  # no CJK font: English labels, still draws
+    monkeypatch.setattr("report.CJK_FONTS", ("No Such Font",))  # no CJK font: English labels, still draws
     both = plot_losses(runs, tmp_path / "both.png")
     assert both.read_bytes()[:8] == PNG and both.stat().st_size > 10_000
 

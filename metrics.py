@@ -1,0 +1,192 @@
+"""The metric definitions and the graders' checks, in one place.
+
+    from metrics import EVAL, BENCH, rouge, is_repetitive
+    EVAL["rouge_l"].better                     # "higher": what a larger number means
+    rouge("床前明月光", "床前明月光")            # ({"rouge_1": 1.0, ...}, None)
+
+EVAL lists every number evaluations.py writes in eval.json (at the top level and under "seen");
+its printed table and report.md show the rows that have a label, in this order. BENCH lists
+every metric bench.py prints ({"metric", "value", "unit"}); a name with {braces} is a family
+(generate_tokens_per_s_kv_{new} is _256 and _512). bench.metric refuses a name not listed here,
+and tests/test_evaluations.py holds eval.json and bench.py to these tables.
+
+The graders' checks flag each answer: empty; garbled ("\ufffd", control or unassigned
+characters); repetitive (a short loop, or copies of earlier spans making up REPEAT_SHARE of
+it); truncated (no EOT within max_new_tokens; evaluations.py applies it to SFT answers only).
+"""
+import re
+import unicodedata
+from dataclasses import dataclass
+
+import jieba
+from rouge_chinese import Rouge
+
+
+@dataclass(frozen=True)
+class Metric:
+    better: str             # "higher" or "lower" is better; "" for a count or a size, not a score
+    unit: str
+    description: str
+    label: str = ""         # the row label of evaluations.py's printed table ("" = not a row)
+    label_zh: str = ""      # the row label of report.md
+    digits: int = 4         # decimals shown (a float; whole numbers are shown as they are)
+
+    def show(self, value) -> str:
+        return show(value, self.digits)
+
+
+def show(value, digits: int = 4) -> str:
+    """A figure as text: "n/a" for None (not applicable), a float with digits decimals, else as it is."""
+    return "n/a" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+# The graders' flags and the eval.json rate that counts each (the share of answers flagged).
+FLAGS = {"empty": "empty_rate", "garbled": "garbled_rate", "repetitive": "repetition_rate",
+         "truncated": "truncation_rate"}
+
+EVAL = {
+    "perplexity": Metric("lower", "", "exp(summed NLL over the counted tokens of ppl_split / their number); "
+                         "masked positions (SFT prompts, padding) are not counted", "perplexity", "困惑度 perplexity"),
+    "rouge_1": Metric("higher", "", "Rouge-1 F1 over jieba words (rouge-chinese), mean over answers",
+                      "Rouge-1 F1", "Rouge-1 F1"),
+    "rouge_2": Metric("higher", "", "Rouge-2 F1 over jieba words, mean over answers", "Rouge-2 F1", "Rouge-2 F1"),
+    "rouge_l": Metric("higher", "", "Rouge-L F1 (longest common subsequence) over jieba words, mean over answers",
+                      "Rouge-L F1", "Rouge-L F1"),
+    "empty_rate": Metric("lower", "", "share of answers that are empty or only whitespace", "empty rate", "空回答比例"),
+    "garbled_rate": Metric("lower", "", "share of answers with \"\\ufffd\" or a control, unassigned, private-use or "
+                           "surrogate character (is_garbled)", "garbled rate", "乱码比例"),
+    "repetition_rate": Metric("lower", "", "share of answers that loop or copy themselves (is_repetitive)",
+                              "repetition rate", "重复比例"),
+    "truncation_rate": Metric("lower", "", "share of answers with no EOT within max_new_tokens; SFT only "
+                              "(null for a continuation, which has no end to reach)",
+                              "truncation rate", "截断比例（没有生成结束符）"),
+    "distinct_2": Metric("higher", "", "distinct character bigrams / all character bigrams, mean over answers",
+                         "distinct-2", "distinct-2"),
+    "mean_chars": Metric("", "characters", "mean answer length", "mean answer chars", "平均回答字数"),
+    "tokens_per_s": Metric("higher", "tokens/s", "new tokens / generation seconds over all answers",
+                           "tokens/s", "生成速度 tokens/s"),
+    "samples": Metric("", "answers", "number of answers scored", "samples", "样本数"),
+    "rouge_unscored_rate": Metric("lower", "", "share of answers Rouge could not score (empty, or over "
+                                  "rouge_max_words words): scored 0 and flagged"),
+    "ppl_nll": Metric("lower", "nats/token", "the mean NLL behind perplexity"),
+    "ppl_tokens": Metric("", "tokens", "counted targets scored for perplexity"),
+    "ppl_blocks": Metric("", "blocks", "blocks (windows) of ppl_split scored for perplexity"),
+}
+
+BENCH = {
+    # prepare: prepare.py on the whole default corpus, then data/bench_prepare.py
+    "prepare_tokens_per_s": Metric("higher", "tokens/s", "prepare.py on the default corpus, default workers", digits=3),
+    "prepare_seconds": Metric("lower", "s", "prepare.py's wall time", digits=3),
+    "prepare_peak_rss_mb": Metric("lower", "MB", "peak resident memory of prepare.py's process tree", digits=3),
+    "prepare_workers_speedup": Metric("higher", "x", "prepare.py's time with one worker over its time "
+                                      "with the default workers", digits=3),
+    "encode_ordinary_tokens_per_s": Metric("higher", "tokens/s", "single-threaded encode_ordinary", digits=3),
+    "prepare_one_process_tokens_per_s": Metric("higher", "tokens/s", "prepare's worker code in one process", digits=3),
+    "prepare_pool_tokens_per_s": Metric("higher", "tokens/s", "prepare's worker pool", digits=3),
+    "prepare_parallel_speedup": Metric("higher", "x", "the pool against single-threaded encode_ordinary", digits=3),
+    "prepare_pool_vs_one_process": Metric("higher", "x", "the pool against its own code in one process", digits=3),
+    "machine_parallel_ceiling": Metric("higher", "x", "N processes encoding against one: this machine's ceiling",
+                                       digits=3),
+    # train: the 45M model, batch 8 x 256, fp32, CPU
+    "train_positions_per_s": Metric("higher", "positions/s", "train.py's loop: every position computed", digits=3),
+    "train_tokens_per_s": Metric("higher", "tokens/s", "train.py's loop: targets whose loss counts", digits=3),
+    "train_plain_loop_positions_per_s": Metric("higher", "positions/s", "a nanoGPT-style loop, same model", digits=3),
+    "train_compiled_loop_positions_per_s": Metric("higher", "positions/s", "the same loop under torch.compile",
+                                                  digits=3),
+    "train_vs_plain_loop": Metric("higher", "x", "train.py's positions/s over the plain loop's", digits=3),
+    # generate: batch 1, 45M, greedy; {new} new tokens
+    "generate_tokens_per_s_kv_{new}": Metric("higher", "tokens/s", "model.generate with the KV cache", digits=3),
+    "generate_tokens_per_s_nocache_{new}": Metric("higher", "tokens/s", "the same generate, use_cache=False",
+                                                  digits=3),
+    "generate_tokens_per_s_nanogpt_{new}": Metric("higher", "tokens/s", "nanoGPT's generate (whole block each step)",
+                                                  digits=3),
+    "generate_kv_speedup_{new}": Metric("higher", "x", "KV cache over use_cache=False", digits=3),
+    "generate_kv_speedup_vs_nanogpt_{new}": Metric("higher", "x", "KV cache over nanoGPT's generate", digits=3),
+    # ui: the web app through its API and sample.py; {variant} "" as shipped, "_every_piece" --stream_every=0
+    "ui_first_token_s": Metric("lower", "s", "time to the first streamed text through the app's API", digits=3),
+    "ui_tokens_per_s{variant}": Metric("higher", "tokens/s", "new tokens / reply time through the app's API",
+                                       digits=3),
+    "ui_reply_s{variant}": Metric("lower", "s", "time for the whole reply through the app's API", digits=3),
+    # {variant}: "" the default precision (engine.pick_precision), "_fp32" --precision=fp32
+    "cli_tokens_per_s{variant}": Metric("higher", "tokens/s", "sample.py's own tokens/s", digits=3),
+    # packing: held-out loss of models trained on each packing layout
+    "packing_{packing}_heldout_nll": Metric("lower", "nats/token", "mean NLL per token of held-out documents, "
+                                            "each scored alone after an EOT", digits=3),
+}
+
+
+def table_rows() -> list:
+    """(key, Metric) of EVAL in table order: the rows of the printed table and of report.md."""
+    return [(k, m) for k, m in EVAL.items() if m.label]
+
+
+# ----------------------------------------------------------------------------- the graders' checks
+_LOOP = re.compile(r"(.{2,20}?)\1{2,}|(.)\2{4,}", re.DOTALL)
+# A span of at least REPEAT_MIN_CHARS characters that copies earlier text counts as repeated; an
+# answer is repetitive once such copies make up REPEAT_SHARE of it: a sentence said twice is 1/2,
+# an A-B-A loop of equal parts 1/3. Measured on the default data's references (README): 5 of 4,051
+# SFT answers and 1 of 3,000 documents (a Shijing refrain) reach 1/3; none reach 1/2.
+REPEAT_MIN_CHARS = 5
+REPEAT_SHARE = 1 / 3
+
+
+def is_garbled(text: str) -> bool:
+    """A replacement character, or a control, unassigned, private-use or surrogate code point."""
+    return any(ch == "\ufffd" or (unicodedata.category(ch) in ("Cc", "Cn", "Co", "Cs") and ch not in "\n\t")
+               for ch in text)
+
+
+def repeated_share(text: str, min_chars: int = REPEAT_MIN_CHARS) -> float:
+    """The share of text that copies an earlier part of it. Left to right, the longest span at
+    this position that already occurs earlier (the copy may overlap it, as in a loop) counts as
+    repeated if it has at least min_chars characters, and the walk jumps past it (an LZ77 parse)."""
+    i, copied = 0, 0
+    while i < len(text):
+        n = 0
+        while i + n < len(text) and text.find(text[i:i + n + 1], 0, i + n) >= 0:
+            n += 1
+        if n >= min_chars:
+            copied += n
+            i += n
+        else:
+            i += 1
+    return copied / len(text) if text else 0.0
+
+
+def is_repetitive(text: str) -> bool:
+    """A short loop (the same 2-20 characters three times in a row, or one character five times),
+    or copies of earlier spans making up REPEAT_SHARE of the text (repeated_share)."""
+    return _LOOP.search(text) is not None or repeated_share(text) >= REPEAT_SHARE
+
+
+def distinct_2(text: str) -> float | None:
+    """Distinct character bigrams / all character bigrams (None under two characters)."""
+    grams = [text[i:i + 2] for i in range(len(text) - 1)]
+    return len(set(grams)) / len(grams) if grams else None
+
+
+def words(text: str) -> str:
+    return " ".join(w for w in jieba.cut(text) if w.strip())
+
+
+def rouge(prediction: str, reference: str, max_words: int = 1000) -> tuple[dict, str | None]:
+    """({rouge_1, rouge_2, rouge_l} F1 over jieba words, flag): all 0 with a flag where
+    rouge-chinese cannot score (empty text) or would take too long (over max_words words)."""
+    zero = {"rouge_1": 0.0, "rouge_2": 0.0, "rouge_l": 0.0}
+    hyp, ref = words(prediction), words(reference)
+    if not hyp or not ref:
+        return zero, "rouge_empty"
+    if max(hyp.count(" "), ref.count(" ")) + 1 > max_words:
+        return zero, "rouge_too_long"
+    try:
+        s = Rouge().get_scores(hyp, ref)[0]
+    except (ValueError, RecursionError) as e:
+        return zero, f"rouge_error: {e}"
+    return {"rouge_1": s["rouge-1"]["f"], "rouge_2": s["rouge-2"]["f"], "rouge_l": s["rouge-l"]["f"]}, None
+
+
+def flags_of(answer: str, stopped_at_eot: bool, check_truncation: bool) -> list:
+    """The graders' flags of one answer (FLAGS' keys, in that order)."""
+    on = {"empty": not answer.strip(), "garbled": is_garbled(answer), "repetitive": is_repetitive(answer),
+          "truncated": check_truncation and not stopped_at_eot}
+    return [name for name in FLAGS if on[name]]
