@@ -19,7 +19,7 @@ import torch
 
 import checkpoint
 from data.tokenizer import EOT_ID, MODEL_VOCAB_SIZE, UTF8_STATES, VOCAB_SIZE, StreamDecoder, get_tokenizer, utf8_scan
-from model import GPT
+from model import GPT, select_device
 
 # The sampling settings: name -> (default, low, high, whole number?). sample.py's flags, the web
 # app's sliders and its API, and evaluations.py read their defaults and ranges from this one table.
@@ -81,6 +81,17 @@ def load_model(path, device: str = "cpu", precision: str = "fp32") -> tuple[GPT,
     """(model ready to generate, checkpoint dict) from an out_dir or a .pt file (checkpoint.load);
     precision "" picks the fastest for device."""
     return checkpoint.load(path, device, PRECISIONS[pick_precision(device, precision)])
+
+
+def load_model_or_exit(path, device: str = "", precision: str = "") -> tuple[GPT, dict, str, str]:
+    """For a command line: (model, ckpt, device, precision) with "" choices made (select_device,
+    pick_precision); a missing or broken checkpoint exits with its message."""
+    device, _ = select_device(device)
+    precision = pick_precision(device, precision)
+    try:
+        return *load_model(path, device, precision), device, precision
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(str(e))
 
 
 class Utf8Constraint:

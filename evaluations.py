@@ -47,9 +47,8 @@ from data.records import (SENTENCE_END, Report, clean_text, expand_inputs, pair_
                           split_of, string_field, write_json_atomic, write_jsonl_atomic)
 from data.tokenizer import encode_pair
 from data_utils import batch_at, load_dataset
-from engine import SAMPLING_DEFAULTS, exit_on_bad_flags, load_model, pick_precision, stream_reply
+from engine import SAMPLING_DEFAULTS, exit_on_bad_flags, load_model_or_exit, stream_reply
 from metrics import FLAGS, distinct_2, flags_of, rouge, table_rows
-from model import select_device
 from report import write_report
 
 # ----------------------------------------------------------------------------- defaults
@@ -221,12 +220,7 @@ if __name__ == "__main__":
             sys.exit(f"--{key}={config[key]}: out of range (see --help)")
     settings = {k: config[k] for k in config if k not in ("report",)}
     out = Path(out_dir)
-    try:
-        device, _ = select_device(device)
-        precision = pick_precision(device, precision)
-        model, ckpt = load_model(out, device, precision)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(str(e))
+    model, ckpt, device, precision = load_model_or_exit(out, device, precision)
     mode = mode_of(ckpt)
     settings |= {"mode": mode, "device": device, "precision": precision, "iter_num": ckpt.get("iter_num")}
     print(f"[{out_dir}: mode {mode}, {model.num_params() / 1e6:.1f}M parameters, {device}, {precision}]",

@@ -23,8 +23,7 @@ import torch
 from checkpoint import can_chat, mode_of
 from configurator import configure
 from data.records import write_jsonl_atomic
-from engine import SAMPLING_DEFAULTS, exit_on_bad_flags, fit_prompt, load_model, pick_precision, stream_reply
-from model import select_device
+from engine import SAMPLING_DEFAULTS, exit_on_bad_flags, fit_prompt, load_model_or_exit, stream_reply
 
 # ----------------------------------------------------------------------------- defaults
 out_dir = "out-sft"
@@ -55,12 +54,7 @@ if __name__ == "__main__":
         sys.exit(f"--num_samples={num_samples}: expected a whole number >= 1")
     if history_turns < 0:
         sys.exit(f"--history_turns={history_turns}: expected a whole number >= 0")
-    try:
-        device, _ = select_device(device)
-        precision = pick_precision(device, precision)
-        model, ckpt = load_model(out_dir, device, precision)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(str(e))
+    model, ckpt, device, precision = load_model_or_exit(out_dir, device, precision)
     mode = mode or mode_of(ckpt)
     if mode == "chat" and not can_chat(ckpt):
         sys.exit(f"{out_dir}: --mode=chat needs an SFT checkpoint (trained on question/answer pairs); this one "
