@@ -38,15 +38,16 @@ REQUIRED = ("model", "model_args", "data_meta", "config")
 
 
 def checkpoint_file(path, name: str = BEST) -> Path:
-    """path itself if it is a file, else path/name (an out_dir)."""
+    """path/name for an out_dir (or a path that does not exist and has no .pt suffix), else path."""
     path = Path(path)
-    return path / name if path.is_dir() else path
+    return path / name if path.is_dir() or (path.suffix != ".pt" and not path.exists()) else path
 
 
 def save(out_dir, state: dict, best: bool) -> None:
     """Write state to out_dir/ckpt_last.pt, and to ckpt.pt too when best (a hard link to the same
     bytes, a copy where links are not supported). Atomic: a kill mid-save changes neither file."""
     out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     last, best_path = out / LAST, out / BEST
     with atomic_path(last) as tmp:
         torch.save({"format": FORMAT_VERSION, **state}, tmp)
