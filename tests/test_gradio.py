@@ -1,5 +1,6 @@
 """sample_gradio.py and serving.py: input limits, votes and the leaderboard, streams side by side, the model store,
 the API through gradio_client (streaming, queueing, errors, a classmate's app by URL: allowed, bounded, timed out)."""
+import json
 import shutil
 import socket
 import time
@@ -12,12 +13,11 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 import serving
-from bench import start_app
 from data.tokenizer import EOT_ID
-from sample import load_checkpoint, stream_reply
-from sample_gradio import build_app
+from engine import load_model, stream_reply
+from sample_gradio import DEMO_QUESTIONS, build_app, load_examples
 from serving import (ELO_START, ModelError, ModelStore, VoteBook, check_params, clean_question, discover_models,
-                     leaderboard, stream_together)
+                     leaderboard, start_app, stream_together)
 
 GREEDY = {"max_new_tokens": 20, "temperature": 0.0, "top_k": 50, "top_p": 0.95, "repetition_penalty": 1.0,
           "seed": 0}
@@ -30,9 +30,9 @@ def free_port() -> int:
 
 
 def test_the_model_is_prompted_with_the_tokens_it_was_trained_on(sft_model, enc, monkeypatch):
-    """What sample.py feeds the model for a question equals what prepare_sft.py wrote into train.bin
+    """What engine.stream_reply feeds the model for a question equals what prepare_sft.py wrote into train.bin
     before that question's answer (all pairs are in train, one block each, in file order)."""
-    model, ckpt = load_checkpoint(sft_model)
+    model, ckpt = load_model(sft_model)
     block = ckpt["data_meta"]["block_size"]
     tokens = read_bin(sft_model.parent / "data" / "train.bin").reshape(-1, block)
     masks = read_bin(sft_model.parent / "data" / "train_mask.bin", dtype="uint8").reshape(-1, block)
@@ -147,7 +147,7 @@ def test_store_loads_each_model_once_and_explains_failures(sft_model, tmp_path):
                         "misfit": tmp_path / "misfit"})
     assert store.names()[0] == "sft"  # chat models first: the default
     assert store.local("sft") is store.local("sft")
-    for name, words in [("broken", "not a readable MiniGLM checkpoint"), ("gone", "no checkpoint here"),
+    for name, words in [("broken", "cannot read it: not a MiniGLM checkpoint"), ("gone", "no checkpoint here"),
                         ("nope", "没有名为"), ("misfit", "do not fit the checkpoint's model_args")]:
         with pytest.raises(ModelError, match=words):
             list(store.stream(name, "你好", "", GREEDY))
@@ -287,6 +287,21 @@ def test_remote_clients_are_bounded_and_timed(monkeypatch):
     assert store.clients["http://a:1"].kwargs["httpx_kwargs"]["timeout"] == httpx.Timeout(7, connect=5.0)
 
 
+def test_a_request_fits_its_prompt_once(sft_model, monkeypatch):
+    """The notice and the generation use one fitted prompt (it was fitted twice a request)."""
+    import engine
+    fit, calls = engine.fit_prompt, []
+
+    def counted(*args, **kwargs):
+        calls.append(args[1])
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "fit_prompt", counted)
+    monkeypatch.setattr(serving, "fit_prompt", counted)
+    _, stats = list(ModelStore({"sft": sft_model}).stream("sft", "问" * 30, "", GREEDY))[-1]
+    assert calls == ["问" * 30] and stats["notice"].startswith("输入过长") and stats["prompt_tokens"] <= 36
+
+
 def test_a_remote_that_stops_answering_ends_with_a_timeout_message(app, watched):
     with socket.socket() as silent:  # accepts connections (the kernel's backlog), never answers
         silent.bind(("127.0.0.1", 0))
@@ -344,7 +359,27 @@ def test_listening_without_a_login_warns(sft_model, tmp_path):
 
 def test_command_line_errors_are_clear(tmp_path):
     for arg, words in [("--auth=nopassword", "expected user:password"), ("--concurrency=0", "--concurrency"),
-                       ("--dtype=int8", "expected float32, bfloat16 or float16"),
+                       ("--precision=int8", "--precision='int8': expected one of fp32, bf16, fp16"),
+                       ("--dtype=bf16", "precision"), ("--examples_path=nope.jsonl", "'nope.jsonl': no such file"),
                        ("--remotes=192.168.1.2:7860", "'192.168.1.2:7860' is not a URL")]:
         proc = run_script("sample_gradio.py", arg, f"--votes_path={tmp_path / 'v.jsonl'}", check=False)
         assert proc.returncode != 0 and words in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_paths_are_relative_to_the_working_directory(sft_model, tmp_path, monkeypatch):
+    """Started elsewhere than the repository, the app finds the models in that directory's out*/
+    folders and reads and writes the paths it is given there; the bundled examples still load."""
+    shutil.copytree(sft_model, tmp_path / "out-tiny" / "run")
+    (tmp_path / "q.txt").write_text("自己写的示例问题？\n\n", encoding="utf-8")
+    proc, url = start_app(tmp_path / "app.log", "--votes_path=votes/v.jsonl", "--examples_path=q.txt", cwd=tmp_path)
+    try:
+        assert client(url).predict(api_name="/models") == ["out-tiny/run"]
+        assert "自己写的示例问题？" in json.dumps(httpx.get(f"{url}/config").json(), ensure_ascii=False)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert f"arena votes: {tmp_path / 'votes' / 'v.jsonl'}" in (tmp_path / "app.log").read_text(encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    assert list(discover_models()) == ["out-tiny/run"]
+    assert load_examples("q.txt") == ["自己写的示例问题？"]
+    assert load_examples("") == [q for q in DEMO_QUESTIONS.read_text(encoding="utf-8").splitlines() if q][:8]
