@@ -20,9 +20,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterator
-from concurrent.futures import CancelledError
+from concurrent.futures import CancelledError, wait
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.error import URLError
 from urllib.request import urlopen
@@ -38,6 +39,12 @@ from engine import SAMPLING, Prompt, fit_prompt, load_model, sampling_error, str
 APP = Path(__file__).resolve().parent / "sample_gradio.py"
 VOTES = {"a": "A 更好", "b": "B 更好", "tie": "平局", "both_bad": "都不好"}
 ELO_K, ELO_START = 32, 1000
+# A remote reply is watched by waiting on its job, which wakes us the moment it ends; between, new
+# pieces are looked for every REMOTE_TICK seconds. gradio_client has no blocking wait for the next
+# piece: Job's own iterator spins on a 1 ms sleep, and its updates queue is an asyncio.Queue of the
+# client's event-loop thread, not safe to wait on from ours. A classmate's app sends an update every
+# 0.05 s (its stream_every), so looking as often loses nothing.
+REMOTE_TICK = 0.05
 
 
 class ModelError(Exception):
@@ -80,15 +87,16 @@ def cut_notice(prompt: Prompt) -> str:
 class ModelStore:
     """The models the app serves: local checkpoints, each loaded once (in precision, an
     engine.PRECISIONS name; "" = engine.pick_precision) and shared by all requests, and classmates'
-    apps by URL: only those in remotes (base URLs) unless any_remote, one gradio_client each for
-    the max_clients used last; connecting, and each streamed piece, may take at most timeout seconds."""
+    apps by URL: only those in remotes (base URLs) unless any_remote, one gradio_client each, kept
+    for the max_clients used last (a client still streaming is never closed); connecting, and each
+    streamed piece, may take at most timeout seconds."""
 
     def __init__(self, paths: dict, device: str = "cpu", precision: str = "fp32", stream_every: float = 0.05,
                  remotes=(), any_remote: bool = False, max_clients: int = 8, timeout: float = 60.0):
         self.paths, self.device, self.precision, self.stream_every = paths, device, precision, stream_every
         self.remotes, self.any_remote = [u.rstrip("/") for u in remotes], any_remote
         self.max_clients, self.timeout = max_clients, timeout
-        self.loaded, self.clients = {}, OrderedDict()
+        self.loaded, self.clients, self.busy = {}, OrderedDict(), Counter()  # busy: url -> streams using it
         self.lock, self.clients_lock = threading.Lock(), threading.Lock()
 
     def names(self) -> list:
@@ -140,52 +148,64 @@ class ModelStore:
         stats["tokens_per_s"] = round(stats["new_tokens"] / max(stats["seconds"], 1e-9), 1)
         yield text, stats
 
-    def client(self, url: str) -> Client:
-        """The gradio_client of an allowed URL, made on first use; the least recently used beyond
-        max_clients is closed. ModelError for a URL not allowed, before any connection."""
+    @contextmanager
+    def client(self, url: str):
+        """with store.client(url) as client: the gradio_client of an allowed URL, made on first use
+        and counted busy until the with ends; beyond max_clients the least recently used idle ones
+        are closed. ModelError for a URL not allowed, before any connection."""
         url = url.rstrip("/")
         if not (self.any_remote or url in self.remotes):
             allowed = "、".join(self.remotes) if self.remotes else "无（本应用启动时没有给 --remotes）"
             raise ModelError(f"{url} 不在允许的远程模型地址里，没有连接它。允许的地址：{allowed}。"
                              "要用同学的模型，请在启动时加上 --remotes=http://同学的IP:端口")
         with self.clients_lock:
-            if url in self.clients:
-                self.clients.move_to_end(url)
-                return self.clients[url]
-        # connecting can take a while: not under the lock
-        client = Client(url, verbose=False, download_files=False, analytics_enabled=False,
-                        httpx_kwargs={"timeout": httpx.Timeout(self.timeout, connect=min(5.0, self.timeout))})
+            client = self.clients.get(url)
+        if client is None:  # connecting can take a while: not under the lock
+            client = Client(url, verbose=False, download_files=False, analytics_enabled=False,
+                            httpx_kwargs={"timeout": httpx.Timeout(self.timeout, connect=min(5.0, self.timeout))})
         with self.clients_lock:
             kept = self.clients.setdefault(url, client)  # another request may have connected meanwhile
             self.clients.move_to_end(url)
-            while len(self.clients) > self.max_clients:
-                self.clients.popitem(last=False)[1].close()
+            self.busy[url] += 1
+            self._close_idle()
         if kept is not client:
             client.close()
-        return kept
+        try:
+            yield kept
+        finally:
+            with self.clients_lock:
+                self.busy[url] -= 1
+                self._close_idle()
+
+    def _close_idle(self) -> None:
+        """Close the least recently used idle clients beyond max_clients (under clients_lock). A busy
+        one waits for its streams to end: closing it would cut them off."""
+        idle = [url for url in self.clients if not self.busy[url]]
+        while len(self.clients) > self.max_clients and idle:
+            url = idle.pop(0)
+            self.clients.pop(url).close()
+            del self.busy[url]
 
     def _remote(self, target: str, question: str, mode: str, p: dict):
         url, _, name = target.partition("#")
         job = None
         late = f"{target} 超过 {self.timeout:g} 秒没有回应或连接中断，已停止等待（对方可能太忙或已经关闭）。"
         try:
-            client = self.client(url)
-            job = client.submit(question, mode, *(p[k] for k in SAMPLING), name, p.get("seed", -1),
-                                api_name="/generate")
-            out, seen, last = None, 0, time.monotonic()
-            while not job.done():  # poll rather than iterate: job's iterator waits without a deadline
-                outputs = job.outputs()
-                for out in outputs[seen:]:
-                    yield out[0], out[1] | {"model": target}
-                if len(outputs) > seen:
-                    seen, last = len(outputs), time.monotonic()
-                elif time.monotonic() - last > self.timeout:
-                    raise ModelError(late)
-                else:
-                    time.sleep(0.01)
-            final = job.result()
-            if final != out:
-                yield final[0], final[1] | {"model": target}
+            with self.client(url) as client:
+                job = client.submit(question, mode, *(p[k] for k in SAMPLING), name, p.get("seed", -1),
+                                    api_name="/generate")
+                out, seen, last = None, 0, time.monotonic()
+                while not wait([job.future], timeout=REMOTE_TICK).done:  # job's own iterator has no deadline
+                    outputs = job.outputs()
+                    for out in outputs[seen:]:
+                        yield out[0], out[1] | {"model": target}
+                    if len(outputs) > seen:
+                        seen, last = len(outputs), time.monotonic()
+                    elif time.monotonic() - last > self.timeout:
+                        raise ModelError(late)
+                final = job.result()
+                if final != out:
+                    yield final[0], final[1] | {"model": target}
         except (httpx.TimeoutException, CancelledError) as e:  # CancelledError: the client's event stream broke
             raise ModelError(late) from e
         except (ValueError, httpx.HTTPError, OSError) as e:

@@ -3,7 +3,9 @@ the API through gradio_client (streaming, queueing, errors, a classmate's app by
 import json
 import shutil
 import socket
+import threading
 import time
+from concurrent.futures import Future
 
 import httpx
 import pytest
@@ -267,7 +269,29 @@ def test_a_url_not_allowed_is_refused_without_connecting():
             server.accept()  # nobody knocked
 
 
-def test_remote_clients_are_bounded_and_timed(monkeypatch):
+class FakeJob:
+    """A classmate's reply as gradio_client's Job shows it: pieces appear in outputs(); the future ends it."""
+
+    def __init__(self, *pieces, done: bool = False):
+        self.future, self.pieces = Future(), list(pieces)
+        if done:
+            self.future.set_result(self.pieces[-1])
+
+    def outputs(self):
+        return list(self.pieces)
+
+    def done(self):
+        return self.future.done()
+
+    def result(self, timeout=None):
+        return self.future.result(timeout)
+
+    def cancel(self):
+        self.future.cancel()
+
+
+def fake_clients(monkeypatch, jobs: dict) -> tuple[list, list]:
+    """serving.Client replaced by one whose submit returns jobs[url]: (urls connected, urls closed)."""
     made, closed = [], []
 
     class FakeClient:
@@ -275,16 +299,56 @@ def test_remote_clients_are_bounded_and_timed(monkeypatch):
             self.url, self.kwargs = url, kwargs
             made.append(url)
 
+        def submit(self, *args, api_name):
+            return jobs[self.url]
+
         def close(self):
             closed.append(self.url)
 
     monkeypatch.setattr(serving, "Client", FakeClient)
+    return made, closed
+
+
+def test_remote_clients_are_bounded_and_timed(monkeypatch):
+    made, closed = fake_clients(monkeypatch, {})
     store = ModelStore({}, any_remote=True, max_clients=2, timeout=7)
     for url in ["http://a:1", "http://b:1", "http://a:1/", "http://c:1", "http://a:1"]:
-        store.client(url)
+        with store.client(url):
+            pass
     assert made == ["http://a:1", "http://b:1", "http://c:1"] and closed == ["http://b:1"]
     assert list(store.clients) == ["http://c:1", "http://a:1"]
     assert store.clients["http://a:1"].kwargs["httpx_kwargs"]["timeout"] == httpx.Timeout(7, connect=5.0)
+
+
+def test_a_remote_client_still_streaming_is_not_closed(monkeypatch):
+    """One client kept (max_clients=1): a second classmate's app used while the first one streams
+    closes neither mid-stream; the idle one goes once it is done."""
+    streaming_job = FakeJob(("半", {}))
+    _, closed = fake_clients(monkeypatch, {"http://a:1": streaming_job,
+                                           "http://b:1": FakeJob(("好", {"new_tokens": 1}), done=True)})
+    store = ModelStore({}, any_remote=True, max_clients=1)
+    streaming = store.stream("http://a:1", "问", "", GREEDY)
+    assert next(streaming)[0] == "半"
+    assert list(store.stream("http://b:1", "问", "", GREEDY))[-1][0] == "好"
+    assert closed == ["http://b:1"]  # the old store closed a's client here, under its running stream
+    streaming_job.future.set_result(("半句话", {"new_tokens": 3}))
+    assert [text for text, _ in streaming][-1] == "半句话"
+    assert list(store.clients) == ["http://a:1"] and closed == ["http://b:1"]
+
+
+def test_a_remote_reply_is_waited_for_not_polled_busily(monkeypatch):
+    """Half a second of a classmate's app thinking: the store looks for pieces every REMOTE_TICK
+    (not every 10 ms, as it did), and the job's end wakes it at once."""
+    job, looked = FakeJob(), []
+    pieces = job.outputs
+    job.outputs = lambda: looked.append(1) or pieces()
+    fake_clients(monkeypatch, {"http://a:1": job})
+    store = ModelStore({}, any_remote=True)
+    threading.Timer(0.5, job.future.set_result, [("好", {"new_tokens": 1})]).start()
+    t0 = time.monotonic()
+    assert list(store.stream("http://a:1", "问", "", GREEDY)) == [("好", {"new_tokens": 1, "model": "http://a:1"})]
+    assert time.monotonic() - t0 < 0.6
+    assert len(looked) <= 15, len(looked)  # every 0.05 s; the 10 ms polls looked about 50 times
 
 
 def test_a_request_fits_its_prompt_once(sft_model, monkeypatch):
