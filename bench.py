@@ -34,15 +34,12 @@ across machines. --corpus is relative to the current directory.
 """
 import json
 import re
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
-from urllib.error import URLError
-from urllib.request import urlopen
 
 from configurator import configure
 from metrics import BENCH
@@ -228,33 +225,12 @@ def random_sft_checkpoint(out_dir: Path) -> None:
                               "data_meta": meta, "config": {}}, best=True)
 
 
-def start_app(log: Path, *args) -> tuple[subprocess.Popen, str]:
-    """sample_gradio.py with args in a subprocess on a free loopback port, its output going to log
-    (a pipe nobody reads could fill and stall it): (process, url) once the page answers; a
-    RuntimeError with the log's tail if it exits or does not answer within 120 s."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    with open(log, "w", encoding="utf-8") as out:
-        app = subprocess.Popen([sys.executable, str(ROOT / "sample_gradio.py"), f"--port={port}", *map(str, args)],
-                               cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-    url, deadline = f"http://127.0.0.1:{port}", time.time() + 120
-    while True:
-        try:
-            urlopen(url, timeout=2)
-            return app, url
-        except URLError:
-            if app.poll() is not None or time.time() > deadline:
-                app.kill()
-                tail = Path(log).read_text(encoding="utf-8")[-3000:]
-                raise RuntimeError(f"sample_gradio.py did not start:\n{tail}") from None
-            time.sleep(0.5)
-
-
 def bench_ui(reps: int = 5) -> None:
     import statistics
 
     from gradio_client import Client
+
+    from serving import start_app
     question, new = "成语“画蛇添足”是什么意思？", 256
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "m"

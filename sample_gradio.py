@@ -12,7 +12,9 @@ local checkpoint or a classmate's running app by URL (http://host:7860, or http:
 for one of its models): only the URLs given with --remotes (the server connects to them, so a
 visitor must not choose any address; --any_remote=True allows every URL, on a trusted network),
 each connection and each streamed piece waiting at most --remote_timeout seconds. A question
-longer than the model's context is cut to fit (the page says so). The API, with gradio_client:
+longer than the model's context is cut to fit (the page says so). Paths (--models, --votes_path,
+--examples_path) are relative to the working directory, as with any command line; run it from the
+repository root as above, where make demo puts its out*/ folders. The API, with gradio_client:
 
     from gradio_client import Client
     client = Client("http://127.0.0.1:7860")
@@ -30,17 +32,21 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home: set before gradio loads
 import gradio as gr  # noqa: E402
 
+from checkpoint import mode_of  # noqa: E402
 from configurator import configure  # noqa: E402
 from data.records import Report, read_records, string_field  # noqa: E402
-from model import inference_dtype, select_device  # noqa: E402
-from sample import SAMPLING_LIMITS, checkpoint_mode, utf8_constraint  # noqa: E402
+from engine import SAMPLING, SAMPLING_DEFAULTS, exit_on_bad_flags, pick_precision, utf8_constraint  # noqa: E402
+from model import select_device  # noqa: E402
 from serving import (VOTES, ModelError, ModelStore, VoteBook, check_params, clean_question,  # noqa: E402
                      discover_models, leaderboard, stream_together)
 
-ROOT = Path(__file__).resolve().parent
+# The example questions that come with the code (not user data): found from this file, so the page
+# has them wherever the app is started.
+DEMO_QUESTIONS = Path(__file__).resolve().parent / "config" / "demo_questions.txt"
+SFT_TEST = "data/raw/sft_test.jsonl"
 
 # ----------------------------------------------------------------------------- defaults
-models = ""                 # out dirs, comma-separated; "" = every out*/ folder (or below) with a ckpt.pt
+models = ""                 # out dirs, comma-separated; "" = every out*/ folder here (or below) with a ckpt.pt
 listen = False              # True: listen on all interfaces so classmates on the LAN can connect
 port = 7860
 auth = ""                   # "user:password" to ask for a login
@@ -48,17 +54,28 @@ remotes = ""                # classmates' app URLs the arena may call, comma-sep
 any_remote = False          # True: the arena may call any URL typed in (the server connects to it)
 remote_timeout = 60.0       # seconds a classmate's app may take to connect, and for each streamed piece
 votes_path = "out-arena/votes.jsonl"
-examples_path = "data/raw/sft_test.jsonl"   # example questions (falls back to config/demo_questions.txt)
+examples_path = ""          # a .jsonl with "question" fields, or a .txt with one a line; "" = data/raw/sft_test.jsonl
+                            # if it is here, else the bundled config/demo_questions.txt
 max_input_chars = 200       # longer questions are cut to this many characters, with a notice
 concurrency = 2             # generations at once (chat, arena sides and API share it); the rest queue
 queue_size = 64             # waiting requests beyond this are turned away with a message
 stream_every = 0.05         # seconds between streamed updates (0: one per piece); each costs the server time
 device = ""                 # "" = cuda, then mps, then cpu
-dtype = ""                  # "" = bfloat16 where the GPU or CPU computes it natively, else float32
+precision = ""              # fp32, bf16 or fp16; "" = the fastest on this device (engine.pick_precision)
 # -----------------------------------------------------------------------------
+RENAMED_KEYS = {"dtype": "precision"}  # configurator refuses the old name with a message naming the new
 
 MODES = {"问答": "chat", "续写": "generate"}
 REMOTE_INFO = "本地模型，或同学应用的地址 http://IP:端口（须在启动时用 --remotes 允许）"
+PRIVATE = {"api_visibility": "private"}  # the page's own events: not part of the API
+# The sampling sliders, one per engine.SAMPLING setting (which gives the default and the range):
+# label, step, and for two settings a lower top, the useful part (a slider over 50k top_k values
+# cannot be aimed; the API takes the whole range).
+SLIDERS = {"max_new_tokens": ("最多生成 token 数（max_new_tokens）", 1, 512),
+           "temperature": ("温度（temperature，0 为贪心）", 0.05, None),
+           "top_k": ("top_k（0 为不限）", 1, 200),
+           "top_p": ("top_p（0 为只取最可能的 token）", 0.05, None),
+           "repetition_penalty": ("重复惩罚（repetition_penalty）", 0.05, None)}
 
 
 def stats_line(stats: dict) -> str:
@@ -71,13 +88,13 @@ def stats_line(stats: dict) -> str:
             + (f"  \n{stats['notice']}" if stats.get("notice") else ""))
 
 
-def load_examples(path, n: int = 8) -> list:
-    """Example questions: one of each kind from the SFT test split, then the next ones, up to n;
-    the demo questions when the split is not there."""
-    path = ROOT / path
-    if not path.exists():
-        lines = (ROOT / "config/demo_questions.txt").read_text(encoding="utf-8").splitlines()
-        return [line for line in lines if line.strip()][:n]
+def load_examples(path: str = "", n: int = 8) -> list:
+    """Up to n example questions from path: a .txt file, one a line; or JSONL records with a
+    "question" (the SFT test split: one of each "kind" first, then the next ones). path "": the
+    SFT test split if it is here, else the bundled demo questions."""
+    path = Path(path or (SFT_TEST if Path(SFT_TEST).exists() else DEMO_QUESTIONS))
+    if path.suffix == ".txt":
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()][:n]
     first, rest, report = {}, [], Report()
     for where, obj in read_records(path, report):
         q = string_field(obj, "question", where, report)
@@ -110,21 +127,26 @@ max_new_tokens，temperature，top_k，top_p，repetition_penalty，model（"" �
 前提是启动本应用时用 `--remotes=http://同学的IP:端口` 允许了这个地址。"""
 
 
-def build_app(store: ModelStore, votes: VoteBook, examples: list, limit: int = 200, concurrency: int = 2,
-              url: str = "http://127.0.0.1:7860") -> gr.Blocks:
-    """The Gradio app: tabs 对话 (chat), 竞技场 (arena), API; plus the API endpoints /generate and /models."""
-    names = store.names()
+def sampling_sliders() -> list:
+    """The sliders in engine.SAMPLING's order, made but not yet shown: both tabs read them, the page
+    shows them below the tabs."""
+    return [gr.Slider(lo, top or hi, default, step=step, label=label, render=False)
+            for (default, lo, hi, _), (label, step, top) in ((SAMPLING[k], SLIDERS[k]) for k in SAMPLING)]
+
+
+def chat_tab(store: ModelStore, names: list, examples: list, sampling: list, limit: int, queued: dict) -> None:
+    """The 对话 tab: pick a model and a mode, ask, the answer streams in; stop and clear. Each
+    question is answered alone (the SFT data is single-turn); the chat shows them all."""
     default = names[0] if names else None
-    shared = {"concurrency_id": "generate", "concurrency_limit": concurrency}
 
     def mode_label(name):
         try:
-            return "问答" if checkpoint_mode(store.local(name)[1]) == "chat" else "续写"
+            return "问答" if mode_of(store.local(name)[1]) == "chat" else "续写"
         except ModelError as e:
             gr.Warning(str(e))
             return gr.skip()
 
-    def chat(message, history, name, label, *sampling):
+    def chat(message, history, name, label, *settings):
         question, notice = clean_question(message, limit)
         if not question:
             yield gr.skip(), gr.skip(), gr.skip()
@@ -136,7 +158,7 @@ def build_app(store: ModelStore, votes: VoteBook, examples: list, limit: int = 2
         try:
             if not name:
                 raise ModelError("没有可用的模型：先训练一个（make demo），再重新启动本应用。")
-            p = check_params(dict(zip(SAMPLING_LIMITS, sampling, strict=True)))
+            p = check_params(dict(zip(SAMPLING, settings, strict=True)))
             for text, stats in store.stream(name, question, MODES[label], p):
                 if not text and "new_tokens" in stats:
                     text = "（空回答：模型一开始就结束了）"
@@ -144,7 +166,32 @@ def build_app(store: ModelStore, votes: VoteBook, examples: list, limit: int = 2
         except (ModelError, ValueError) as e:
             yield history + [{"role": "assistant", "content": f"【出错】{e}"}], "", ""
 
-    def arena(message, a, b, *sampling):
+    with gr.Row():
+        model_box = gr.Dropdown(names, value=default, label="模型", scale=3)
+        mode_box = gr.Radio(list(MODES), value=mode_label(default) if default else "问答", label="模式", scale=2)
+    chatbot = gr.Chatbot(label="MiniGLM", height=380, elem_id="chatbot")
+    with gr.Row():
+        box = gr.Textbox(placeholder=f"输入问题，回车发送（最多 {limit} 字）", show_label=False, scale=6,
+                         elem_id="chat-input")
+        send = gr.Button("发送", variant="primary", scale=1, min_width=60, elem_id="chat-send")
+        stop = gr.Button("停止", scale=1, min_width=60, elem_id="chat-stop")
+        clear = gr.Button("清空", scale=1, min_width=60, elem_id="chat-clear")
+    status = gr.Markdown(elem_id="chat-status")
+    if examples:
+        gr.Examples([[q] for q in examples], inputs=box, label="示例问题（来自 SFT 测试集）")
+    model_box.change(mode_label, model_box, mode_box, **PRIVATE)
+    inputs = [box, chatbot, model_box, mode_box, *sampling]
+    runs = [ev(chat, inputs, [chatbot, box, status], **queued, **PRIVATE) for ev in (box.submit, send.click)]
+    stop.click(None, cancels=runs, **PRIVATE)
+    clear.click(lambda: ([], "", ""), None, [chatbot, box, status], cancels=runs, **PRIVATE)
+
+
+def arena_tab(demo: gr.Blocks, store: ModelStore, votes: VoteBook, names: list, sampling: list, limit: int,
+              queued: dict) -> None:
+    """The 竞技场 tab: two models (local, or a classmate's app by URL) answer the same question side
+    by side; when both are done the round can get one vote (votes_panel)."""
+
+    def arena(message, a, b, *settings):
         question, notice = clean_question(message, limit)
         if not question:
             yield gr.skip(), gr.skip(), None, gr.skip()
@@ -155,7 +202,7 @@ def build_app(store: ModelStore, votes: VoteBook, examples: list, limit: int = 2
             yield "", "", None, "请先选好模型 A 和模型 B。"
             return
         try:
-            p = check_params(dict(zip(SAMPLING_LIMITS, sampling, strict=True)))
+            p = check_params(dict(zip(SAMPLING, settings, strict=True)))
         except ValueError as e:
             yield "", "", None, f"【出错】{e}"
             return
@@ -169,6 +216,32 @@ def build_app(store: ModelStore, votes: VoteBook, examples: list, limit: int = 2
         note = "两个回答都好了，请投票。" if done else "有模型没能作答，这一轮不能投票。"
         yield (gr.skip(), gr.skip(), round_,
                f"A：{stats_line(sides[0][1])}  \nB：{stats_line(sides[1][1])}  \n{note}")
+
+    with gr.Row():
+        a_box = gr.Dropdown(names, value=names[0] if names else None, label="模型 A", allow_custom_value=True,
+                            elem_id="arena-a", info=REMOTE_INFO)
+        b_box = gr.Dropdown(names, value=names[-1] if names else None, label="模型 B", allow_custom_value=True,
+                            elem_id="arena-b", info=REMOTE_INFO)
+    box = gr.Textbox(placeholder=f"输入问题，两个模型同时作答（最多 {limit} 字）", show_label=False,
+                     elem_id="arena-input")
+    with gr.Row():
+        send = gr.Button("开始对战", variant="primary", elem_id="arena-send")
+        stop = gr.Button("停止", elem_id="arena-stop")
+    with gr.Row():
+        answer_a = gr.Textbox(label="模型 A 的回答", lines=8, interactive=False, elem_id="answer-a")
+        answer_b = gr.Textbox(label="模型 B 的回答", lines=8, interactive=False, elem_id="answer-b")
+    status = gr.Markdown(elem_id="arena-status")
+    round_state = gr.State(None)  # the finished round waiting for its vote; None: nothing to vote on
+    votes_panel(demo, votes, round_state)
+    outputs = [answer_a, answer_b, round_state, status]
+    fights = [ev(arena, [box, a_box, b_box, *sampling], outputs, **queued, **PRIVATE)
+              for ev in (box.submit, send.click)]
+    stop.click(None, cancels=fights, **PRIVATE)
+
+
+def votes_panel(demo: gr.Blocks, votes: VoteBook, round_state: gr.State) -> None:
+    """The vote buttons (one vote per finished round, appended to the votes file) and the Elo
+    leaderboard, shown when the page opens and after each vote."""
 
     def board():
         good, report = votes.read()
@@ -184,8 +257,25 @@ def build_app(store: ModelStore, votes: VoteBook, examples: list, limit: int = 2
         rows, count = board()
         return rows, f"已记录：{VOTES[kind]}。{count}", None
 
-    def generate(question: str, mode: str = "", max_new_tokens: int = 256, temperature: float = 0.8,
-                 top_k: int = 50, top_p: float = 0.95, repetition_penalty: float = 1.1, model: str = "",
+    with gr.Row():
+        buttons = {k: gr.Button(label, elem_id=f"vote-{k}") for k, label in VOTES.items()}
+    gr.Markdown("### 排行榜（Elo，初始 1000 分）")
+    table = gr.Dataframe(headers=["模型", "Elo", "对局", "胜", "负", "平", "胜率"], interactive=False,
+                         elem_id="leaderboard")
+    note = gr.Markdown()
+    for kind, button in buttons.items():
+        button.click(lambda r, kind=kind: vote(kind, r), round_state, [table, note, round_state], **PRIVATE)
+    demo.load(board, None, [table, note], **PRIVATE)
+
+
+def api_endpoints(store: ModelStore, names: list, limit: int, queued: dict) -> None:
+    """The API classmates call with gradio_client: /generate (streams) and /models."""
+    default = names[0] if names else None
+
+    def generate(question: str, mode: str = "", max_new_tokens: int = SAMPLING_DEFAULTS["max_new_tokens"],
+                 temperature: float = SAMPLING_DEFAULTS["temperature"], top_k: int = SAMPLING_DEFAULTS["top_k"],
+                 top_p: float = SAMPLING_DEFAULTS["top_p"],
+                 repetition_penalty: float = SAMPLING_DEFAULTS["repetition_penalty"], model: str = "",
                  seed: int = -1) -> Iterator[tuple[str, dict]]:
         """Stream a reply: yields (text so far, stats). mode: "chat" (问答), "generate" (续写) or "" (the
         model's own); model: one of /models ("" = the first); seed: -1 = random. Questions over the
@@ -216,74 +306,34 @@ def build_app(store: ModelStore, votes: VoteBook, examples: list, limit: int = 2
         """The model names /generate's model= takes; the first is the default."""
         return names
 
-    ui = {"api_visibility": "private"}
+    gr.api(generate, api_name="generate", **queued)
+    gr.api(list_models, api_name="models")
+
+
+def build_app(store: ModelStore, votes: VoteBook, examples: list, limit: int = 200, concurrency: int = 2,
+              url: str = "http://127.0.0.1:7860") -> gr.Blocks:
+    """The Gradio app: tabs 对话 (chat), 竞技场 (arena), API, the sampling sliders both tabs share;
+    plus the API endpoints /generate and /models. Every generation (chat, each arena side, the API)
+    is in one concurrency group of concurrency at a time."""
+    names = store.names()
+    queued = {"concurrency_id": "generate", "concurrency_limit": concurrency}
+    sampling = sampling_sliders()
     with gr.Blocks(title="MiniGLM", analytics_enabled=False) as demo:
         gr.Markdown(INTRO)
         if not names:
             gr.Markdown("**没有找到模型。** 先运行 `make demo`（或 `python train.py config/train_cpu.py`），"
                         "模型会保存在 out*/ 文件夹里，然后重新启动本应用。", elem_id="no-models")
         with gr.Tab("对话", elem_id="tab-chat"):
-            with gr.Row():
-                model_box = gr.Dropdown(names, value=default, label="模型", scale=3)
-                mode_box = gr.Radio(list(MODES), value=mode_label(default) if default else "问答", label="模式",
-                                    scale=2)
-            chatbot = gr.Chatbot(label="MiniGLM", height=380, elem_id="chatbot")
-            with gr.Row():
-                box = gr.Textbox(placeholder=f"输入问题，回车发送（最多 {limit} 字）", show_label=False, scale=6,
-                                 elem_id="chat-input")
-                send = gr.Button("发送", variant="primary", scale=1, min_width=60, elem_id="chat-send")
-                stop = gr.Button("停止", scale=1, min_width=60, elem_id="chat-stop")
-                clear = gr.Button("清空", scale=1, min_width=60, elem_id="chat-clear")
-            status = gr.Markdown(elem_id="chat-status")
-            if examples:
-                gr.Examples([[q] for q in examples], inputs=box, label="示例问题（来自 SFT 测试集）")
+            chat_tab(store, names, examples, sampling, limit, queued)
         with gr.Tab("竞技场", elem_id="tab-arena"):
-            with gr.Row():
-                a_box = gr.Dropdown(names, value=default, label="模型 A", allow_custom_value=True, elem_id="arena-a",
-                                    info=REMOTE_INFO)
-                b_box = gr.Dropdown(names, value=names[-1] if names else None, label="模型 B",
-                                    allow_custom_value=True, elem_id="arena-b", info=REMOTE_INFO)
-            arena_box = gr.Textbox(placeholder=f"输入问题，两个模型同时作答（最多 {limit} 字）", show_label=False,
-                                   elem_id="arena-input")
-            with gr.Row():
-                arena_send = gr.Button("开始对战", variant="primary", elem_id="arena-send")
-                arena_stop = gr.Button("停止", elem_id="arena-stop")
-            with gr.Row():
-                answer_a = gr.Textbox(label="模型 A 的回答", lines=8, interactive=False, elem_id="answer-a")
-                answer_b = gr.Textbox(label="模型 B 的回答", lines=8, interactive=False, elem_id="answer-b")
-            arena_status = gr.Markdown(elem_id="arena-status")
-            with gr.Row():
-                vote_buttons = {k: gr.Button(label, elem_id=f"vote-{k}") for k, label in VOTES.items()}
-            gr.Markdown("### 排行榜（Elo，初始 1000 分）")
-            table = gr.Dataframe(headers=["模型", "Elo", "对局", "胜", "负", "平", "胜率"], interactive=False,
-                                 elem_id="leaderboard")
-            table_note = gr.Markdown()
-            round_state = gr.State(None)
+            arena_tab(demo, store, votes, names, sampling, limit, queued)
         with gr.Tab("API", elem_id="tab-api"):
             gr.Markdown(API_HELP.format(url=url, limit=limit))
         with gr.Accordion("采样参数（对话和竞技场共用）", open=False):
             with gr.Row():
-                lim = {k: v[:2] for k, v in SAMPLING_LIMITS.items()}  # max_new_tokens, top_k: a useful part only
-                sampling = [gr.Slider(1, 512, 256, step=1, label="最多生成 token 数（max_new_tokens）"),
-                            gr.Slider(*lim["temperature"], 0.8, step=0.05, label="温度（temperature，0 为贪心）"),
-                            gr.Slider(0, 200, 50, step=1, label="top_k（0 为不限）"),
-                            gr.Slider(*lim["top_p"], 0.95, step=0.05, label="top_p（0 为只取最可能的 token）"),
-                            gr.Slider(*lim["repetition_penalty"], 1.1, step=0.05, label="重复惩罚（repetition_penalty）")]
-
-        model_box.change(mode_label, model_box, mode_box, **ui)
-        chat_inputs = [box, chatbot, model_box, mode_box, *sampling]
-        runs = [ev(chat, chat_inputs, [chatbot, box, status], **shared, **ui) for ev in (box.submit, send.click)]
-        stop.click(None, cancels=runs, **ui)
-        clear.click(lambda: ([], "", ""), None, [chatbot, box, status], cancels=runs, **ui)
-        arena_inputs = [arena_box, a_box, b_box, *sampling]
-        arena_outputs = [answer_a, answer_b, round_state, arena_status]
-        fights = [ev(arena, arena_inputs, arena_outputs, **shared, **ui) for ev in (arena_box.submit, arena_send.click)]
-        arena_stop.click(None, cancels=fights, **ui)
-        for kind, button in vote_buttons.items():
-            button.click(lambda r, kind=kind: vote(kind, r), round_state, [table, table_note, round_state], **ui)
-        demo.load(board, None, [table, table_note], **ui)
-        gr.api(generate, api_name="generate", **shared)
-        gr.api(list_models, api_name="models")
+                for slider in sampling:
+                    slider.render()
+        api_endpoints(store, names, limit, queued)
     return demo
 
 
@@ -295,26 +345,28 @@ if __name__ == "__main__":
     if not 1 <= concurrency <= 64 or max_input_chars < 1 or stream_every < 0 or remote_timeout <= 0:
         sys.exit("--concurrency: expected 1..64; --max_input_chars: expected >= 1; --stream_every: expected >= 0; "
                  "--remote_timeout: expected > 0")
+    exit_on_bad_flags(SAMPLING_DEFAULTS | config)  # checks --precision (the app has no sampling flags)
     allowed = [u for u in remotes.split(",") if u]
     for u in allowed:
         if not u.startswith(("http://", "https://")):
             sys.exit(f"--remotes: {u!r} is not a URL; expected http://host:port, comma-separated")
-    try:
-        device, _ = select_device(device)
-        dtype = inference_dtype(device, dtype)
-    except ValueError as e:
-        sys.exit(str(e))
-    paths = {m: ROOT / m for m in models.split(",") if m} if models else discover_models()
+    if examples_path and not Path(examples_path).is_file():
+        sys.exit(f"--examples_path={examples_path!r}: no such file in {Path.cwd()} (a .jsonl with \"question\" "
+                 "fields or a .txt with one question a line; empty: the SFT test split or the bundled examples)")
+    device, _ = select_device(device)
+    precision = pick_precision(device, precision)
+    paths = {m: Path(m) for m in models.split(",") if m} if models else discover_models()
     for name, path in paths.items():
         if not (path / "ckpt.pt").exists():
             print(f"warning: {path / 'ckpt.pt'} does not exist; the page will say so when {name} is used",
                   file=sys.stderr)
-    print(f"models: {', '.join(paths) or 'none found (train one first: make demo)'}; {device}, {dtype}",
-          file=sys.stderr)
-    store = ModelStore(paths, device, dtype, stream_every, allowed, any_remote, timeout=remote_timeout)
+    print(f"models: {', '.join(paths) or f'none found in {Path.cwd()} (train one first: make demo)'}; "
+          f"{device}, {precision}", file=sys.stderr)
+    store = ModelStore(paths, device, precision, stream_every, allowed, any_remote, timeout=remote_timeout)
     utf8_constraint()  # build the sampling table now rather than in the first request
     host = "0.0.0.0" if listen else "127.0.0.1"
-    app = build_app(store, VoteBook(ROOT / votes_path), load_examples(examples_path), max_input_chars, concurrency,
+    print(f"arena votes: {Path(votes_path).resolve()}", file=sys.stderr)
+    app = build_app(store, VoteBook(votes_path), load_examples(examples_path), max_input_chars, concurrency,
                     url=f"http://{'<你的局域网 IP>' if listen else host}:{port}")
     app.queue(default_concurrency_limit=concurrency, max_size=queue_size)
     lan = f"（同学用 http://<你的局域网 IP>:{port} 访问；ip addr 或 ipconfig 查看 IP）" if listen else ""

@@ -6,39 +6,55 @@ streams run side by side for the arena; arena votes and the Elo leaderboard.
     from serving import ModelStore, stream_together
     store = ModelStore({"out-sft": Path("out-sft")}, remotes=["http://192.168.1.20:7860"])
     for text, stats in store.stream("out-sft", "成语“画蛇添足”是什么意思？", "", params): ...
+
+start_app runs sample_gradio.py in a subprocess (the browser test, the API tests and bench.py use it).
+Paths are the command line's: relative to the working directory.
 """
 import json
 import math
 import os
-import pickle
 import queue
 import random
+import socket
+import subprocess
+import sys
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterator
-from concurrent.futures import CancelledError
+from concurrent.futures import CancelledError, wait
+from contextlib import contextmanager
 from pathlib import Path
+from urllib.error import URLError
+from urllib.request import urlopen
 
 import httpx
 import torch
 from gradio_client import Client
 
+from checkpoint import can_chat, mode_of, peek_mode
 from data.records import Report, read_records
-from sample import (SAMPLING_LIMITS, can_chat, checkpoint_mode, fit_prompt, load_checkpoint, sampling_error,
-                    stream_reply)
+from engine import SAMPLING, Prompt, fit_prompt, load_model, sampling_error, stream_reply
 
-ROOT = Path(__file__).resolve().parent
+APP = Path(__file__).resolve().parent / "sample_gradio.py"
 VOTES = {"a": "A 更好", "b": "B 更好", "tie": "平局", "both_bad": "都不好"}
 ELO_K, ELO_START = 32, 1000
+# A remote reply is watched by waiting on its job, which wakes us the moment it ends; between, new
+# pieces are looked for every REMOTE_TICK seconds. gradio_client has no blocking wait for the next
+# piece: Job's own iterator spins on a 1 ms sleep, and its updates queue is an asyncio.Queue of the
+# client's event-loop thread, not safe to wait on from ours. A classmate's app sends an update every
+# 0.05 s (its stream_every), so looking as often loses nothing.
+REMOTE_TICK = 0.05
 
 
 class ModelError(Exception):
     """A model that cannot answer (missing, broken, unreachable); the message is shown in the page."""
 
 
-def discover_models(root: Path = ROOT) -> dict:
-    """{name: checkpoint dir} for every ckpt.pt under root's out*/ folders, name = the dir relative to root."""
+def discover_models(root=".") -> dict:
+    """{name: checkpoint dir} for every ckpt.pt under root's out*/ folders (root: the working
+    directory, like every path of the command line), name = the dir relative to root."""
+    root = Path(root)
     found = sorted(p.parent for d in root.glob("out*") if d.is_dir() for p in d.rglob("ckpt.pt"))
     return {d.relative_to(root).as_posix(): d for d in found}
 
@@ -52,7 +68,7 @@ def clean_question(text, limit: int) -> tuple[str, str]:
 
 
 def check_params(p: dict) -> dict:
-    """Sampling settings in their ranges (sample.SAMPLING_LIMITS), else ValueError naming the setting."""
+    """Sampling settings in their ranges (engine.SAMPLING), else ValueError naming the setting."""
     bad = sampling_error(p)
     if bad:
         key, value, lo, hi, whole = bad
@@ -60,36 +76,27 @@ def check_params(p: dict) -> dict:
     return p | {"max_new_tokens": int(p["max_new_tokens"]), "top_k": int(p["top_k"])}
 
 
-def cut_notice(ckpt: dict, question: str, mode: str, block_size: int, max_new_tokens: int) -> str:
-    """The page's notice when the question does not fit the model's context (sample.fit_prompt), else ""."""
-    fit = fit_prompt(ckpt, question, mode, block_size, max_new_tokens)
-    if not fit.shortened:
+def cut_notice(prompt: Prompt) -> str:
+    """The page's notice when the question did not fit the model's context (engine.fit_prompt), else ""."""
+    if not prompt.shortened:
         return ""
-    return (f"输入过长：模型一次只能看 {fit.block_size} 个 token，还要给回答留 {fit.room} 个，"
-            f"所以只用了{'前' if mode == 'chat' else '最后'} {len(fit.text)} 字（共 {fit.chars} 字）。")
-
-
-def peek_mode(path) -> str | None:
-    """A checkpoint's mode without reading its weights (mmap); None if it cannot be read."""
-    try:
-        ckpt = torch.load(Path(path) / "ckpt.pt", map_location="cpu", weights_only=True, mmap=True)
-        return checkpoint_mode(ckpt)
-    except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError):
-        return None
+    return (f"输入过长：模型一次只能看 {prompt.block_size} 个 token，还要给回答留 {prompt.room} 个，"
+            f"所以只用了{'前' if prompt.mode == 'chat' else '最后'} {len(prompt.text)} 字（共 {prompt.chars} 字）。")
 
 
 class ModelStore:
-    """The models the app serves: local checkpoints, each loaded once and shared by all requests,
-    and classmates' apps by URL: only those in remotes (base URLs) unless any_remote, one
-    gradio_client each for the max_clients used last; connecting, and each streamed piece, may
-    take at most timeout seconds."""
+    """The models the app serves: local checkpoints, each loaded once (in precision, an
+    engine.PRECISIONS name; "" = engine.pick_precision) and shared by all requests, and classmates'
+    apps by URL: only those in remotes (base URLs) unless any_remote, one gradio_client each, kept
+    for the max_clients used last (a client still streaming is never closed); connecting, and each
+    streamed piece, may take at most timeout seconds."""
 
-    def __init__(self, paths: dict, device: str = "cpu", dtype: str = "float32", stream_every: float = 0.05,
+    def __init__(self, paths: dict, device: str = "cpu", precision: str = "fp32", stream_every: float = 0.05,
                  remotes=(), any_remote: bool = False, max_clients: int = 8, timeout: float = 60.0):
-        self.paths, self.device, self.dtype, self.stream_every = paths, device, dtype, stream_every
+        self.paths, self.device, self.precision, self.stream_every = paths, device, precision, stream_every
         self.remotes, self.any_remote = [u.rstrip("/") for u in remotes], any_remote
         self.max_clients, self.timeout = max_clients, timeout
-        self.loaded, self.clients = {}, OrderedDict()
+        self.loaded, self.clients, self.busy = {}, OrderedDict(), Counter()  # busy: url -> streams using it
         self.lock, self.clients_lock = threading.Lock(), threading.Lock()
 
     def names(self) -> list:
@@ -102,7 +109,7 @@ class ModelStore:
                 if name not in self.paths:
                     raise ModelError(f"没有名为 {name!r} 的模型（可选：{', '.join(self.paths) or '无'}）")
                 try:
-                    self.loaded[name] = load_checkpoint(self.paths[name], self.device, self.dtype)
+                    self.loaded[name] = load_model(self.paths[name], self.device, self.precision)
                 except (FileNotFoundError, ValueError) as e:
                     raise ModelError(f"模型 {name} 无法加载：{e}") from e
             return self.loaded[name]
@@ -115,18 +122,22 @@ class ModelStore:
             yield from self._remote(name, question, mode, p)
             return
         model, ckpt = self.local(name)
-        mode = mode or checkpoint_mode(ckpt)
+        mode = mode or mode_of(ckpt)
         if mode == "chat" and not can_chat(ckpt):
             raise ModelError(f"{name} 是预训练模型，没有学过问答模板，只会接着文字往下写：请改用“续写”模式，"
                              "或换一个 SFT（问答）模型。")
+        try:  # fitted once here: the notice and the generation use the same prompt
+            prompt = fit_prompt(ckpt, question, mode, model.config.block_size, p["max_new_tokens"])
+        except ValueError as e:
+            raise ModelError(f"{name}：{e}") from e
         seed = p["seed"] if p.get("seed", -1) >= 0 else random.randrange(2**31)
         gen = torch.Generator(device=self.device).manual_seed(seed)
         text, stats, t0, sent = "", {"model": name, "mode": mode}, time.perf_counter(), -math.inf
-        notice = cut_notice(ckpt, question, mode, model.config.block_size, p["max_new_tokens"])
+        notice = cut_notice(prompt)
         if notice:
             stats["notice"] = notice
-        for piece in stream_reply(model, ckpt, question, mode, generator=gen, stats=stats,
-                                  **{k: p[k] for k in SAMPLING_LIMITS}):
+        for piece in stream_reply(model, ckpt, question, mode, generator=gen, stats=stats, prompt=prompt,
+                                  **{k: p[k] for k in SAMPLING}):
             text += piece
             now = time.perf_counter()
             stats.setdefault("first_token_s", round(now - t0, 3))
@@ -137,52 +148,64 @@ class ModelStore:
         stats["tokens_per_s"] = round(stats["new_tokens"] / max(stats["seconds"], 1e-9), 1)
         yield text, stats
 
-    def client(self, url: str) -> Client:
-        """The gradio_client of an allowed URL, made on first use; the least recently used beyond
-        max_clients is closed. ModelError for a URL not allowed, before any connection."""
+    @contextmanager
+    def client(self, url: str):
+        """with store.client(url) as client: the gradio_client of an allowed URL, made on first use
+        and counted busy until the with ends; beyond max_clients the least recently used idle ones
+        are closed. ModelError for a URL not allowed, before any connection."""
         url = url.rstrip("/")
         if not (self.any_remote or url in self.remotes):
             allowed = "、".join(self.remotes) if self.remotes else "无（本应用启动时没有给 --remotes）"
             raise ModelError(f"{url} 不在允许的远程模型地址里，没有连接它。允许的地址：{allowed}。"
                              "要用同学的模型，请在启动时加上 --remotes=http://同学的IP:端口")
         with self.clients_lock:
-            if url in self.clients:
-                self.clients.move_to_end(url)
-                return self.clients[url]
-        # connecting can take a while: not under the lock
-        client = Client(url, verbose=False, download_files=False, analytics_enabled=False,
-                        httpx_kwargs={"timeout": httpx.Timeout(self.timeout, connect=min(5.0, self.timeout))})
+            client = self.clients.get(url)
+        if client is None:  # connecting can take a while: not under the lock
+            client = Client(url, verbose=False, download_files=False, analytics_enabled=False,
+                            httpx_kwargs={"timeout": httpx.Timeout(self.timeout, connect=min(5.0, self.timeout))})
         with self.clients_lock:
             kept = self.clients.setdefault(url, client)  # another request may have connected meanwhile
             self.clients.move_to_end(url)
-            while len(self.clients) > self.max_clients:
-                self.clients.popitem(last=False)[1].close()
+            self.busy[url] += 1
+            self._close_idle()
         if kept is not client:
             client.close()
-        return kept
+        try:
+            yield kept
+        finally:
+            with self.clients_lock:
+                self.busy[url] -= 1
+                self._close_idle()
+
+    def _close_idle(self) -> None:
+        """Close the least recently used idle clients beyond max_clients (under clients_lock). A busy
+        one waits for its streams to end: closing it would cut them off."""
+        idle = [url for url in self.clients if not self.busy[url]]
+        while len(self.clients) > self.max_clients and idle:
+            url = idle.pop(0)
+            self.clients.pop(url).close()
+            del self.busy[url]
 
     def _remote(self, target: str, question: str, mode: str, p: dict):
         url, _, name = target.partition("#")
         job = None
         late = f"{target} 超过 {self.timeout:g} 秒没有回应或连接中断，已停止等待（对方可能太忙或已经关闭）。"
         try:
-            client = self.client(url)
-            job = client.submit(question, mode, *(p[k] for k in SAMPLING_LIMITS), name, p.get("seed", -1),
-                                api_name="/generate")
-            out, seen, last = None, 0, time.monotonic()
-            while not job.done():  # poll rather than iterate: job's iterator waits without a deadline
-                outputs = job.outputs()
-                for out in outputs[seen:]:
-                    yield out[0], out[1] | {"model": target}
-                if len(outputs) > seen:
-                    seen, last = len(outputs), time.monotonic()
-                elif time.monotonic() - last > self.timeout:
-                    raise ModelError(late)
-                else:
-                    time.sleep(0.01)
-            final = job.result()
-            if final != out:
-                yield final[0], final[1] | {"model": target}
+            with self.client(url) as client:
+                job = client.submit(question, mode, *(p[k] for k in SAMPLING), name, p.get("seed", -1),
+                                    api_name="/generate")
+                out, seen, last = None, 0, time.monotonic()
+                while not wait([job.future], timeout=REMOTE_TICK).done:  # job's own iterator has no deadline
+                    outputs = job.outputs()
+                    for out in outputs[seen:]:
+                        yield out[0], out[1] | {"model": target}
+                    if len(outputs) > seen:
+                        seen, last = len(outputs), time.monotonic()
+                    elif time.monotonic() - last > self.timeout:
+                        raise ModelError(late)
+                final = job.result()
+                if final != out:
+                    yield final[0], final[1] | {"model": target}
         except (httpx.TimeoutException, CancelledError) as e:  # CancelledError: the client's event stream broke
             raise ModelError(late) from e
         except (ValueError, httpx.HTTPError, OSError) as e:
@@ -279,3 +302,27 @@ def leaderboard(votes: list) -> list:
             r[0 if s == 1 else 1 if s == 0 else 2] += 1
     rows = [[m, round(elo[m]), sum(r), *r, f"{r[0] / sum(r):.0%}"] for m, r in rec.items()]
     return sorted(rows, key=lambda row: -row[1])
+
+
+def start_app(log, *args, cwd=None) -> tuple[subprocess.Popen, str]:
+    """sample_gradio.py with args in a subprocess on a free loopback port, run in cwd (None: this
+    process's), its output going to the file log (a pipe nobody reads could fill and stall it):
+    (process, url) once the page answers; a RuntimeError with the log's tail if it exits or does
+    not answer within 120 s."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with open(log, "w", encoding="utf-8") as out:
+        app = subprocess.Popen([sys.executable, str(APP), f"--port={port}", *map(str, args)], cwd=cwd,
+                               stdout=out, stderr=subprocess.STDOUT)
+    url, deadline = f"http://127.0.0.1:{port}", time.time() + 120
+    while True:
+        try:
+            urlopen(url, timeout=2)
+            return app, url
+        except URLError:
+            if app.poll() is not None or time.time() > deadline:
+                app.kill()
+                tail = Path(log).read_text(encoding="utf-8")[-3000:]
+                raise RuntimeError(f"sample_gradio.py did not start:\n{tail}") from None
+            time.sleep(0.5)

@@ -11,7 +11,7 @@ import pytest
 from conftest import PAIRS, ROOT
 from playwright.sync_api import expect, sync_playwright
 
-from bench import start_app
+from serving import start_app
 
 CHROMIUM = Path("/usr/bin/chromium")
 # for a machine with no network, as root: no sandbox, no GPU, no calls to Google's services

@@ -1,5 +1,7 @@
-"""sample_gradio.py and serving.py: input limits, votes and the leaderboard, streams side by side, the model store,
-the API through gradio_client (streaming, queueing, errors, a classmate's app by URL: allowed, bounded, timed out)."""
+"""sample_gradio.py and serving.py with real models and running apps: the model store, the API through
+gradio_client (streaming, queueing, errors, a classmate's app by URL, timed out), the command line and
+its paths. serving.py's parts without a running app: test_serving.py."""
+import json
 import shutil
 import socket
 import time
@@ -10,17 +12,13 @@ import torch
 from conftest import PAIRS, read_bin, run_script
 from gradio_client import Client
 from gradio_client.exceptions import AppError
+from test_serving import GREEDY
 
 import serving
-from bench import start_app
 from data.tokenizer import EOT_ID
-from sample import load_checkpoint, stream_reply
-from sample_gradio import build_app
-from serving import (ELO_START, ModelError, ModelStore, VoteBook, check_params, clean_question, discover_models,
-                     leaderboard, stream_together)
-
-GREEDY = {"max_new_tokens": 20, "temperature": 0.0, "top_k": 50, "top_p": 0.95, "repetition_penalty": 1.0,
-          "seed": 0}
+from engine import load_model, stream_reply
+from sample_gradio import DEMO_QUESTIONS, build_app, load_examples
+from serving import ModelError, ModelStore, VoteBook, discover_models, start_app, stream_together
 
 
 def free_port() -> int:
@@ -30,9 +28,9 @@ def free_port() -> int:
 
 
 def test_the_model_is_prompted_with_the_tokens_it_was_trained_on(sft_model, enc, monkeypatch):
-    """What sample.py feeds the model for a question equals what prepare_sft.py wrote into train.bin
+    """What engine.stream_reply feeds the model for a question equals what prepare_sft.py wrote into train.bin
     before that question's answer (all pairs are in train, one block each, in file order)."""
-    model, ckpt = load_checkpoint(sft_model)
+    model, ckpt = load_model(sft_model)
     block = ckpt["data_meta"]["block_size"]
     tokens = read_bin(sft_model.parent / "data" / "train.bin").reshape(-1, block)
     masks = read_bin(sft_model.parent / "data" / "train_mask.bin", dtype="uint8").reshape(-1, block)
@@ -44,83 +42,6 @@ def test_the_model_is_prompted_with_the_tokens_it_was_trained_on(sft_model, enc,
         start = int(mask.argmax())  # the first trained target: the answer's first token
         assert fed[-1] == row[:start].tolist()
         assert enc.decode(row[start:start + int(mask.sum()) - 1].tolist()) == pair["answer"]
-
-
-def test_clean_question_ignores_empty_and_cuts_long_input():
-    assert clean_question("  \n ", 10) == ("", "")
-    assert clean_question(None, 10) == ("", "")
-    assert clean_question(" 你好 ", 10) == ("你好", "")
-    text, notice = clean_question("长" * 25, 10)
-    assert text == "长" * 10 and "25" in notice and "10" in notice
-
-
-def test_check_params_names_the_setting():
-    assert check_params(GREEDY | {"max_new_tokens": 5.0})["max_new_tokens"] == 5
-    assert check_params(GREEDY | {"top_p": 0, "temperature": 0, "top_k": 0})  # greedy-like edges are allowed
-    for key, bad, words in [("max_new_tokens", 0, "1 到 1024 之间的整数"), ("temperature", -1, "0.0 到 2.0 之间的数"),
-                            ("top_p", 1.5, "0.0 到 1.0"), ("repetition_penalty", "x", "1.0 到 2.0"),
-                            ("top_k", True, "0 到 50304 之间的整数"), ("top_k", 2.5, "0 到 50304 之间的整数")]:
-        with pytest.raises(ValueError, match=f"{key}={bad!r}：应为 {words}"):
-            check_params(GREEDY | {key: bad})
-
-
-def test_leaderboard_elo_and_win_rate():
-    votes = [{"model_a": "x", "model_b": "y", "vote": "a"}]
-    assert leaderboard(votes) == [["x", ELO_START + 16, 1, 1, 0, 0, "100%"], ["y", ELO_START - 16, 1, 0, 1, 0, "0%"]]
-    votes += [{"model_a": "y", "model_b": "x", "vote": "tie"}, {"model_a": "x", "model_b": "y", "vote": "both_bad"}]
-    rows = {r[0]: r for r in leaderboard(votes)}
-    assert rows["x"][2:6] == [3, 1, 0, 2] and rows["y"][2:6] == [3, 0, 1, 2]
-    assert rows["x"][1] + rows["y"][1] == 2 * ELO_START  # Elo is zero-sum
-    assert rows["x"][1] > rows["y"][1] and rows["x"][6] == "33%"
-
-
-def test_vote_book_appends_and_skips_broken_lines_with_their_place(tmp_path, capsys):
-    book = VoteBook(tmp_path / "arena" / "votes.jsonl")
-    assert book.read()[0] == []
-    book.add({"model_a": "x", "model_b": "y", "vote": "b", "question": "问"})
-    with open(book.path, "a", encoding="utf-8") as f:
-        f.write('{"model_a": "x", "model_b": "", "vote": "a"}\n{"model_a": "x", "model_b": "y", "vo')  # a crash
-    book.add({"model_a": "y", "model_b": "x", "vote": "a"})
-    good, report = book.read()
-    assert [v["vote"] for v in good] == ["b", "a"]
-    assert sum(report.counts.values()) == 2
-    err = capsys.readouterr().err
-    assert f"{book.path}:2" in err and f"{book.path}:3" in err
-
-
-def test_stream_together_runs_streams_at_once_and_reports_a_failure():
-    def slow(tag, n):
-        for i in range(n):
-            time.sleep(0.02)
-            yield f"{tag}{i}", {"i": i}
-
-    def broken():
-        yield "半", {}
-        raise ModelError("模型坏了")
-
-    updates = list(stream_together([slow("a", 10), slow("b", 10)]))
-    assert updates[-1] == [("a9", {"i": 9}), ("b9", {"i": 9})]
-    assert any(u[0][0] != "" and u[1][0] != "" and u[0][0] != "a9" for u in updates)  # both moving at once
-    last = list(stream_together([broken(), slow("c", 3)]))[-1]
-    assert last[0][0] == "【出错】模型坏了" and last[1][0] == "c2"
-
-
-def test_closing_stream_together_stops_the_streams():
-    produced = []
-
-    def endless():
-        while True:
-            produced.append(1)
-            time.sleep(0.01)
-            yield str(len(produced)), {}
-
-    it = stream_together([endless()])
-    next(it)
-    it.close()
-    time.sleep(0.1)
-    n = len(produced)
-    time.sleep(0.1)
-    assert len(produced) <= n + 1
 
 
 def test_discover_models_finds_checkpoints_under_out_folders(tmp_path):
@@ -147,7 +68,7 @@ def test_store_loads_each_model_once_and_explains_failures(sft_model, tmp_path):
                         "misfit": tmp_path / "misfit"})
     assert store.names()[0] == "sft"  # chat models first: the default
     assert store.local("sft") is store.local("sft")
-    for name, words in [("broken", "not a readable MiniGLM checkpoint"), ("gone", "no checkpoint here"),
+    for name, words in [("broken", "cannot read it: not a MiniGLM checkpoint"), ("gone", "no checkpoint here"),
                         ("nope", "没有名为"), ("misfit", "do not fit the checkpoint's model_args")]:
         with pytest.raises(ModelError, match=words):
             list(store.stream(name, "你好", "", GREEDY))
@@ -254,37 +175,19 @@ def test_arena_reaches_a_classmate_app_by_url(app):
         list(store.stream(nobody, "问", "", GREEDY))
 
 
-def test_a_url_not_allowed_is_refused_without_connecting():
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen()
-        server.setblocking(False)
-        url = f"http://127.0.0.1:{server.getsockname()[1]}"
-        for store in (ModelStore({}), ModelStore({}, remotes=["http://127.0.0.1:1"])):
-            with pytest.raises(ModelError, match=f"{url} 不在允许的远程模型地址里，没有连接它"):
-                list(store.stream(f"{url}#sft", "问", "", GREEDY))
-        with pytest.raises(BlockingIOError):
-            server.accept()  # nobody knocked
+def test_a_request_fits_its_prompt_once(sft_model, monkeypatch):
+    """The notice and the generation use one fitted prompt (it was fitted twice a request)."""
+    import engine
+    fit, calls = engine.fit_prompt, []
 
+    def counted(*args, **kwargs):
+        calls.append(args[1])
+        return fit(*args, **kwargs)
 
-def test_remote_clients_are_bounded_and_timed(monkeypatch):
-    made, closed = [], []
-
-    class FakeClient:
-        def __init__(self, url, **kwargs):
-            self.url, self.kwargs = url, kwargs
-            made.append(url)
-
-        def close(self):
-            closed.append(self.url)
-
-    monkeypatch.setattr(serving, "Client", FakeClient)
-    store = ModelStore({}, any_remote=True, max_clients=2, timeout=7)
-    for url in ["http://a:1", "http://b:1", "http://a:1/", "http://c:1", "http://a:1"]:
-        store.client(url)
-    assert made == ["http://a:1", "http://b:1", "http://c:1"] and closed == ["http://b:1"]
-    assert list(store.clients) == ["http://c:1", "http://a:1"]
-    assert store.clients["http://a:1"].kwargs["httpx_kwargs"]["timeout"] == httpx.Timeout(7, connect=5.0)
+    monkeypatch.setattr(engine, "fit_prompt", counted)
+    monkeypatch.setattr(serving, "fit_prompt", counted)
+    _, stats = list(ModelStore({"sft": sft_model}).stream("sft", "问" * 30, "", GREEDY))[-1]
+    assert calls == ["问" * 30] and stats["notice"].startswith("输入过长") and stats["prompt_tokens"] <= 36
 
 
 def test_a_remote_that_stops_answering_ends_with_a_timeout_message(app, watched):
@@ -344,7 +247,27 @@ def test_listening_without_a_login_warns(sft_model, tmp_path):
 
 def test_command_line_errors_are_clear(tmp_path):
     for arg, words in [("--auth=nopassword", "expected user:password"), ("--concurrency=0", "--concurrency"),
-                       ("--dtype=int8", "expected float32, bfloat16 or float16"),
+                       ("--precision=int8", "--precision='int8': expected one of fp32, bf16, fp16"),
+                       ("--dtype=bf16", "precision"), ("--examples_path=nope.jsonl", "'nope.jsonl': no such file"),
                        ("--remotes=192.168.1.2:7860", "'192.168.1.2:7860' is not a URL")]:
         proc = run_script("sample_gradio.py", arg, f"--votes_path={tmp_path / 'v.jsonl'}", check=False)
         assert proc.returncode != 0 and words in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_paths_are_relative_to_the_working_directory(sft_model, tmp_path, monkeypatch):
+    """Started elsewhere than the repository, the app finds the models in that directory's out*/
+    folders and reads and writes the paths it is given there; the bundled examples still load."""
+    shutil.copytree(sft_model, tmp_path / "out-tiny" / "run")
+    (tmp_path / "q.txt").write_text("自己写的示例问题？\n\n", encoding="utf-8")
+    proc, url = start_app(tmp_path / "app.log", "--votes_path=votes/v.jsonl", "--examples_path=q.txt", cwd=tmp_path)
+    try:
+        assert client(url).predict(api_name="/models") == ["out-tiny/run"]
+        assert "自己写的示例问题？" in json.dumps(httpx.get(f"{url}/config").json(), ensure_ascii=False)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert f"arena votes: {tmp_path / 'votes' / 'v.jsonl'}" in (tmp_path / "app.log").read_text(encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    assert list(discover_models()) == ["out-tiny/run"]
+    assert load_examples("q.txt") == ["自己写的示例问题？"]
+    assert load_examples("") == [q for q in DEMO_QUESTIONS.read_text(encoding="utf-8").splitlines() if q][:8]
