@@ -157,7 +157,7 @@ def write_report(out: Path) -> Path:
              "",
              "## 数据", "", f"- 来源：{', '.join(map(str, meta.get('sources', []))) or '未记录'}",
              f"- 分词器 {meta.get('tokenizer')}（词表 {meta.get('vocab_size')}），块长 {meta.get('block_size')}，"
-             f"模式 {meta.get('packing', meta.get('mode'))}，验证集比例 {meta.get('val_fraction')}", "",
+             f"打包方式 {meta.get('packing', meta.get('mode'))}，验证集比例 {meta.get('val_fraction')}", "",
              "| 划分 | 文档/问答对 | tokens | 块 | 填充比例 |", "|---|---|---|---|---|"]
     for split, s in meta.get("splits", {}).items():
         docs = s.get("documents", s.get("pairs", 0))
