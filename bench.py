@@ -19,7 +19,7 @@ Groups:
            generate, which runs the whole sequence (its last block_size tokens) through the model
            every step (its block-overflow rule differs); 256 and 512 new tokens.
   ui       the web app and sample.py on a 45M SFT checkpoint with random weights, batch 1, 256
-           new tokens, default sampling (temperature 0.8, top_k 50, top_p 0.95), CPU:
+           new tokens, default sampling (engine.SAMPLING_DEFAULTS), CPU:
            sample_gradio.py in a subprocess called through its API (/generate, gradio_client):
            time to the first streamed text and tokens/s end to end, median of 5 after a warm-up,
            against the same app sending an update per piece (--stream_every=0), called in turn;
@@ -230,8 +230,10 @@ def bench_ui(reps: int = 5) -> None:
 
     from gradio_client import Client
 
+    from engine import SAMPLING_DEFAULTS
     from serving import start_app
     question, new = "成语“画蛇添足”是什么意思？", 256
+    sampling = [SAMPLING_DEFAULTS[k] for k in ("temperature", "top_k", "top_p", "repetition_penalty")]  # /generate's order
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "m"
         random_sft_checkpoint(model_dir)
@@ -248,7 +250,7 @@ def bench_ui(reps: int = 5) -> None:
             for seed in range(reps):
                 for name, client in clients.items():
                     t0, first = time.perf_counter(), None
-                    for text, stats in client.submit(question, "", new, 0.8, 50, 0.95, 1.1, "", seed,
+                    for text, stats in client.submit(question, "", new, *sampling, "", seed,
                                                      api_name="/generate"):
                         if text and first is None:
                             first = time.perf_counter() - t0

@@ -50,7 +50,7 @@ def save(out_dir, state: dict, best: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     last, best_path = out / LAST, out / BEST
     with atomic_path(last) as tmp:
-        torch.save({"format": FORMAT_VERSION, **state}, tmp)
+        torch.save({**state, "format": FORMAT_VERSION}, tmp)
     if best:
         with atomic_path(best_path) as tmp:
             try:
@@ -59,28 +59,13 @@ def save(out_dir, state: dict, best: bool) -> None:
                 shutil.copyfile(last, tmp)
 
 
-def remove_stale_temp_files(out_dir) -> None:
-    """A kill between torch.save and os.replace leaves a checkpoint-sized ckpt*.pt.tmp-PID behind;
-    remove those whose process is gone (a live one may still be writing)."""
-    if os.name == "nt":  # os.kill(pid, 0) would send Ctrl-C there
-        return
-    for p in sorted(Path(out_dir).glob("ckpt*.pt.tmp-*")):
-        pid = p.name.rpartition("-")[2]
-        try:
-            os.kill(int(pid), 0)  # raises ProcessLookupError once the process is gone
-        except ProcessLookupError:
-            p.unlink()
-            print(f"removed {p}: left by an interrupted save of process {pid}, which is gone")
-        except (ValueError, PermissionError):  # not a PID; a live process of another user
-            pass
-
-
 def read(path, device: str = "cpu", mmap: bool = False) -> dict:
     """The checkpoint dict (tensors on device), checked: ours, a format this code reads, and the
     tokenizer this code uses. mmap=True reads lazily (cheap when only the metadata is wanted)."""
     path = checkpoint_file(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no checkpoint here; train one first "
+        where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
+        raise FileNotFoundError(f"{path}: no checkpoint here{where}; train one first "
                                 "(python train.py config/train_cpu.py) or pass the right --out_dir")
     with open(path, "rb") as f:
         zipped = f.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive
@@ -88,7 +73,7 @@ def read(path, device: str = "cpu", mmap: bool = False) -> dict:
         ckpt = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, OSError) as e:
         if not zipped:
-            why = "not a MiniGLM checkpoint (not a file written by torch.save)"
+            why = "not a MiniGLM checkpoint (not a torch.save zip archive)"
         elif isinstance(e, pickle.UnpicklingError):  # weights_only refused an object: code could run
             why = "not a MiniGLM checkpoint (it holds Python objects MiniGLM never writes; not loaded)"
         else:

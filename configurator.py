@@ -18,6 +18,8 @@ A key that was renamed is not kept as an alias: the script lists it in an upperc
     RENAMED_KEYS = {"mode": "packing"}
 
 and --mode=packed (or mode = "packed" in a config file) exits with a message naming the new key.
+Where the values were renamed too, the entry is (new key, {old value: new value}), and the
+message shows the new spelling of the value given.
 """
 import ast
 import builtins  # a script may have a config key named compile or input: builtins.compile is Python's
@@ -48,11 +50,13 @@ def _coerce(key, default, value, origin):
     return value
 
 
-def _renamed(g, key, origin, new_spelling):
-    """Exit when key is an old name the script lists in RENAMED_KEYS; new_spelling(new) shows the fix."""
+def _renamed(g, key, value, origin, new_spelling):
+    """Exit when key is an old name the script lists in RENAMED_KEYS; new_spelling(new key, value)
+    shows the fix."""
     new = g.get("RENAMED_KEYS", {}).get(key)
     if new is not None:
-        sys.exit(f"{origin}: {key} was renamed: use {new_spelling(new)}")
+        new, values = new if isinstance(new, tuple) else (new, {})
+        sys.exit(f"{origin}: {key} was renamed: use {new_spelling(new, values.get(value, value))}")
 
 
 def _apply_overrides(g, argv):
@@ -74,7 +78,7 @@ def _apply_overrides(g, argv):
             for k, v in assigned.items():
                 if k.startswith("_") or not k.islower() or callable(v) or isinstance(v, type(sys)):
                     continue
-                _renamed(g, k, f"config file {arg}", lambda new: f"{new} = {v!r}")
+                _renamed(g, k, v, f"config file {arg}", lambda new, v: f"{new} = {v!r}")
                 if k not in keys:
                     sys.exit(f"config file {arg}: unknown key {k!r}; known keys: {', '.join(keys)}")
                 g[k] = _coerce(k, g[k], v, f"config file {arg}")
@@ -83,7 +87,7 @@ def _apply_overrides(g, argv):
         key, sep, value = arg[2:].partition("=")
         if not sep:
             sys.exit(f"argument {arg!r}: expected --key=value or a config file path")
-        _renamed(g, key, f"argument {arg!r}", lambda new: f"--{new}={value}")
+        _renamed(g, key, value, f"argument {arg!r}", lambda new, v: f"--{new}={v}")
         if key not in keys:
             sys.exit(f"argument {arg!r}: unknown key {key!r}; known keys: {', '.join(keys)}")
         g[key] = _coerce(key, g[key], value, f"argument {arg!r}")

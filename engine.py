@@ -34,6 +34,9 @@ MODES = ("chat", "generate")
 # Inference precision (--precision): the weights' and activations' dtype while generating. Training
 # has its own autocast dtype (train.py --dtype). "" picks the fastest (pick_precision).
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_OF = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # torch's names
+# The scripts' old --dtype flag and its values, for the configurator's "renamed" message.
+RENAMED_DTYPE = ("precision", {v: k for k, v in DTYPE_OF.items()})
 # Room for the answer when a prompt is cut to fit: min(max_new_tokens, block_size // ANSWER_SHARE)
 # tokens. A quarter (64 of 256) holds a typical SFT answer, and 3/4 of the context stays for the
 # question; a prompt never takes more than block_size - 1, so the first step sees all of it.
@@ -70,8 +73,8 @@ def pick_precision(device: str, precision: str = "") -> str:
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
         return precision
-    if device.startswith("cuda"):
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.startswith("cuda"):  # training's choice there (select_device): bf16 where supported, else fp16
+        return {v: k for k, v in DTYPE_OF.items()}[select_device(device)[1]]
     if device == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
         return "bf16"
     return "fp32"

@@ -45,9 +45,10 @@ from checkpoint import mode_of
 from configurator import configure
 from data.records import (SENTENCE_END, Report, clean_text, expand_inputs, pair_entity, read_records, split_hash,
                           split_of, string_field, write_json_atomic, write_jsonl_atomic)
+from data.splits import source_paths
 from data.tokenizer import encode_pair
 from data_utils import batch_at, load_dataset
-from engine import SAMPLING_DEFAULTS, exit_on_bad_flags, load_model_or_exit, stream_reply
+from engine import RENAMED_DTYPE, SAMPLING_DEFAULTS, exit_on_bad_flags, load_model_or_exit, stream_reply
 from metrics import FLAGS, distinct_2, flags_of, rouge, table_rows
 from report import write_report
 
@@ -75,7 +76,7 @@ report = False              # also draw the plots and write out_dir/report.md
 device = ""                 # "" = cuda, then mps, then cpu
 precision = ""              # fp32, bf16 or fp16; "" = the fastest on this device (engine.pick_precision)
 # -----------------------------------------------------------------------------
-RENAMED_KEYS = {"dtype": "precision"}  # the configurator answers the old flag with the new name
+RENAMED_KEYS = {"dtype": RENAMED_DTYPE}  # --dtype is training's autocast type; generation has --precision
 
 SFT_TEST = "data/raw/sft_test.jsonl"
 
@@ -116,7 +117,7 @@ def load_cases(mode: str, source: str, data_meta: dict, report: Report, referenc
     records of the checkpoint's sources that the prepare scripts wrote to train: by their own
     split rule (the document's hash, or the pair's entity; split_of) and, for pairs, only those
     that fit a block; [] when those files are not here)."""
-    sources = [Path(p) for p in data_meta.get("sources", [])]  # as prepared: relative to that directory
+    sources = source_paths(data_meta.get("sources", []))  # repository-relative or absolute (source_names)
     if seen:
         if not sources or not all(p.exists() for p in sources):
             return []
@@ -134,7 +135,7 @@ def load_cases(mode: str, source: str, data_meta: dict, report: Report, referenc
         paths = sources
         if not paths or not all(p.exists() for p in paths):
             sys.exit(f"the checkpoint's source documents ({', '.join(map(str, paths)) or 'none recorded'}) are "
-                     f"not in {Path.cwd()}: run from the folder the data was prepared in, or pass --input= a "
+                     "missing: put them back (python data/fetch_data.py for the default data), or pass --input= a "
                      "JSONL of {\"text\"} documents")
     cases = []
     for path in paths:
@@ -267,8 +268,7 @@ if __name__ == "__main__":
             samples += [s | {"set": "seen"} for s in more]
         else:
             print("no trained-on questions to compare with: the checkpoint's source files "
-                  f"({', '.join(ckpt['data_meta'].get('sources', [])) or 'none recorded'}) are not in {Path.cwd()}",
-                  file=sys.stderr)
+                  f"({', '.join(ckpt['data_meta'].get('sources', [])) or 'none recorded'}) are missing", file=sys.stderr)
     write_json_atomic(out / "eval.json", results)
     write_jsonl_atomic(out / "eval_samples.jsonl", samples)
     print_table(results)

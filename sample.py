@@ -23,7 +23,7 @@ import torch
 from checkpoint import can_chat, mode_of
 from configurator import configure
 from data.records import write_jsonl_atomic
-from engine import SAMPLING_DEFAULTS, exit_on_bad_flags, fit_prompt, load_model_or_exit, stream_reply
+from engine import MODES, RENAMED_DTYPE, SAMPLING_DEFAULTS, exit_on_bad_flags, fit_prompt, load_model_or_exit, stream_reply
 
 # ----------------------------------------------------------------------------- defaults
 out_dir = "out-sft"
@@ -43,12 +43,12 @@ device = ""                 # "" = cuda, then mps, then cpu
 precision = ""              # fp32, bf16 or fp16; "" = the fastest on this device (engine.pick_precision)
 save_path = ""
 # -----------------------------------------------------------------------------
-RENAMED_KEYS = {"dtype": "precision"}  # --dtype is training's autocast type; generation has --precision
+RENAMED_KEYS = {"dtype": RENAMED_DTYPE}  # --dtype is training's autocast type; generation has --precision
 
 if __name__ == "__main__":
     config = configure(globals())
-    if mode not in ("", "chat", "generate"):
-        sys.exit(f"--mode={mode!r}: expected chat or generate")
+    if mode not in ("", *MODES):
+        sys.exit(f"--mode={mode!r}: expected {' or '.join(MODES)}")
     exit_on_bad_flags(config)
     if num_samples < 1:
         sys.exit(f"--num_samples={num_samples}: expected a whole number >= 1")

@@ -35,7 +35,8 @@ import gradio as gr  # noqa: E402
 from checkpoint import mode_of  # noqa: E402
 from configurator import configure  # noqa: E402
 from data.records import Report, read_records, string_field  # noqa: E402
-from engine import SAMPLING, SAMPLING_DEFAULTS, exit_on_bad_flags, pick_precision, utf8_constraint  # noqa: E402
+from engine import (RENAMED_DTYPE, SAMPLING, SAMPLING_DEFAULTS, exit_on_bad_flags, pick_precision,  # noqa: E402
+                    utf8_constraint)
 from model import select_device  # noqa: E402
 from serving import (VOTES, ModelError, ModelStore, VoteBook, check_params, clean_question,  # noqa: E402
                      discover_models, leaderboard, stream_together)
@@ -63,7 +64,7 @@ stream_every = 0.05         # seconds between streamed updates (0: one per piece
 device = ""                 # "" = cuda, then mps, then cpu
 precision = ""              # fp32, bf16 or fp16; "" = the fastest on this device (engine.pick_precision)
 # -----------------------------------------------------------------------------
-RENAMED_KEYS = {"dtype": "precision"}  # configurator refuses the old name with a message naming the new
+RENAMED_KEYS = {"dtype": RENAMED_DTYPE}  # --dtype is training's autocast type; generation has --precision
 
 MODES = {"问答": "chat", "续写": "generate"}
 REMOTE_INFO = "本地模型，或同学应用的地址 http://IP:端口（须在启动时用 --remotes 允许）"

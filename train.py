@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 from configurator import configure
+from data.records import remove_stale_temp_files
 from data.tokenizer import MODEL_VOCAB_SIZE
 from data_utils import batch_at, batch_starts, get_batch, load_dataset
 from model import GPT, GPTConfig, autocast_context, select_device
@@ -204,7 +205,7 @@ if __name__ == "__main__":
     peak = peak_flops(device)
     if master:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        checkpoint.remove_stale_temp_files(out_dir)
+        remove_stale_temp_files(out_dir, "ckpt*.pt.tmp-*")
         for p in earlier:
             p.unlink()
             print(f"overwrite=True: removed {p} of the earlier run")

@@ -18,8 +18,13 @@ import os
 import signal
 import sys
 import time
+from importlib.util import find_spec
 from multiprocessing import Pool
 from pathlib import Path
+
+if find_spec("configurator") is None:  # python data/x.py finds the shared modules through pip install -e .
+    sys.exit("MiniGLM's modules are not installed in this Python: in the repository folder run "
+             "pip install -r requirements.txt (make setup does it)")
 
 from configurator import configure
 from data.blocks import PACKINGS

@@ -34,7 +34,12 @@ import json
 import re
 import sys
 from collections import Counter, defaultdict
+from importlib.util import find_spec
 from pathlib import Path
+
+if find_spec("configurator") is None:  # python data/x.py finds the shared modules through pip install -e .
+    sys.exit("MiniGLM's modules are not installed in this Python: in the repository folder run "
+             "pip install -r requirements.txt (make setup does it)")
 
 from configurator import configure
 from data.records import atomic_path, write_json_atomic

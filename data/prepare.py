@@ -29,7 +29,12 @@ import signal
 import sys
 import time
 from collections import Counter
+from importlib.util import find_spec
 from multiprocessing import Pool
+
+if find_spec("configurator") is None:  # python data/x.py finds the shared modules through pip install -e .
+    sys.exit("MiniGLM's modules are not installed in this Python: in the repository folder run "
+             "pip install -r requirements.txt (make setup does it)")
 
 import numpy as np
 
@@ -43,7 +48,7 @@ from data.tokenizer import tokenizer_meta
 input = "data/raw/pretrain.jsonl"
 out_dir = "data/processed_pretrain"
 block_size = 256
-packing = "packed"       # lowest held-out loss at equal compute (README, bench.py --only=modes)
+packing = "packed"       # lowest held-out loss at equal compute (README, bench.py --only=packing)
 val_fraction = 0.01
 num_workers = min(8, os.cpu_count() or 1)
 docs_per_task = 1024     # documents a worker gets at once (the pool costs the parent ~0.3 ms a task)

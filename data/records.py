@@ -286,12 +286,28 @@ def split_of(h: float, meta: dict) -> str:
 
 def temp_path(path) -> Path:
     """Where path is written before it is complete: next to it, named for this process. A run
-    removes those its killed predecessors left (data.splits.start_prepare globs TEMP_GLOB)."""
+    removes those its killed predecessors left (remove_stale_temp_files)."""
     path = Path(path)
     return path.with_name(f"{path.name}.tmp-{os.getpid()}")
 
 
 TEMP_GLOB = "*.tmp-*"
+
+
+def remove_stale_temp_files(folder, pattern: str = TEMP_GLOB) -> None:
+    """A kill between writing a temp file and os.replace leaves it behind (temp_path: name.tmp-PID);
+    remove those in folder whose process is gone (a live one may still be writing)."""
+    if os.name == "nt":  # os.kill(pid, 0) would send Ctrl-C there
+        return
+    for p in sorted(Path(folder).glob(pattern)):
+        pid = p.name.rpartition("-")[2]
+        try:
+            os.kill(int(pid), 0)  # raises ProcessLookupError once the process is gone
+        except ProcessLookupError:
+            p.unlink()
+            print(f"removed {p}: left by an interrupted write of process {pid}, which is gone")
+        except (ValueError, PermissionError):  # not a PID; a live process of another user
+            pass
 
 
 @contextmanager

@@ -15,7 +15,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from data.records import ROOT, TEMP_GLOB, Report, expand_inputs, temp_path, write_json_atomic
+from data.records import ROOT, Report, expand_inputs, remove_stale_temp_files, temp_path, write_json_atomic
 
 
 class ValReserve:
@@ -99,8 +99,7 @@ def start_prepare(config: dict, hint: str) -> tuple[Report, list[Path], Path]:
                  f"the repository root: run from there, or pass {hint} with --input=")
     out = Path(config["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(TEMP_GLOB):
-        stale.unlink()
+    remove_stale_temp_files(out)
     return report, paths, out
 
 
@@ -112,6 +111,11 @@ def source_names(paths) -> list[str]:
         p = Path(p).resolve()
         names.append(str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p))
     return names
+
+
+def source_paths(names) -> list[Path]:
+    """The files a meta.json's "sources" names (source_names), wherever the reader runs."""
+    return [ROOT / n for n in names]  # an absolute name stays itself: ROOT / "/x" is "/x"
 
 
 def commit_outputs(out: Path, writers, meta: dict) -> None:

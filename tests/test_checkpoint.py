@@ -59,7 +59,7 @@ def broken(tmp_path, kind: str) -> Path:
 @pytest.mark.parametrize("kind, words", [
     ("missing", "no checkpoint here"),
     ("partial", "partial or damaged"),
-    ("text", "not a MiniGLM checkpoint (not a file written by torch.save)"),
+    ("text", "not a MiniGLM checkpoint (not a torch.save zip archive)"),
     ("foreign", "not a MiniGLM checkpoint (missing model, model_args, data_meta, config)"),
     ("newer", "is newer than this code reads"),
     ("tokenizer", "trained with vocab_size=8192"),

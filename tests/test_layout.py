@@ -5,10 +5,14 @@ A script in data/ runs as `python data/prepare.py`, which puts data/ first on sy
 data.records (two Report classes, two caches). These tests keep every import on the one name.
 """
 import ast
+import os
+import shutil
 import json
 import subprocess
 import sys
 import tomllib
+
+import pytest
 
 from conftest import ROOT, write_jsonl
 
@@ -121,3 +125,25 @@ def test_files_are_short_enough_to_read_in_one_sitting():
     assert sizes["sample.py"] <= 150, sizes["sample.py"]
     long = {name: n for name, n in sizes.items() if n > 400}
     assert not long, long
+
+
+@pytest.mark.parametrize("script", ["data/prepare.py", "data/prepare_sft.py", "data/fetch_data.py",
+                                    "data/bench_prepare.py"])
+def test_a_data_script_without_the_install_says_what_to_do(script):
+    """python -S: no site-packages, as in a Python where requirements.txt (and its -e .) was never installed."""
+    proc = subprocess.run([sys.executable, "-S", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "MiniGLM's modules are not installed in this Python" in proc.stderr
+
+
+def test_a_data_script_of_another_clone_refuses_this_clones_modules(tmp_path):
+    """The editable install points at one folder: a second clone's data script run with the same
+    Python would run the first clone's code; it stops and names both folders."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text(encoding="utf-8"), encoding="utf-8")
+    shutil.copy(ROOT / "data" / "prepare_sft.py", tmp_path / "data" / "prepare_sft.py")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "data/prepare_sft.py"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60, env=env)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"belongs to the MiniGLM folder {tmp_path}" in proc.stderr and str(ROOT) in proc.stderr
