@@ -333,7 +333,8 @@ DEFAULT = ("prepare", "train", "generate", "ui")
 if __name__ == "__main__":
     config = configure(globals())
     if only and only not in GROUPS:
-        sys.exit(f"--only={only!r}: expected one of {', '.join(GROUPS)}")
+        renamed = " (the group modes is now called packing)" if only == "modes" else ""
+        sys.exit(f"--only={only!r}: expected one of {', '.join(GROUPS)}{renamed}")
     for name, fn in GROUPS.items():
         if only == name or (not only and name in DEFAULT):
             fn()
