@@ -23,8 +23,7 @@ from multiprocessing import Pool
 from pathlib import Path
 
 if find_spec("configurator") is None:  # python data/x.py finds the shared modules through pip install -e .
-    sys.exit("MiniGLM's modules are not installed in this Python: in the repository folder run "
-             "pip install -r requirements.txt (make setup does it)")
+    sys.exit("MiniGLM's modules are not installed in this Python: run pip install -r requirements.txt in its folder")
 
 from configurator import configure
 from data.blocks import PACKINGS

@@ -33,8 +33,7 @@ from importlib.util import find_spec
 from multiprocessing import Pool
 
 if find_spec("configurator") is None:  # python data/x.py finds the shared modules through pip install -e .
-    sys.exit("MiniGLM's modules are not installed in this Python: in the repository folder run "
-             "pip install -r requirements.txt (make setup does it)")
+    sys.exit("MiniGLM's modules are not installed in this Python: run pip install -r requirements.txt in its folder")
 
 import numpy as np
 
