@@ -156,7 +156,8 @@ def test_paths_are_relative_to_the_working_directory(tmp_path):
     (tmp_path / "in").mkdir()
     write_jsonl(tmp_path / "in" / "sft.jsonl", pairs(10))
     (tmp_path / "out" / "sft").mkdir(parents=True)
-    (tmp_path / "out" / "sft" / "train.bin.tmp-12345").write_bytes(b"left by a killed run")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "out" / "sft" / f"train.bin.tmp-{gone.stdout.strip()}").write_bytes(b"left by a killed run")
     proc = subprocess.run([sys.executable, str(ROOT / "data/prepare_sft.py"), "--input=in/sft.jsonl",
                            "--out_dir=out/sft", f"--block_size={BLOCK}"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=120)
