@@ -9,6 +9,7 @@ tiktoken's own gpt2 loader downloads) and go through tiktoken's loader with its 
 checks, so nothing is fetched at run time. Without that package we fall back to
 tiktoken.get_encoding("gpt2"), which needs the internet.
 """
+import base64
 from functools import lru_cache
 from importlib.util import find_spec
 from pathlib import Path
@@ -61,6 +62,46 @@ def get_tokenizer() -> tiktoken.Encoding:
         mergeable_ranks=ranks,
         special_tokens={EOT_TOKEN: EOT_ID},
     )
+
+
+# A tokenizer trained on the corpus (data/train_tokenizer.py): byte-level BPE ranks in tiktoken's
+# file format (one "base64(token bytes) rank" a line), split by GPT-4's pattern. Measured on the
+# default corpus at vocabulary 8192 (trained on half, encoded the other half, 1 thread), against
+# patterns that cut runs of Han characters into pieces of at most 2, 4 or 8: GPT-4's gives the
+# fewest tokens per character (0.803 vs 0.857 / 0.841 / 0.835) and encodes fastest (2.35M
+# characters/s vs 2.30 / 1.70 / 1.69): a poem's or a wiki sentence's runs of Han characters
+# between punctuation are short, so keeping them whole costs nothing and lets BPE learn words.
+TRAINED_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
+                   r"""|\s*[\r\n]|\s+(?!\S)|\s+""")
+PAD_TOKEN = "<|pad|>"
+
+
+def trained_encoding(ranks: dict, name: str) -> tiktoken.Encoding:
+    """A tiktoken Encoding over trained ranks (every byte is a token): EOT and PAD come right
+    after the ranks, so vocabulary = len(ranks) + 2."""
+    return tiktoken.Encoding(name=name, pat_str=TRAINED_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={EOT_TOKEN: len(ranks), PAD_TOKEN: len(ranks) + 1})
+
+
+def read_ranks(path) -> dict:
+    """The ranks of a tokenizer file written by data/train_tokenizer.py; a clear ValueError (or
+    FileNotFoundError) naming the file when it is missing, cut short or not a tokenizer."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no tokenizer file here; train one with python data/train_tokenizer.py")
+    ranks = {}
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except ValueError as e:  # also binascii.Error: a line that is not "base64 rank"
+                raise ValueError(f"{path}:{n}: expected a tokenizer line 'base64-token rank' "
+                                 f"(tiktoken's format), got {line[:60]!r}") from e
+    if sorted(ranks.values()) != list(range(len(ranks))) or any(bytes([b]) not in ranks for b in range(256)):
+        raise ValueError(f"{path}: not a complete byte-level tokenizer ({len(ranks)} ranks; every byte must "
+                         "be a token and the ranks must run 0..n-1): a partial copy?")
+    return ranks
 
 
 def encode_ordinary_array(text: str) -> np.ndarray:

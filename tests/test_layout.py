@@ -127,7 +127,7 @@ def test_files_are_short_enough_to_read_in_one_sitting():
     assert not long, long
 
 
-@pytest.mark.parametrize("script", ["data/prepare.py", "data/prepare_sft.py", "data/fetch_data.py",
+@pytest.mark.parametrize("script", ["data/prepare.py", "data/prepare_sft.py", "data/fetch_data.py", "data/train_tokenizer.py",
                                     "data/bench_prepare.py"])
 def test_a_data_script_without_the_install_says_what_to_do(script):
     """python -S: no site-packages, as in a Python where requirements.txt (and its -e .) was never installed."""
