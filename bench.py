@@ -24,6 +24,10 @@ Groups:
            time to the first streamed text and tokens/s end to end, median of 5 after a warm-up,
            against the same app sending an update per piece (--stream_every=0), called in turn;
            sample.py's own tokens/s in the default precision and in fp32, in the same run.
+  tokenizer data/train_tokenizer.py on the default corpus at each of tokenizer_vocabs (wall time),
+           then held-out tokens per character and single-thread encoding characters/s of GPT-2's
+           tokenizer and of each trained one, on prepare.py's val documents (which the trained
+           tokenizers never saw).
   packing  (only with --only=packing; about 15 minutes on 2 cores) the packing-layout question:
            the CPU model of config/train_cpu.py trained for packing_iters steps on stream, aligned
            and packed data (equal compute: same steps, batch and block), then scored on the same
@@ -51,6 +55,7 @@ only = ""                                  # a group name, or "" for all but pac
 packing_iters = 150
 packing_docs = 400                         # held-out documents scored per packing layout
 corpus = "data/raw/pretrain.jsonl"
+tokenizer_vocabs = "4096,8192,16384"       # the tokenizer group's vocabulary sizes
 # -----------------------------------------------------------------------------
 RENAMED_KEYS = {"modes_iters": "packing_iters", "modes_docs": "packing_docs"}
 DEFAULT_CORPUS = ROOT / "data/raw/pretrain.jsonl"  # what data/fetch_data.py builds
@@ -326,9 +331,35 @@ def bench_packing() -> None:
                    f"{packing_iters} steps, {time.perf_counter() - t0:.0f}s)", packing=packing)
 
 
+def bench_tokenizer() -> None:
+    from data.encode import cleaned_texts
+    from data.records import Report, split_hash
+    from data.tokenizer import get_tokenizer, read_ranks, trained_encoding
+    ensure_corpus()
+    held = [t for t in cleaned_texts([Path(corpus)], Report(max_shown=0)) if split_hash(t) < 0.01]  # prepare's val
+    chars = sum(map(len, held))
+    encodings = {"gpt2": get_tokenizer()}
+    with tempfile.TemporaryDirectory() as tmp:
+        for vocab in [int(v) for v in tokenizer_vocabs.split(",") if v]:
+            out = Path(tmp) / f"zh{vocab}.tiktoken"
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "data/train_tokenizer.py", f"--input={Path(corpus).resolve()}",
+                            f"--out_path={out}", f"--vocab_size={vocab}"], cwd=ROOT, check=True, capture_output=True)
+            metric("tokenizer_train_seconds_{vocab}", time.perf_counter() - t0, "(the whole default corpus but val)",
+                   vocab=vocab)
+            encodings[f"zh{vocab}"] = trained_encoding(read_ranks(out), out.stem)
+    for name, enc in encodings.items():
+        t0 = time.perf_counter()
+        tokens = sum(len(ids) for ids in enc.encode_ordinary_batch(held, num_threads=1))
+        seconds = time.perf_counter() - t0
+        metric("tokens_per_char_{tokenizer}", tokens / chars, f"({len(held):,} held-out documents, {chars:,} characters)",
+               tokenizer=name)
+        metric("encode_chars_per_s_{tokenizer}", chars / seconds, "(one thread)", tokenizer=name)
+
+
 GROUPS = {"prepare": bench_prepare, "train": bench_train, "generate": bench_generate, "ui": bench_ui,
-          "packing": bench_packing}
-DEFAULT = ("prepare", "train", "generate", "ui")
+          "tokenizer": bench_tokenizer, "packing": bench_packing}
+DEFAULT = ("prepare", "train", "generate", "ui", "tokenizer")
 
 if __name__ == "__main__":
     config = configure(globals())

@@ -109,6 +109,12 @@ BENCH = {
     "ui_reply_s{variant}": Metric("lower", "s", "time for the whole reply through the app's API", digits=3),
     # {variant}: "" the default precision (engine.pick_precision), "_fp32" --precision=fp32
     "cli_tokens_per_s{variant}": Metric("higher", "tokens/s", "sample.py's own tokens/s", digits=3),
+    # tokenizer: {vocab} a trained vocabulary size; {tokenizer} gpt2 or zh{vocab}
+    "tokenizer_train_seconds_{vocab}": Metric("lower", "s", "data/train_tokenizer.py on the default corpus",
+                                              digits=3),
+    "tokens_per_char_{tokenizer}": Metric("lower", "tokens/char", "tokens per character of prepare.py's val "
+                                          "documents", digits=3),
+    "encode_chars_per_s_{tokenizer}": Metric("higher", "chars/s", "encode_ordinary_batch, one thread", digits=3),
     # packing: held-out loss of models trained on each packing layout
     "packing_{packing}_heldout_nll": Metric("lower", "nats/token", "mean NLL per token of held-out documents, "
                                             "each scored alone after an EOT", digits=3),

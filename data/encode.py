@@ -127,6 +127,23 @@ def tasks(paths, report: Report, batch: int):
                 yield ("docs", docs[i:i + batch])
 
 
+def cleaned_texts(paths, report: Report, batch: int = 1024):
+    """The text of every usable document of the input files, cleaned as prepare.py cleans it, in
+    file order, in the parent process (data/train_tokenizer.py, bench.py); the others are reported."""
+    for task in tasks(paths, report, batch):
+        if task[0] == "lines":
+            _, path, start, end, first_line = task
+            docs = documents(read_records(Path(path), report, start, end, first_line), report)
+        else:
+            docs = task[1]
+        for where, title, text in docs:
+            text = clean_text(text, title)
+            if text:
+                yield text
+            else:
+                report.add("empty_text", where, "text is empty after cleaning; skipped")
+
+
 def process_task(task) -> dict:
     """Worker: read a line range (or take parsed documents), then process_docs them."""
     rep = Report(collect=True)

@@ -26,8 +26,8 @@ if find_spec("configurator") is None:  # python data/x.py finds the shared modul
 import rustbpe
 
 from configurator import configure
-from data.encode import documents, tasks
-from data.records import Report, atomic_path, clean_text, expand_inputs, read_records, split_hash, write_text_atomic
+from data.encode import cleaned_texts
+from data.records import Report, atomic_path, expand_inputs, split_hash, write_text_atomic
 from data.tokenizer import TRAINED_PATTERN, read_ranks, trained_encoding
 
 # ----------------------------------------------------------------------------- defaults
@@ -39,23 +39,14 @@ val_fraction = 0.01         # as prepare.py: those documents are held out from t
 
 
 def corpus(paths, report: Report, val_fraction: float, counts: dict):
-    """The cleaned text of every usable training document, in file order."""
-    for task in tasks(paths, report, 1024):
-        if task[0] == "lines":
-            _, path, start, end, first_line = task
-            docs = documents(read_records(Path(path), report, start, end, first_line), report)
+    """The cleaned text of every usable training document (prepare.py's val left out), in file order."""
+    for text in cleaned_texts(paths, report):
+        if split_hash(text) < val_fraction:
+            counts["held_out"] += 1
         else:
-            docs = task[1]
-        for where, title, text in docs:
-            text = clean_text(text, title)
-            if not text:
-                report.add("empty_text", where, "text is empty after cleaning; skipped")
-            elif split_hash(text) < val_fraction:
-                counts["held_out"] += 1
-            else:
-                counts["documents"] += 1
-                counts["characters"] += len(text)
-                yield text
+            counts["documents"] += 1
+            counts["characters"] += len(text)
+            yield text
 
 
 if __name__ == "__main__":
