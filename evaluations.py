@@ -11,13 +11,18 @@ JSONL of {"question", "answer"}). Pretrained checkpoints continue the first sent
 documents (the val documents of the sources the checkpoint's data was prepared from, chosen by
 the same hash as prepare.py; or --input: JSON/JSONL of {"text"}), scored against the rest of the
 document (its first max_reference_chars characters). Perplexity: exp of the summed NLL over the
-counted tokens of ppl_split (masked positions excluded) divided once by their number.
+counted tokens of ppl_split (masked positions excluded) divided once by their number. Bits per
+character: the same summed NLL / ln 2 / the characters those tokens decode to; perplexity is per
+token, so only bits per character compares models with different tokenizers.
 
 The graders' checks on every answer (metrics.py, with every metric's definition): empty;
 garbled ("\ufffd", control or unassigned characters); repetitive (the same 2-20 characters three
 times in a row, one character five times, or spans of 5+ characters copied from earlier in the
 answer making up a third of it); truncated (no EOT within max_new_tokens; SFT only: a
-continuation has no end to reach, so its rate is n/a). Rouge of an empty answer, or of a text
+continuation has no end to reach, so its rate is n/a); rare_chars (a Han character outside the
+common set of the checkpoint's training text: the Han characters that make up 99.9% of the
+train split's, read when this runs; n/a without that data). Each answer is also scored with
+character BLEU-4 as ChatGLM's P-Tuning evaluation computes it (metrics.bleu_4). Rouge of an empty answer, or of a text
 over rouge_max_words words, is 0 with a flag instead of an error (rouge-chinese refuses the one
 and is very slow on the other).
 Beside the held-out scores, the same number of questions (documents) the model was trained on
@@ -46,10 +51,11 @@ from configurator import configure
 from data.records import (SENTENCE_END, Report, clean_text, expand_inputs, pair_entity, read_records, split_hash,
                           split_of, string_field, write_json_atomic, write_jsonl_atomic)
 from data.splits import source_paths
-from data.tokenizer import encode_pair
+from data.tokenizer import complete_prefix, encode_pair, get_tokenizer
 from data_utils import batch_at, load_dataset
 from engine import RENAMED_DTYPE, SAMPLING_DEFAULTS, exit_on_bad_flags, load_model_or_exit, stream_reply
-from metrics import FLAGS, distinct_2, flags_of, rouge, table_rows
+from metrics import (COMMON_SHARE, FLAGS, HAN, HAN_RANGES, SPLIT_ONLY, bleu_4, char_counts, common_chars,
+                     distinct_2, flags_of, rare_chars, rouge, table_rows)
 from report import write_report
 
 # ----------------------------------------------------------------------------- defaults
@@ -81,14 +87,31 @@ RENAMED_KEYS = {"dtype": RENAMED_DTYPE}  # --dtype is training's autocast type; 
 SFT_TEST = "data/raw/sft_test.jsonl"
 
 
-def perplexity(model, ds, batch_size: int = 16, max_blocks: int = 0, device: str = "cpu") -> dict:
+def lead_bytes(enc, size: int) -> np.ndarray:
+    """The characters each token id begins, (max(size, vocabulary),): the UTF-8 lead bytes (bytes
+    not in 0x80..0xBF) of its bytes, so a character split across tokens counts once, in the token
+    holding its first byte, whatever the tokenizer. Special tokens (EOT) begin no character, nor
+    do ids past the tokenizer (PAD of gpt2, the model's padding rows)."""
+    special = {enc.encode_single_token(name) for name in enc.special_tokens_set}
+    lead = np.zeros(max(size, enc.n_vocab), dtype=np.int64)
+    for t in range(enc.n_vocab):
+        if t not in special:
+            lead[t] = sum(not 0x80 <= b <= 0xBF for b in enc.decode_single_token_bytes(t))
+    return lead
+
+
+def perplexity(model, ds, batch_size: int = 16, max_blocks: int = 0, device: str = "cpu", enc=None) -> dict:
     """exp(sum of NLL over the counted targets / their number) over evenly spaced blocks of a split
-    (windows for stream data), each batch's summed NLL added up in float64."""
+    (windows for stream data), each batch's summed NLL added up in float64; and bits per character:
+    the same sum / ln 2 / the characters the counted targets begin (lead_bytes of enc, by default
+    the GPT-2 tokenizer). EOT's NLL is in the sum (ending the text is part of predicting it) though
+    it begins no character."""
     T = ds.block_size
+    chars_of = torch.from_numpy(lead_bytes(enc or get_tokenizer(), model.config.vocab_size)).to(device)
     starts = list(range(0, ds.n_tokens - (0 if ds.aligned else 1) - T + 1, T))
     if max_blocks and len(starts) > max_blocks:
         starts = [starts[i] for i in np.linspace(0, len(starts) - 1, max_blocks).round().astype(int)]
-    nll, count = 0.0, 0
+    nll, count, chars = 0.0, 0, 0
     with torch.no_grad():
         for i in range(0, len(starts), batch_size):
             x, y, mask = batch_at(ds, starts[i:i + batch_size], device)
@@ -97,8 +120,26 @@ def perplexity(model, ds, batch_size: int = 16, max_blocks: int = 0, device: str
                 _, loss = model(x, y, mask, return_logits=False, reduction="sum")  # summed NLL of the n targets
                 nll += float(loss)
                 count += n
+                chars += int(chars_of[y][mask].sum())
     return {"perplexity": math.exp(nll / count) if count else None, "nll": nll / count if count else None,
-            "tokens": count, "blocks": len(starts)}
+            "tokens": count, "blocks": len(starts), "chars": chars,
+            "bits_per_char": nll / math.log(2) / chars if chars else None}
+
+
+def train_char_counts(ds, enc, chunk_tokens: int = 1 << 20) -> np.ndarray:
+    """metrics.char_counts of a split's text: its ordinary tokens (not PAD, EOT or another special
+    id) decoded chunk_tokens at a time, so memory stays bounded; the bytes of a character cut by a
+    chunk's end are carried over to the next chunk."""
+    special = [ds.meta["pad_id"], *(enc.encode_single_token(name) for name in enc.special_tokens_set)]
+    data = np.memmap(ds.path, dtype=np.uint16, mode="r")
+    counts, pending = np.zeros(0x110000, dtype=np.int64), b""
+    for i in range(0, ds.n_tokens, chunk_tokens):
+        ids = np.asarray(data[i:i + chunk_tokens])
+        raw = pending + enc.decode_bytes(ids[~np.isin(ids, special)].tolist())
+        cut = complete_prefix(raw)
+        counts += char_counts(raw[:cut].decode("utf-8", errors="replace"))
+        pending = raw[cut:]
+    return counts
 
 
 def split_document(text: str) -> tuple[str, str]:
@@ -169,9 +210,12 @@ def trained_pair(obj: dict, question: str, answer: str, data_meta: dict) -> bool
             and len(encode_pair(q, a)[0]) <= data_meta["block_size"])
 
 
-def evaluate(model, ckpt: dict, mode: str, cases: list, settings: dict, label: str = "") -> tuple[list, dict]:
+def evaluate(model, ckpt: dict, mode: str, cases: list, settings: dict, label: str = "",
+             common: frozenset | None = None) -> tuple[list, dict]:
     """Answer every case; (samples with scores and flags, the summary written to eval.json).
-    Truncation (no EOT) is an SFT check: a continuation has no end to reach, so it is n/a there."""
+    Truncation (no EOT) is an SFT check: a continuation has no end to reach, so it is n/a there.
+    Rare characters are checked against `common` (the training text's common set; None: n/a);
+    rare_char_rate counts characters over all answers, rare_answer_rate the answers flagged."""
     samples, seconds = [], 0.0
     keys = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty")
     chat = mode == "chat"
@@ -180,9 +224,12 @@ def evaluate(model, ckpt: dict, mode: str, cases: list, settings: dict, label: s
         prediction = "".join(stream_reply(model, ckpt, case["prompt"], mode, generator=gen, stats=stats,
                                           **{k: settings[k] for k in keys}))
         scores, rouge_flag = rouge(prediction, case["reference"], settings["rouge_max_words"])
-        flags = flags_of(prediction, stats["stopped_at_eot"], check_truncation=chat)
+        scores["bleu_4"] = bleu_4(prediction, case["reference"])
+        flags = flags_of(prediction, stats["stopped_at_eot"], check_truncation=chat, common=common)
         samples.append({"question": case["prompt"], "reference": case["reference"], "prediction": prediction,
                         **{k: round(v, 4) for k, v in scores.items()}, "flags": flags + [rouge_flag] * bool(rouge_flag),
+                        "han_chars": len(HAN.findall(prediction)),
+                        "rare_chars": None if common is None else rare_chars(prediction, common),
                         "distinct_2": distinct_2(prediction), "chars": len(prediction),
                         "new_tokens": stats["new_tokens"], "seconds": round(stats["seconds"], 3)})
         seconds += stats["seconds"]
@@ -192,9 +239,13 @@ def evaluate(model, ckpt: dict, mode: str, cases: list, settings: dict, label: s
         values = [v for v in values if v is not None]
         return sum(values) / len(values) if values else None
 
-    summary = {k: mean(s[k] for s in samples) for k in ("rouge_1", "rouge_2", "rouge_l")}
+    summary = {k: mean(s[k] for s in samples) for k in ("rouge_1", "rouge_2", "rouge_l", "bleu_4")}
     summary |= {rate: sum(f in s["flags"] for s in samples) / n for f, rate in FLAGS.items()}
     summary["truncation_rate"] = summary["truncation_rate"] if chat else None
+    han = sum(s["han_chars"] for s in samples)
+    summary |= {"han_chars": han, "rare_answer_rate": summary["rare_answer_rate"] if common is not None else None,
+                "rare_char_rate": sum(map(len, (s["rare_chars"] for s in samples))) / han
+                if common is not None and han else None}
     summary |= {"rouge_unscored_rate": sum(any(f.startswith("rouge_") for f in s["flags"]) for s in samples) / n,
                 "distinct_2": mean(s["distinct_2"] for s in samples), "mean_chars": mean(s["chars"] for s in samples),
                 "tokens_per_s": sum(s["new_tokens"] for s in samples) / max(seconds, 1e-9), "samples": n}
@@ -206,8 +257,10 @@ def print_table(results: dict) -> None:
     seen = results.get("seen") or {}
     print(f"{'':<20}{'held out':>12}{'trained on':>12}")
     for key, m in table_rows():
-        shown = [m.show(v) for v in (results.get(key), seen.get(key) if key != "perplexity" else None)]
-        print(f"{m.label:<20}{shown[0]:>12}{shown[1] if seen else '-':>12}")
+        values = (results.get(key), seen.get(key) if key not in SPLIT_ONLY else None)
+        shown = [m.show(v) for v in values]
+        fail = f"  FAIL: above {m.limit:g}" if any(m.fails(v) for v in values) else ""
+        print(f"{m.label:<20}{shown[0]:>12}{shown[1] if seen else '-':>12}{fail}")
 
 
 if __name__ == "__main__":
@@ -227,22 +280,38 @@ if __name__ == "__main__":
     print(f"[{out_dir}: mode {mode}, {model.num_params() / 1e6:.1f}M parameters, {device}, {precision}]",
           file=sys.stderr)
 
-    results = {"perplexity": None, "ppl_note": ""}
+    enc = get_tokenizer()
+    results = {"perplexity": None, "bits_per_char": None, "ppl_note": ""}
     # data_dir as given at training time, relative to the directory training ran in (normally
     # the repository's folder), so read from the current directory
     data_dir = Path(ckpt["config"].get("data_dir", ""))
     try:
         ds = load_dataset(data_dir, ppl_split)
         t0 = time.perf_counter()
-        ppl = perplexity(model, ds, batch_size, ppl_max_blocks, device)
-        results |= {"perplexity": ppl["perplexity"], "ppl_nll": ppl["nll"], "ppl_tokens": ppl["tokens"],
-                    "ppl_blocks": ppl["blocks"], "ppl_data": str(ds.path)}
-        print(f"perplexity {ppl['perplexity']:.3f} over {ppl['tokens']:,} tokens of {ds.path} "
+        ppl = perplexity(model, ds, batch_size, ppl_max_blocks, device, enc)
+        results |= {"perplexity": ppl["perplexity"], "bits_per_char": ppl["bits_per_char"], "ppl_nll": ppl["nll"],
+                    "ppl_tokens": ppl["tokens"], "ppl_chars": ppl["chars"], "ppl_blocks": ppl["blocks"],
+                    "ppl_data": str(ds.path)}
+        print(f"perplexity {ppl['perplexity']:.3f}, {ppl['bits_per_char']:.3f} bits per character over "
+              f"{ppl['tokens']:,} tokens ({ppl['chars']:,} characters) of {ds.path} "
               f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
     except (FileNotFoundError, ValueError, KeyError) as e:
         where = "" if data_dir.is_absolute() else f" (the checkpoint's data_dir, read from {Path.cwd()})"
         results["ppl_note"] = f"no perplexity: {data_dir} split {ppl_split!r} unavailable{where} ({e})"
         print(results["ppl_note"], file=sys.stderr)
+    common, results["rare_note"] = None, ""
+    try:  # the common Han characters of the training text, for the rare_chars check
+        t0 = time.perf_counter()
+        train_ds = load_dataset(data_dir, "train")
+        counts = train_char_counts(train_ds, enc)
+        common = common_chars(counts)
+        results |= {"common_chars": len(common),
+                    "train_han_chars": sum(int(counts[a:b + 1].sum()) for a, b in HAN_RANGES)}
+        print(f"common set: {len(common):,} Han characters make up {COMMON_SHARE:.1%} of the "
+              f"{results['train_han_chars']:,} in {train_ds.path} ({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        results["rare_note"] = f"no rare-character check: {data_dir} split 'train' unavailable ({e})"
+        print(results["rare_note"], file=sys.stderr)
 
     def subset(cases: list, n: int) -> list:
         """n cases chosen by --seed, kept in file order (all when n is 0 or more than there are)."""
@@ -256,7 +325,7 @@ if __name__ == "__main__":
         print(f"test cases: {bad.summary()}", file=sys.stderr)
     if not cases:
         sys.exit("no test cases to answer (see the messages above)")
-    samples, summary = evaluate(model, ckpt, mode, cases, settings)
+    samples, summary = evaluate(model, ckpt, mode, cases, settings, common=common)
     samples = [s | {"set": "held_out"} for s in samples]
     results |= summary | {"settings": settings, "skipped_cases": dict(bad.counts), "seen": None}
     if seen_samples:
@@ -264,7 +333,7 @@ if __name__ == "__main__":
         seen = load_cases(mode, "", ckpt["data_meta"], quiet, max_reference_chars, seen=True)
         seen = subset(seen, len(cases) if seen_samples < 0 else seen_samples)
         if seen:
-            more, results["seen"] = evaluate(model, ckpt, mode, seen, settings, " (trained on)")
+            more, results["seen"] = evaluate(model, ckpt, mode, seen, settings, " (trained on)", common)
             samples += [s | {"set": "seen"} for s in more]
         else:
             print("no trained-on questions to compare with: the checkpoint's source files "

@@ -12,13 +12,17 @@ and tests/test_evaluations.py holds eval.json and bench.py to these tables.
 
 The graders' checks flag each answer: empty; garbled ("\ufffd", control or unassigned
 characters); repetitive (a short loop, or copies of earlier spans making up REPEAT_SHARE of
-it); truncated (no EOT within max_new_tokens; evaluations.py applies it to SFT answers only).
+it); truncated (no EOT within max_new_tokens; evaluations.py applies it to SFT answers only);
+rare_chars (a Han character outside the common set of the training text, common_chars: a model
+that has not learned which byte sequences are real characters invents valid but rare ones).
 """
 import re
 import unicodedata
 from dataclasses import dataclass
 
 import jieba
+import numpy as np
+from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from rouge_chinese import Rouge
 
 
@@ -30,9 +34,13 @@ class Metric:
     label: str = ""         # the row label of evaluations.py's printed table ("" = not a row)
     label_zh: str = ""      # the row label of report.md
     digits: int = 4         # decimals shown (a float; whole numbers are shown as they are)
+    limit: float | None = None  # a graders' check fails above this (the table marks it)
 
     def show(self, value) -> str:
         return show(value, self.digits)
+
+    def fails(self, value) -> bool:
+        return self.limit is not None and value is not None and value > self.limit
 
 
 def show(value, digits: int = 4) -> str:
@@ -42,19 +50,42 @@ def show(value, digits: int = 4) -> str:
 
 # The graders' flags and the eval.json rate that counts each (the share of answers flagged).
 FLAGS = {"empty": "empty_rate", "garbled": "garbled_rate", "repetitive": "repetition_rate",
-         "truncated": "truncation_rate"}
+         "truncated": "truncation_rate", "rare_chars": "rare_answer_rate"}
+# Figures of ppl_split, not of answers: the table has no trained-on column for them.
+SPLIT_ONLY = ("perplexity", "bits_per_char")
+
+# Han characters: the CJK Unified Ideographs (U+4E00-9FFF), extension A (U+3400-4DBF), the
+# supplementary ideographic planes (extensions B-I and the compatibility supplement, U+20000-2FA1F;
+# G and H, U+30000-323AF) and the compatibility ideographs (U+F900-FAFF): regex's \p{Han} without
+# the radicals and the few symbols (々, 〇) it also counts.
+HAN_RANGES = ((0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x2FA1F), (0x30000, 0x323AF))
+HAN = re.compile("[" + "".join(f"{chr(a)}-{chr(b)}" for a, b in HAN_RANGES) + "]")
+# The common set of the training text covers this share of its Han characters (common_chars).
+COMMON_SHARE = 0.999
 
 EVAL = {
     "perplexity": Metric("lower", "", "exp(summed NLL over the counted tokens of ppl_split / their number); "
                          "masked positions (SFT prompts, padding) are not counted", "perplexity", "困惑度 perplexity"),
+    "bits_per_char": Metric("lower", "bits/character", "summed NLL of the same counted targets / ln 2 / the "
+                            "characters they decode to (ppl_chars); unlike perplexity (per token) comparable "
+                            "across tokenizers", "bits per char", "每字符比特数 bits/char"),
     "rouge_1": Metric("higher", "", "Rouge-1 F1 over jieba words (rouge-chinese), mean over answers",
                       "Rouge-1 F1", "Rouge-1 F1"),
     "rouge_2": Metric("higher", "", "Rouge-2 F1 over jieba words, mean over answers", "Rouge-2 F1", "Rouge-2 F1"),
     "rouge_l": Metric("higher", "", "Rouge-L F1 (longest common subsequence) over jieba words, mean over answers",
                       "Rouge-L F1", "Rouge-L F1"),
+    "bleu_4": Metric("higher", "", "BLEU-4 over characters, smoothed (nltk sentence_bleu, SmoothingFunction()."
+                     "method3, as ChatGLM's P-Tuning evaluation), mean over answers; 0..1 (ChatGLM prints it x100)",
+                     "BLEU-4 (chars)", "BLEU-4（按字）"),
     "empty_rate": Metric("lower", "", "share of answers that are empty or only whitespace", "empty rate", "空回答比例"),
     "garbled_rate": Metric("lower", "", "share of answers with \"\\ufffd\" or a control, unassigned, private-use or "
                            "surrogate character (is_garbled)", "garbled rate", "乱码比例"),
+    "rare_char_rate": Metric("lower", "", "share of the generated Han characters (HAN) that are outside the training "
+                             "text's common set (common_chars: the most frequent Han characters making up "
+                             f"{COMMON_SHARE:.1%} of its Han characters); null without the training data",
+                             "rare char rate", "罕见字比例（生成的汉字中）", limit=0.01),
+    "rare_answer_rate": Metric("lower", "", "share of answers with at least one rare Han character (flag rare_chars)",
+                               "rare-char answers", "含罕见字的回答比例"),
     "repetition_rate": Metric("lower", "", "share of answers that loop or copy themselves (is_repetitive)",
                               "repetition rate", "重复比例"),
     "truncation_rate": Metric("lower", "", "share of answers with no EOT within max_new_tokens; SFT only "
@@ -71,6 +102,11 @@ EVAL = {
     "ppl_nll": Metric("lower", "nats/token", "the mean NLL behind perplexity"),
     "ppl_tokens": Metric("", "tokens", "counted targets scored for perplexity"),
     "ppl_blocks": Metric("", "blocks", "blocks (windows) of ppl_split scored for perplexity"),
+    "ppl_chars": Metric("", "characters", "characters the counted targets decode to: UTF-8 lead bytes of their "
+                        "bytes (special tokens such as EOT count none)"),
+    "han_chars": Metric("", "characters", "Han characters in all answers: rare_char_rate's denominator"),
+    "common_chars": Metric("", "characters", "size of the common set of the training text's Han characters"),
+    "train_han_chars": Metric("", "characters", "Han characters in the training text the common set was built from"),
 }
 
 BENCH = {
@@ -191,8 +227,45 @@ def rouge(prediction: str, reference: str, max_words: int = 1000) -> tuple[dict,
     return {"rouge_1": s["rouge-1"]["f"], "rouge_2": s["rouge-2"]["f"], "rouge_l": s["rouge-l"]["f"]}, None
 
 
-def flags_of(answer: str, stopped_at_eot: bool, check_truncation: bool) -> list:
-    """The graders' flags of one answer (FLAGS' keys, in that order)."""
+_SMOOTH = SmoothingFunction().method3
+
+
+def bleu_4(prediction: str, reference: str) -> float:
+    """Character BLEU-4 as ChatGLM's P-Tuning evaluation computes it: nltk's sentence_bleu over the
+    characters (surrounding whitespace stripped), NIST geometric smoothing (method3: the k-th n-gram
+    order with no match counts 1/2^k matches); 0..1, 0 for an empty answer. Texts under 4
+    characters stay below 1 even when identical: their missing orders are smoothed like misses.
+    Needs no nltk data download."""
+    return float(sentence_bleu([list(reference.strip())], list(prediction.strip()), smoothing_function=_SMOOTH))
+
+
+def char_counts(text: str) -> np.ndarray:
+    """Occurrences of every code point of text, shape (0x110000,): counts of pieces add up."""
+    return np.bincount(np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32), minlength=0x110000)
+
+
+def common_chars(counts: np.ndarray, share: float = COMMON_SHARE) -> frozenset:
+    """The common set of a text's Han characters (counts: char_counts of it): every Han character
+    seen at least m times, m the largest count for which these make up `share` of the Han
+    characters (so characters tied at the cut are all in). Empty for a text without Han."""
+    han = np.concatenate([np.arange(a, b + 1) for a, b in HAN_RANGES])
+    n = counts[han]
+    ranked = np.sort(n[n > 0])[::-1]
+    if not len(ranked):
+        return frozenset()
+    need = round(share * int(ranked.sum()), 9)  # 0.997 * 1000 is 997.0000000000001 in floats
+    cut = ranked[np.searchsorted(np.cumsum(ranked), need)]  # the count ending the first prefix that reaches it
+    return frozenset(map(chr, han[n >= cut]))
+
+
+def rare_chars(text: str, common: frozenset) -> str:
+    """The Han characters of text outside the common set, each occurrence, in order."""
+    return "".join(ch for ch in HAN.findall(text) if ch not in common)
+
+
+def flags_of(answer: str, stopped_at_eot: bool, check_truncation: bool, common: frozenset | None = None) -> list:
+    """The graders' flags of one answer (FLAGS' keys, in that order); rare_chars only with a common set."""
     on = {"empty": not answer.strip(), "garbled": is_garbled(answer), "repetitive": is_repetitive(answer),
-          "truncated": check_truncation and not stopped_at_eot}
+          "truncated": check_truncation and not stopped_at_eot,
+          "rare_chars": common is not None and bool(rare_chars(answer, common))}
     return [name for name in FLAGS if on[name]]

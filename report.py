@@ -5,7 +5,9 @@
     write_report(Path("out-sft"))        # out-sft/report.md, with out-sft/loss.png and eval.png
 
 Loss curves come from metrics.jsonl (train.py); Rouge-L and the graders' rates from eval.json and
-eval_samples.jsonl (evaluations.py); the evaluation table's rows from metrics.EVAL. Chinese labels
+eval_samples.jsonl (evaluations.py); the evaluation table's rows from metrics.EVAL, a failed
+graders' check (above its limit, such as rare_char_rate over 1%) marked in it, and each sample
+answer's rare characters shown beside it. Chinese labels
 use a CJK font when one is installed (Noto Sans CJK from Debian's fonts-noto-cjk, WenQuanYi,
 Source Han, SimHei, Microsoft YaHei, PingFang); without one the labels are English so the figures
 still draw. Headless (the Agg backend): files only.
@@ -23,7 +25,7 @@ from matplotlib import font_manager  # noqa: E402
 
 import checkpoint  # noqa: E402
 from data.records import Report, atomic_path, read_records, write_text_atomic  # noqa: E402
-from metrics import FLAGS, show, table_rows  # noqa: E402
+from metrics import COMMON_SHARE, EVAL, FLAGS, SPLIT_ONLY, show, table_rows  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Source Han Sans SC", "WenQuanYi Zen Hei",
@@ -32,11 +34,12 @@ LABELS = {
     True: {"iter": "迭代步数", "loss": "损失", "lr": "学习率", "train": "训练", "val": "验证",
            "title": "训练曲线", "rouge": "Rouge-L F1", "count": "样本数", "rate": "比例",
            "hist": "Rouge-L 分布", "rates": "评审检查", "empty_rate": "空回答", "garbled_rate": "乱码",
-           "repetition_rate": "重复", "truncation_rate": "截断"},
+           "repetition_rate": "重复", "truncation_rate": "截断", "rare_answer_rate": "罕见字"},
     False: {"iter": "iteration", "loss": "loss", "lr": "learning rate", "train": "train", "val": "val",
             "title": "training curves", "rouge": "Rouge-L F1", "count": "answers", "rate": "rate",
             "hist": "Rouge-L distribution", "rates": "graders' checks", "empty_rate": "empty",
-            "garbled_rate": "garbled", "repetition_rate": "repetitive", "truncation_rate": "truncated"},
+            "garbled_rate": "garbled", "repetition_rate": "repetitive", "truncation_rate": "truncated",
+            "rare_answer_rate": "rare chars"},
 }
 
 
@@ -115,8 +118,8 @@ def plot_eval(out: Path) -> Path | None:
     left.hist(scores, bins=20, range=(0, 1), color="C0")
     left.set(xlabel=t["rouge"], ylabel=t["count"], title=f"{t['hist']} (n={len(scores)})")
     names = list(FLAGS.values())
-    rates = [results.get(n) for n in names]  # None: n/a (truncation of a continuation)
-    bars = right.bar([t[n] for n in names], [r or 0 for r in rates], color=["C1", "C3", "C4", "C2"])
+    rates = [results.get(n) for n in names]  # None: n/a (truncation of a continuation, rare chars without data)
+    bars = right.bar([t[n] for n in names], [r or 0 for r in rates], color=["C1", "C3", "C4", "C2", "C5"])
     right.bar_label(bars, labels=["n/a" if r is None else f"{r:.1%}" for r in rates])
     right.set(ylim=(0, 1), ylabel=t["rate"], title=t["rates"])
     fig.tight_layout()
@@ -180,13 +183,22 @@ def write_report(out: Path) -> Path:
         st = r.get("settings", {})
         seen = r.get("seen") or {}
         lines += ["| 指标 | 留出集 | 训练过的问题（文档） |", "|---|---|---|"]
+        def cell(m, value):
+            return m.show(value) + (f" ✗（超过 {m.limit:g}）" if m.fails(value) else "")
+
         for key, m in table_rows():
-            lines.append(f"| {m.label_zh} | {m.show(r.get(key))} | "
-                         f"{m.show(seen.get(key)) if seen and key != 'perplexity' else '-'} |")
+            lines.append(f"| {m.label_zh} | {cell(m, r.get(key))} | "
+                         f"{cell(m, seen.get(key)) if seen and key not in SPLIT_ONLY else '-'} |")
         lines += ["", f"设置：max_new_tokens={st.get('max_new_tokens')}，temperature={st.get('temperature')}，"
                   f"top_k={st.get('top_k')}，top_p={st.get('top_p')}，repetition_penalty={st.get('repetition_penalty')}，"
                   f"seed={st.get('seed')}，max_samples={st.get('max_samples')}，{st.get('device')} {st.get('precision', st.get('dtype'))}。"
-                  + (f"{r['ppl_note']}" if r.get("ppl_note") else ""), ""]
+                  + " ".join(r[k] for k in ("ppl_note", "rare_note") if r.get(k)), ""]
+        if r.get("common_chars") is not None:
+            rate = EVAL["rare_char_rate"]
+            lines += [f"罕见字：训练文本的 {r.get('train_han_chars', 0):,} 个汉字里，"
+                      f"最常见的 {r['common_chars']:,} 个字占了 {COMMON_SHARE:.1%}；回答里不在其中的汉字算罕见字。"
+                      "模型还没学会哪些字节组合是真正的汉字时，会编造出合法却罕见的字"
+                      f"（{rate.label_zh}超过 {rate.limit:.0%} 即不合格）。", ""]
         if eval_png:
             lines += [f"![评测]({eval_png.name})", ""]
         lines += ["留出集：模型没有训练过的问题（或文档）；训练过的问题：从它的训练数据里抽取的样本，同样打分。"
@@ -199,7 +211,10 @@ def write_report(out: Path) -> Path:
             for s in chosen:
                 lines += [f"- **问/提示**：{one_line(s['question'])}", f"  - 参考：{one_line(s['reference'])}",
                           f"  - 模型：{one_line(s['prediction']) or '（空）'}",
-                          f"  - Rouge-L {show(s.get('rouge_l'))}；问题：{'、'.join(s.get('flags', [])) or '无'}"]
+                          f"  - Rouge-L {show(s.get('rouge_l'))}，BLEU-4 {show(s.get('bleu_4'))}；"
+                          f"问题：{'、'.join(s.get('flags', [])) or '无'}"
+                          + (f"；罕见字：{''.join(dict.fromkeys(s['rare_chars']))}"
+                             if s.get("rare_chars") else "")]
             lines.append("" if chosen else "（没有）\n")
     else:
         lines += ["还没有评测结果：先运行 `python evaluations.py --out_dir=...`。", ""]
