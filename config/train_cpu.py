@@ -15,5 +15,5 @@ warmup_iters = 20
 learning_rate = 2e-3
 min_lr = 2e-4
 eval_interval = 100
-eval_iters = 10
+eval_iters = 5            # 5 batches of train and of val per evaluation: keeps make demo under 15 minutes
 log_interval = 20

@@ -11,5 +11,5 @@ warmup_iters = 10
 learning_rate = 1e-3
 min_lr = 1e-4
 eval_interval = 50
-eval_iters = 10
+eval_iters = 5            # 5 batches of train and of val per evaluation: keeps make demo under 15 minutes
 log_interval = 20
