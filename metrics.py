@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import jieba
 import numpy as np
-from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from rouge_chinese import Rouge
 
 
@@ -227,16 +226,15 @@ def rouge(prediction: str, reference: str, max_words: int = 1000) -> tuple[dict,
     return {"rouge_1": s["rouge-1"]["f"], "rouge_2": s["rouge-2"]["f"], "rouge_l": s["rouge-l"]["f"]}, None
 
 
-_SMOOTH = SmoothingFunction().method3
-
-
 def bleu_4(prediction: str, reference: str) -> float:
     """Character BLEU-4 as ChatGLM's P-Tuning evaluation computes it: nltk's sentence_bleu over the
     characters (surrounding whitespace stripped), NIST geometric smoothing (method3: the k-th n-gram
     order with no match counts 1/2^k matches); 0..1, 0 for an empty answer. Texts under 4
     characters stay below 1 even when identical: their missing orders are smoothed like misses.
     Needs no nltk data download."""
-    return float(sentence_bleu([list(reference.strip())], list(prediction.strip()), smoothing_function=_SMOOTH))
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu  # here: bench.py and visualize.py need no nltk
+    return float(sentence_bleu([list(reference.strip())], list(prediction.strip()),
+                               smoothing_function=SmoothingFunction().method3))
 
 
 def char_counts(text: str) -> np.ndarray:
