@@ -10,6 +10,7 @@ checks, so nothing is fetched at run time. Without that package we fall back to
 tiktoken.get_encoding("gpt2"), which needs the internet.
 """
 import base64
+import hashlib
 from functools import lru_cache
 from importlib.util import find_spec
 from pathlib import Path
@@ -74,6 +75,8 @@ def get_tokenizer() -> tiktoken.Encoding:
 TRAINED_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
                    r"""|\s*[\r\n]|\s+(?!\S)|\s+""")
 PAD_TOKEN = "<|pad|>"
+ZH_PATH = Path(__file__).resolve().parent / "tokenizer" / "zh.tiktoken"  # what --tokenizer=zh reads
+TOKENIZER_CHOICES = "gpt2, zh (data/tokenizer/zh.tiktoken, made by python data/train_tokenizer.py) or a tokenizer file's path"
 
 
 def trained_encoding(ranks: dict, name: str) -> tiktoken.Encoding:
@@ -83,31 +86,140 @@ def trained_encoding(ranks: dict, name: str) -> tiktoken.Encoding:
                              special_tokens={EOT_TOKEN: len(ranks), PAD_TOKEN: len(ranks) + 1})
 
 
-def read_ranks(path) -> dict:
-    """The ranks of a tokenizer file written by data/train_tokenizer.py; a clear ValueError (or
-    FileNotFoundError) naming the file when it is missing, cut short or not a tokenizer."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no tokenizer file here; train one with python data/train_tokenizer.py")
+def parse_ranks(text: str, where) -> dict:
+    """The ranks in a tokenizer file's text; ValueError naming `where` (and the line) when it is
+    cut short or not a tokenizer."""
     ranks = {}
-    with open(path, "rb") as f:
-        for n, line in enumerate(f, 1):
-            try:
-                token, rank = line.split()
-                ranks[base64.b64decode(token, validate=True)] = int(rank)
-            except ValueError as e:  # also binascii.Error: a line that is not "base64 rank"
-                raise ValueError(f"{path}:{n}: expected a tokenizer line 'base64-token rank' "
-                                 f"(tiktoken's format), got {line[:60]!r}") from e
+    for n, line in enumerate(text.splitlines(), 1):
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except ValueError as e:  # also binascii.Error: a line that is not "base64 rank"
+            raise ValueError(f"{where}:{n}: expected a tokenizer line 'base64-token rank' "
+                             f"(tiktoken's format), got {line[:60]!r}") from e
     if sorted(ranks.values()) != list(range(len(ranks))) or any(bytes([b]) not in ranks for b in range(256)):
-        raise ValueError(f"{path}: not a complete byte-level tokenizer ({len(ranks)} ranks; every byte must "
+        raise ValueError(f"{where}: not a complete byte-level tokenizer ({len(ranks)} ranks; every byte must "
                          "be a token and the ranks must run 0..n-1): a partial copy?")
     return ranks
 
 
-def encode_ordinary_array(text: str) -> np.ndarray:
-    """encode_ordinary as a uint16 array, without a Python list in between: special-token text
-    such as "<|endoftext|>" is encoded as plain text, exactly as encode_ordinary does."""
-    return get_tokenizer().encode_to_numpy(text, disallowed_special=()).astype(np.uint16)
+def read_ranks(path) -> dict:
+    """The ranks of a tokenizer file written by data/train_tokenizer.py; a clear ValueError (or
+    FileNotFoundError) naming the file when it is missing, cut short or not a tokenizer."""
+    return parse_ranks(_read_tokenizer_file(Path(path)), path)
+
+
+def _read_tokenizer_file(path: Path) -> str:
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no tokenizer file here; train one with python data/train_tokenizer.py"
+                                + (f" --out_path={path}" if path != ZH_PATH else ""))
+    try:
+        return path.read_bytes().decode("ascii")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a tokenizer file (tiktoken's format is ASCII text: "
+                         f"'base64-token rank' a line); byte {e.start} is {path.read_bytes()[e.start]:#x}") from e
+
+
+class Tokenizer:
+    """One tokenizer and everything the code needs to know about it: the tiktoken Encoding, the
+    special ids and the vocabulary sizes. prepare.py and prepare_sft.py write meta() into
+    meta.json, train.py copies it into ckpt.pt, and every reader rebuilds it with tokenizer_of:
+    a trained tokenizer travels as its ranks (the file's text), so a checkpoint copied to
+    another machine needs no tokenizer file; gpt2 travels by name (it ships with the package).
+
+    ids: every BPE token, then EOT (ends every document and every SFT answer), then PAD (fills a
+    block after its last EOT; never a target, never sampled). vocab_size counts the ids the
+    model may emit (BPE tokens and EOT); model_vocab_size is the embedding's rows, PAD included,
+    rounded up to a multiple of 64 for fast matmuls (gpt2: 50257 -> 50304)."""
+
+    def __init__(self, name: str, enc: tiktoken.Encoding, sha256: str, ranks_text: str | None = None):
+        self.name, self.enc, self.sha256, self.ranks_text = name, enc, sha256, ranks_text
+        self.eot_id = enc.encode_single_token(EOT_TOKEN)
+        self.pad_id = self.eot_id + 1
+        self.vocab_size = self.pad_id
+        self.model_vocab_size = -(-(self.pad_id + 1) // 64) * 64
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.describe()})"
+
+    def describe(self) -> str:
+        """How messages name it: "gpt2 (50257 ids)" or "zh (8191 ids, sha256 e8258ed8)"."""
+        return f"{self.name} ({self.vocab_size} ids" + (f", sha256 {self.sha256[:8]})" if self.ranks_text else ")")
+
+    def meta(self) -> dict:
+        """What meta.json and ckpt.pt record: enough to rebuild it (tokenizer_of) and to check it."""
+        meta = {"name": self.name, "sha256": self.sha256, "vocab_size": self.vocab_size, "eot_id": self.eot_id,
+                "pad_id": self.pad_id, "model_vocab_size": self.model_vocab_size}
+        return meta | ({"pattern": self.enc._pat_str, "ranks": self.ranks_text} if self.ranks_text else {})
+
+    def encode(self, text: str) -> list:
+        """User text to ids; special-token text such as "<|endoftext|>" is plain text here."""
+        return self.enc.encode_ordinary(text)
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """encode as a uint16 array, without a Python list in between."""
+        return self.enc.encode_to_numpy(text, disallowed_special=()).astype(np.uint16)
+
+    def decode(self, ids) -> str:
+        return self.enc.decode(list(ids))
+
+    def token_bytes(self, token: int) -> bytes:
+        return self.enc.decode_single_token_bytes(token)
+
+
+@lru_cache(maxsize=1)
+def _gpt2() -> Tokenizer:
+    return Tokenizer("gpt2", get_tokenizer(), _VOCAB_BPE_SHA256)
+
+
+@lru_cache(maxsize=8)
+def _trained(text: str, name: str) -> Tokenizer:
+    return Tokenizer(name, trained_encoding(parse_ranks(text, name), name),
+                     hashlib.sha256(text.encode("ascii")).hexdigest(), text)
+
+
+def load_tokenizer(spec: str = "gpt2") -> Tokenizer:
+    """--tokenizer's value: "gpt2", "zh" (ZH_PATH) or the path of a file that
+    data/train_tokenizer.py wrote (named by its file name without the suffix)."""
+    if spec == "gpt2":
+        return _gpt2()
+    path = ZH_PATH if spec == "zh" else Path(spec)
+    return _trained(_read_tokenizer_file(path), path.stem)
+
+
+def tokenizer_of(meta: dict, where="meta.json") -> Tokenizer:
+    """The tokenizer a meta.json (or a checkpoint's data_meta) records, checked against what it
+    says about itself; ValueError naming `where` if it cannot be rebuilt. Data and checkpoints
+    made before the tokenizer was recorded whole say "tokenizer": "gpt2" and the ids beside it."""
+    rec = meta.get("tokenizer")
+    if rec == "gpt2":  # the old flat form
+        rec = {k: meta.get(k) for k in ("vocab_size", "eot_id", "pad_id")} | {"name": "gpt2"}
+    if not isinstance(rec, dict) or not isinstance(rec.get("name"), str):
+        raise ValueError(f"{where}: tokenizer {rec!r} is not one this code knows ({TOKENIZER_CHOICES})")
+    if "ranks" in rec:
+        if not isinstance(rec["ranks"], str) or hashlib.sha256(rec["ranks"].encode()).hexdigest() != rec.get("sha256"):
+            raise ValueError(f"{where}: the tokenizer's ranks do not match their sha256: a damaged file")
+        if rec.get("pattern", TRAINED_PATTERN) != TRAINED_PATTERN:
+            raise ValueError(f"{where}: tokenizer {rec['name']} splits text by another pattern than this code's "
+                             "data.tokenizer.TRAINED_PATTERN; use the MiniGLM version that made it")
+        tok = _trained(rec["ranks"], rec["name"])
+    elif rec["name"] == "gpt2":
+        tok = _gpt2()
+    else:
+        raise ValueError(f"{where}: tokenizer {rec['name']!r} is recorded without its ranks")
+    for key in ("vocab_size", "eot_id", "pad_id"):
+        if rec.get(key) is not None and rec[key] != getattr(tok, key):
+            raise ValueError(f"{where}: tokenizer {tok.name} records {key}={rec[key]!r}, "
+                             f"but its ranks give {getattr(tok, key)}")
+    return tok
+
+
+def check_same(a: Tokenizer, a_where: str, b: Tokenizer, b_where: str) -> None:
+    """ValueError naming both when a model and data (or two data folders) use different tokenizers."""
+    if a.sha256 != b.sha256:
+        raise ValueError(f"{a_where} uses the tokenizer {a.describe()}, but {b_where} uses {b.describe()}: "
+                         f"token ids mean different text under them; prepare the data with "
+                         f"--tokenizer={a.name} (or train from a checkpoint that uses {b.name})")
 
 
 def sft_prompt(question: str) -> str:
@@ -115,21 +227,24 @@ def sft_prompt(question: str) -> str:
     return SFT_TEMPLATE.format(question=question)
 
 
-def encode_pair(question: str, answer: str) -> tuple[np.ndarray, np.ndarray]:
+def encode_pair(tok: Tokenizer, question: str, answer: str) -> tuple[np.ndarray, np.ndarray]:
     """(tokens, mask) of one SFT pair as prepare_sft.py writes it, unpadded: the prompt and the
     answer tokenized separately (as the sampler tokenizes a question), then EOT; mask marks the
     answer tokens and the final EOT."""
-    enc = get_tokenizer()
-    prompt = enc.encode_ordinary(sft_prompt(question))
-    reply = enc.encode_ordinary(answer) + [EOT_ID]
+    prompt = tok.encode(sft_prompt(question))
+    reply = tok.encode(answer) + [tok.eot_id]
     tokens = np.array(prompt + reply, dtype=np.uint16)
     mask = np.zeros(len(tokens), dtype=np.uint8)
     mask[len(prompt):] = 1
     return tokens, mask
 
 
+# TRANSITION (deleted when every caller passes a Tokenizer): the old gpt2-only names.
+def encode_ordinary_array(text: str) -> np.ndarray:
+    return _gpt2().encode_array(text)
+
+
 def tokenizer_meta() -> dict:
-    """What a .bin's meta.json records about the tokenizer, checked by every reader."""
     return {"tokenizer": TOKENIZER_NAME, "vocab_size": VOCAB_SIZE, "eot_id": EOT_ID,
             "pad_id": PAD_ID, "model_vocab_size": MODEL_VOCAB_SIZE, "dtype": "uint16"}
 
@@ -180,8 +295,8 @@ class StreamDecoder:
     character that is not complete yet and returns only the text before it, so the pieces joined
     equal decode(ids) and no piece shows "\ufffd" unless the bytes are really invalid."""
 
-    def __init__(self):
-        self.enc = get_tokenizer()
+    def __init__(self, tok: Tokenizer | None = None):  # TRANSITION: None (gpt2) goes
+        self.enc = (tok or _gpt2()).enc
         self.pending = b""
 
     def push(self, token: int) -> str:
