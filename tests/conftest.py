@@ -56,6 +56,18 @@ def sft_model(tmp_path_factory) -> Path:
     return tmp / "out"
 
 
+@pytest.fixture(scope="session")
+def zh_tokenizer(tmp_path_factory) -> Path:
+    """The file of a tiny trained tokenizer (vocabulary 512, data/train_tokenizer.py) for
+    --tokenizer=PATH: trained on the tests' documents and SFT pairs, so its merges are real."""
+    from test_prepare import corpus
+    tmp = tmp_path_factory.mktemp("zh_tokenizer")
+    rows = corpus(80) + [{"text": p["question"] + p["answer"]} for p in PAIRS]
+    run_script("data/train_tokenizer.py", f"--input={write_jsonl(tmp / 'docs.jsonl', rows)}",
+               f"--out_path={tmp / 'tiny.tiktoken'}", "--vocab_size=512", "--val_fraction=0")
+    return tmp / "tiny.tiktoken"
+
+
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--batch_size=4", "--eval_iters=2",
         "--log_interval=1", "--warmup_iters=1", "--lr_decay_iters=8", "--learning_rate=1e-3"]
 
