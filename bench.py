@@ -41,11 +41,17 @@ import re
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 from configurator import configure
+from measure import (
+    demo_model_speeds,
+    document_nll,
+    nanogpt_generate,
+    plain_loop_positions_per_s,
+    run_sampled,
+)
 from metrics import BENCH
 
 ROOT = Path(__file__).resolve().parent
@@ -71,48 +77,15 @@ def metric(name: str, value: float, note: str = "", **fields) -> None:
                       "unit": f"{m.unit} {note}" if note else m.unit}), flush=True)
 
 
-def tree_rss_mb(pid: int) -> float:
-    """Resident memory of a process and all its descendants, from /proc (Linux)."""
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            with open(f"/proc/{p}/status") as f:
-                total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-            with open(f"/proc/{p}/task/{p}/children") as f:
-                todo += [int(c) for c in f.read().split()]
-        except (FileNotFoundError, ProcessLookupError, StopIteration):
-            continue
-    return total / 1024
-
-
-def run_sampled(cmd: list) -> tuple[subprocess.CompletedProcess, float, float]:
-    """Run cmd, sampling its process tree's memory; returns (result, seconds, peak MB)."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak = [0.0]
-
-    def sample():
-        while proc.poll() is None:
-            peak[0] = max(peak[0], tree_rss_mb(proc.pid))
-            time.sleep(0.05)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    out, err = proc.communicate()
-    seconds = time.perf_counter() - t0
-    sampler.join()
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-2000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), seconds, peak[0]
-
-
 def ensure_corpus() -> None:
-    """The default corpus (data/fetch_data.py) and its prepared blocks, built if missing."""
+    """The default corpus (data/fetch_data.py), the zh tokenizer trained on it and its prepared
+    blocks, built if missing."""
     if not Path(corpus).exists():
         if Path(corpus).resolve() != DEFAULT_CORPUS:
             sys.exit(f"--corpus={corpus}: not found in {Path.cwd()}")
         subprocess.run([sys.executable, "data/fetch_data.py"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    if not (ROOT / "data/tokenizer/zh.tiktoken").exists():
+        subprocess.run([sys.executable, "data/train_tokenizer.py"], cwd=ROOT, check=True, capture_output=True)
     if not (ROOT / "data/processed_pretrain/meta.json").exists():
         subprocess.run([sys.executable, "data/prepare.py"], cwd=ROOT, check=True, capture_output=True)
 
@@ -137,26 +110,9 @@ def bench_prepare() -> None:
         print(line, flush=True)
 
 
-def plain_loop_positions_per_s(model, steps: int, batch: int, block: int) -> float:
-    """nanoGPT's inner loop: random batch, forward, backward, clip, AdamW step."""
-    import torch
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95))
-    from data.tokenizer import VOCAB_SIZE
-    x = torch.randint(0, VOCAB_SIZE, (batch, block))
-    y = torch.randint(0, VOCAB_SIZE, (batch, block))
-    for i in range(steps + 2):  # two warm-up steps (compilation, allocator)
-        if i == 2:
-            t0 = time.perf_counter()
-        _, loss = model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return steps * batch * block / (time.perf_counter() - t0)
-
-
 def bench_train() -> None:
     import torch
+
     from model import GPT, GPTConfig
     steps, batch, block = 6, 8, 256
     ensure_corpus()
@@ -178,23 +134,13 @@ def bench_train() -> None:
     metric("train_vs_plain_loop", ours / plain, "(positions/s)")
 
 
-def nanogpt_generate(model, idx, max_new_tokens: int):
-    """nanoGPT's generate, greedy: the whole (cropped) sequence through the model every step."""
-    import torch
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            logits, _ = model(idx[:, -model.config.block_size:])
-            idx = torch.cat([idx, logits[:, -1, :].argmax(dim=-1, keepdim=True)], dim=1)
-    return idx
-
-
 def bench_generate() -> None:
     import torch
-    from data.tokenizer import VOCAB_SIZE
+
     from model import GPT, GPTConfig
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=256)).eval()
-    prompt = torch.randint(0, VOCAB_SIZE, (1, 16))
+    prompt = torch.randint(0, 256, (1, 16))
     list(model.generate(prompt, 8, temperature=0))  # warm-up
     for new in (256, 512):
         rates = {}
@@ -220,11 +166,11 @@ def random_sft_checkpoint(out_dir: Path) -> None:
     import torch
 
     import checkpoint
-    from data.tokenizer import SFT_TEMPLATE, tokenizer_meta
+    from data.tokenizer import SFT_TEMPLATE, load_tokenizer
     from model import GPT, GPTConfig
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=256))
-    meta = tokenizer_meta() | {"kind": "sft", "block_size": 256, "sft_template": SFT_TEMPLATE}
+    meta = {"tokenizer": load_tokenizer("gpt2").meta(), "kind": "sft", "block_size": 256, "sft_template": SFT_TEMPLATE}
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint.save(out_dir, {"model": model.state_dict(), "model_args": dataclasses.asdict(model.config),
                               "data_meta": meta, "config": {}}, best=True)
@@ -283,27 +229,11 @@ def bench_ui(reps: int = 5) -> None:
                    variant=f"_{precision}" if precision else "")
 
 
-def document_nll(model, docs: list, block: int) -> float:
-    """Mean NLL per token over documents, each scored alone after an EOT (every layout's model has
-    seen a document start after an EOT; none is favoured by position 0), its tokens + EOT."""
-    import torch
-    from data.tokenizer import EOT_ID
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for doc in docs:
-            seq = ([EOT_ID] + doc + [EOT_ID])[:block + 1]
-            x, y = torch.tensor([seq[:-1]]), torch.tensor([seq[1:]])
-            _, loss = model(x, y)
-            total += loss.item() * y.numel()
-            count += y.numel()
-    return total / count
-
-
 def bench_packing() -> None:
     import numpy as np
     ensure_corpus()
     from checkpoint import load
-    from data.tokenizer import EOT_ID
+    from data.tokenizer import tokenizer_of
     layouts = ("stream", "aligned", "packed")
     with tempfile.TemporaryDirectory() as tmp:
         for packing in layouts:
@@ -311,9 +241,10 @@ def bench_packing() -> None:
                             f"--out_dir={tmp}/{packing}", f"--packing={packing}"], cwd=ROOT, check=True,
                            capture_output=True)
         val = np.fromfile(f"{tmp}/stream/val.bin", dtype=np.uint16).tolist()
+        eot = tokenizer_of(json.loads(Path(f"{tmp}/stream/meta.json").read_text(encoding="utf-8"))).eot_id
         docs, cur = [], []
         for t in val:
-            if t == EOT_ID:
+            if t == eot:
                 docs.append(cur)
                 cur = []
             else:
@@ -326,7 +257,7 @@ def bench_packing() -> None:
                             f"--lr_decay_iters={packing_iters}", f"--eval_interval={packing_iters}",
                             "--eval_iters=5"], cwd=ROOT, check=True, capture_output=True)
             model, ckpt = load(f"{tmp}/out-{packing}")
-            nll = document_nll(model, docs, ckpt["model_args"]["block_size"])
+            nll = document_nll(model, docs, ckpt["model_args"]["block_size"], eot)
             metric("packing_{packing}_heldout_nll", nll, f"({len(docs)} held-out documents, "
                    f"{packing_iters} steps, {time.perf_counter() - t0:.0f}s)", packing=packing)
 
@@ -334,11 +265,11 @@ def bench_packing() -> None:
 def bench_tokenizer() -> None:
     from data.encode import cleaned_texts
     from data.records import Report, split_hash
-    from data.tokenizer import get_tokenizer, read_ranks, trained_encoding
+    from data.tokenizer import load_tokenizer
     ensure_corpus()
     held = [t for t in cleaned_texts([Path(corpus)], Report(max_shown=0)) if split_hash(t) < 0.01]  # prepare's val
     chars = sum(map(len, held))
-    encodings = {"gpt2": get_tokenizer()}
+    toks = {"gpt2": load_tokenizer("gpt2")}
     with tempfile.TemporaryDirectory() as tmp:
         for vocab in [int(v) for v in tokenizer_vocabs.split(",") if v]:
             out = Path(tmp) / f"zh{vocab}.tiktoken"
@@ -347,14 +278,24 @@ def bench_tokenizer() -> None:
                             f"--out_path={out}", f"--vocab_size={vocab}"], cwd=ROOT, check=True, capture_output=True)
             metric("tokenizer_train_seconds_{vocab}", time.perf_counter() - t0, "(the whole default corpus but val)",
                    vocab=vocab)
-            encodings[f"zh{vocab}"] = trained_encoding(read_ranks(out), out.stem)
-    for name, enc in encodings.items():
+            toks[f"zh{vocab}"] = load_tokenizer(str(out))
+    chars_per_token = {}
+    for name, tok in toks.items():
         t0 = time.perf_counter()
-        tokens = sum(len(ids) for ids in enc.encode_ordinary_batch(held, num_threads=1))
+        tokens = sum(len(ids) for ids in tok.enc.encode_ordinary_batch(held, num_threads=1))
         seconds = time.perf_counter() - t0
+        chars_per_token[name] = chars / tokens
         metric("tokens_per_char_{tokenizer}", tokens / chars, f"({len(held):,} held-out documents, {chars:,} characters)",
                tokenizer=name)
         metric("encode_chars_per_s_{tokenizer}", chars / seconds, "(one thread)", tokenizer=name)
+    speeds = demo_model_speeds({name: tok.model_vocab_size for name, tok in toks.items()})
+    for name, (train_positions, decode_tokens) in speeds.items():
+        shape = f"(config/train_cpu.py's model, {toks[name].model_vocab_size} vocabulary rows: "
+        metric("train_chars_per_s_{tokenizer}", train_positions * chars_per_token[name],
+               shape + f"{train_positions:.0f} positions/s x held-out characters per token)", tokenizer=name)
+        metric("decode_chars_per_s_{tokenizer}", decode_tokens * chars_per_token[name],
+               shape + f"{decode_tokens:.0f} tokens/s, KV cache, batch 1, greedy, x held-out characters per token)",
+               tokenizer=name)
 
 
 GROUPS = {"prepare": bench_prepare, "train": bench_train, "generate": bench_generate, "ui": bench_ui,

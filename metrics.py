@@ -150,6 +150,10 @@ BENCH = {
     "tokens_per_char_{tokenizer}": Metric("lower", "tokens/char", "tokens per character of prepare.py's val "
                                           "documents", digits=3),
     "encode_chars_per_s_{tokenizer}": Metric("higher", "chars/s", "encode_ordinary_batch, one thread", digits=3),
+    "train_chars_per_s_{tokenizer}": Metric("higher", "chars/s", "training speed of the CPU demo's model in "
+                                            "characters of text: positions/s x held-out characters per token", digits=3),
+    "decode_chars_per_s_{tokenizer}": Metric("higher", "chars/s", "decoding speed of the CPU demo's model in "
+                                             "characters: KV-cache tokens/s x held-out characters per token", digits=3),
     # packing: held-out loss of models trained on each packing layout
     "packing_{packing}_heldout_nll": Metric("lower", "nats/token", "mean NLL per token of held-out documents, "
                                             "each scored alone after an EOT", digits=3),

@@ -1,0 +1,113 @@
+"""How bench.py measures: process-tree memory, timed subprocesses, a plain training loop, nanoGPT's
+generate, held-out NLL per document, and the demo model's speed at several vocabulary sizes.
+Each returns numbers; bench.py decides what they are compared against and prints them.
+"""
+import runpy
+import statistics
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from model import GPT, GPTConfig
+
+ROOT = Path(__file__).resolve().parent
+
+
+def tree_rss_mb(pid: int) -> float:
+    """Resident memory of a process and all its descendants, from /proc (Linux)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                todo += [int(c) for c in f.read().split()]
+        except (FileNotFoundError, ProcessLookupError, StopIteration):
+            continue
+    return total / 1024
+
+
+def run_sampled(cmd: list) -> tuple[subprocess.CompletedProcess, float, float]:
+    """Run cmd, sampling its process tree's memory; returns (result, seconds, peak MB)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = [0.0]
+
+    def sample():
+        while proc.poll() is None:
+            peak[0] = max(peak[0], tree_rss_mb(proc.pid))
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, err = proc.communicate()
+    seconds = time.perf_counter() - t0
+    sampler.join()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-2000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), seconds, peak[0]
+
+
+def plain_loop_positions_per_s(model, steps: int, batch: int, block: int) -> float:
+    """nanoGPT's inner loop: random batch, forward, backward, clip, AdamW step."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95))
+    x, y = torch.randint(0, 256, (2, batch, block))  # byte tokens: ids every tokenizer has
+    for i in range(steps + 2):  # two warm-up steps (compilation, allocator)
+        if i == 2:
+            t0 = time.perf_counter()
+        _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return steps * batch * block / (time.perf_counter() - t0)
+
+
+def nanogpt_generate(model, idx, max_new_tokens: int):
+    """nanoGPT's generate, greedy: the whole (cropped) sequence through the model every step."""
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            logits, _ = model(idx[:, -model.config.block_size:])
+            idx = torch.cat([idx, logits[:, -1, :].argmax(dim=-1, keepdim=True)], dim=1)
+    return idx
+
+
+def document_nll(model, docs: list, block: int, eot: int) -> float:
+    """Mean NLL per token over documents, each scored alone after an EOT (every layout's model has
+    seen a document start after an EOT; none is favoured by position 0), its tokens + EOT."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for doc in docs:
+            seq = ([eot] + doc + [eot])[:block + 1]
+            x, y = torch.tensor([seq[:-1]]), torch.tensor([seq[1:]])
+            _, loss = model(x, y)
+            total += loss.item() * y.numel()
+            count += y.numel()
+    return total / count
+
+
+def demo_model_speeds(vocabs: dict, rounds: int = 5) -> dict:
+    """name -> (training positions/s, decoding tokens/s) of config/train_cpu.py's model (random
+    weights, fp32, batch and block as configured) with each vocabulary size: rounds of two
+    training steps and of 128 new tokens, the models taking turns so that a busy moment slows
+    them alike; medians over the rounds after a warm-up round."""
+
+    cfg = runpy.run_path(str(ROOT / "config/train_cpu.py"))
+    shape = {k: cfg[k] for k in ("n_layer", "n_head", "n_embd")}
+    batch, block = cfg["batch_size"], 256
+    torch.manual_seed(0)
+    models = {name: GPT(GPTConfig(vocab_size=v, block_size=block, **shape)) for name, v in vocabs.items()}
+    runs = {name: [] for name in models}
+    for r in range(rounds + 1):
+        for name, model in models.items():
+            train = plain_loop_positions_per_s(model.train(), 2, batch, block)
+            model.eval()
+            t0 = time.perf_counter()
+            n = len(list(model.generate(torch.randint(0, 256, (1, 16)), 128, temperature=0)))
+            if r:
+                runs[name].append((train, n / (time.perf_counter() - t0)))
+    return {name: tuple(statistics.median(x[i] for x in rows) for i in range(2)) for name, rows in runs.items()}
