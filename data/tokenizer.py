@@ -115,6 +115,8 @@ def _read_tokenizer_file(path: Path) -> str:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no tokenizer file here; train one with python data/train_tokenizer.py"
                                 + (f" --out_path={path}" if path != ZH_PATH else ""))
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: a folder, not a tokenizer file")
     try:
         return path.read_bytes().decode("ascii")
     except UnicodeDecodeError as e:
@@ -186,7 +188,12 @@ def load_tokenizer(spec: str = "gpt2") -> Tokenizer:
     if spec == "gpt2":
         return _gpt2()
     path = ZH_PATH if spec == "zh" else Path(spec)
-    return _trained(_read_tokenizer_file(path), path.stem)
+    text = _read_tokenizer_file(path)
+    try:
+        return _trained(text, path.stem)
+    except ValueError:
+        parse_ranks(text, path)  # the same error, naming the file rather than the name
+        raise
 
 
 def open_tokenizer(spec: str, flag: str = "--tokenizer") -> Tokenizer:
