@@ -15,12 +15,13 @@ The files are opened as np.memmap afresh for every batch, so RAM does not grow w
 """
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from data.tokenizer import PAD_ID, tokenizer_meta
+from data.tokenizer import Tokenizer, tokenizer_of
 
 
 @dataclass
@@ -38,18 +39,27 @@ class Dataset:
     def aligned(self) -> bool:
         return self.meta["block_aligned"]
 
+    @cached_property
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer the data was made with, rebuilt from meta.json's record."""
+        return tokenizer_of(self.meta, self.path.with_name("meta.json"))
+
 
 def load_meta(data_dir) -> dict:
-    """meta.json of a prepared folder, checked against this code's tokenizer."""
+    """meta.json of a prepared folder; its tokenizer record must rebuild (tokenizer_of: a
+    ValueError naming the file if not). Folders prepared before the tokenizer was recorded whole
+    ("tokenizer": "gpt2" beside flat ids) still load."""
     path = Path(data_dir) / "meta.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: prepare the data first (python data/prepare.py "
                                 "or python data/prepare_sft.py with --out_dir={data_dir})")
     meta = json.loads(path.read_text(encoding="utf-8"))
-    for key, want in tokenizer_meta().items():
-        if meta.get(key) != want:
-            raise ValueError(f"{path}: {key} is {meta.get(key)!r} but this code expects {want!r}; "
-                             "re-run the prepare script")
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(meta).__name__}; re-run the prepare script")
+    try:
+        tokenizer_of(meta, path)
+    except ValueError as e:
+        raise ValueError(f"{e}; re-run the prepare script") from None
     return meta
 
 
@@ -95,13 +105,14 @@ def batch_at(ds: Dataset, starts: list, device="cpu"):
     if ds.aligned:
         x = torch.from_numpy(np.stack([data[s:s + T] for s in starts]).astype(np.int64))
         # (B, T): the target of the last position is PAD, i.e. never counted
-        y = torch.cat([x[:, 1:], torch.full((B, 1), PAD_ID, dtype=torch.int64)], dim=1)
+        pad_id = ds.tokenizer.pad_id
+        y = torch.cat([x[:, 1:], torch.full((B, 1), pad_id, dtype=torch.int64)], dim=1)
         if ds.mask_path is not None:
             marks = np.memmap(ds.mask_path, dtype=np.uint8, mode="r")
             m = np.stack([marks[s + 1:s + T] for s in starts])  # mark of each target token
             mask = torch.cat([torch.from_numpy(m.astype(np.bool_)), torch.zeros(B, 1, dtype=torch.bool)], dim=1)
         else:
-            mask = y != PAD_ID
+            mask = y != pad_id
     else:
         windows = torch.from_numpy(np.stack([data[s:s + T + 1] for s in starts]).astype(np.int64))
         x, y = windows[:, :-1], windows[:, 1:]

@@ -1,9 +1,9 @@
 """Turn token sequences into training blocks: sentence-end cuts, the pieces of each packing, best fit.
 
 Cuts happen in token space on the document's own encoding, so a piece is exactly the tokens
-the whole text encodes to (no re-tokenization at the seams). GPT-2 BPE often spells Chinese
-punctuation as several byte tokens ("，" is three), so cut points are found on the decoded
-bytes: a cut may fall after a token whose end is a sentence end (data.records.SENTENCE_END),
+the whole text encodes to (no re-tokenization at the seams). A byte-level BPE may spell Chinese
+punctuation as several byte tokens (GPT-2 spells "，" as three), so cut points are found on the
+decoded bytes: a cut may fall after a token whose end is a sentence end (data.records.SENTENCE_END),
 else a clause end (，；：、 or a line end), else any character boundary.
 """
 import re
@@ -13,27 +13,27 @@ from functools import lru_cache
 import numpy as np
 
 from data.records import SENTENCE_END
-from data.tokenizer import EOT_ID, PAD_ID, get_tokenizer
+from data.tokenizer import Tokenizer
 
 PACKINGS = ("stream", "aligned", "packed")  # prepare.py's --packing, meta.json's "packing"
 CLAUSE_END = re.compile(r"[，；：、,;:](?=[\w\s]|$)|\n")
 
 
-@lru_cache(maxsize=1)
-def token_byte_lengths() -> np.ndarray:
-    enc = get_tokenizer()
-    return np.array([len(enc.decode_single_token_bytes(i)) for i in range(EOT_ID)] + [0, 0], dtype=np.int64)
+@lru_cache(maxsize=4)  # keyed on the Tokenizer object: load_tokenizer and tokenizer_of cache those
+def token_byte_lengths(tok: Tokenizer) -> np.ndarray:
+    """Bytes of each id's text, (pad_id + 1,): EOT and PAD count 0 (no text)."""
+    return np.array([len(tok.token_bytes(i)) for i in range(tok.eot_id)] + [0, 0], dtype=np.int64)
 
 
 class CutPoints:
     """cuts[kind]: the token counts p (a sorted array) at which tokens[:p] ends at a sentence
     end ("sentence"), a clause end ("clause") or a character boundary ("hard"), for one
-    document's token array. A kind is found when best_cut first asks for it: most documents
+    document's token array under tok. A kind is found when best_cut first asks for it: most documents
     have a sentence end in every block and never need the other two."""
 
-    def __init__(self, tokens: np.ndarray):
-        self.raw = get_tokenizer().decode_bytes(tokens.tolist())
-        self.tok_ends = np.cumsum(token_byte_lengths()[tokens])      # byte offset after each token
+    def __init__(self, tokens: np.ndarray, tok: Tokenizer):
+        self.raw = tok.enc.decode_bytes(tokens.tolist())
+        self.tok_ends = np.cumsum(token_byte_lengths(tok)[tokens])      # byte offset after each token
         self.starts_char = np.ones(len(self.raw) + 1, dtype=bool)     # byte offset -> a character starts
         self.starts_char[:-1] = (np.frombuffer(self.raw, dtype=np.uint8) & 0xC0) != 0x80
         self.text = self.raw.decode("utf-8", errors="replace")
@@ -65,8 +65,8 @@ def best_cut(cuts: CutPoints, start: int, limit: int) -> tuple[int, str]:
     return start + limit, "hard"
 
 
-def document_pieces(tokens: np.ndarray, packing: str, block_size: int):
-    """Split one document's tokens (uint16) into pieces for a packing.
+def document_pieces(tokens: np.ndarray, packing: str, block_size: int, tok: Tokenizer):
+    """Split one document's tokens (uint16, under tok) into pieces for a packing.
 
     Returns (pieces, cut_kinds, dropped): each piece is a view of tokens; the document's EOT
     follows its last piece (the caller appends it: no copy of every document just to add one
@@ -75,7 +75,7 @@ def document_pieces(tokens: np.ndarray, packing: str, block_size: int):
     counts tokens left out (aligned packing keeps only the first block of a document)."""
     if packing == "stream" or len(tokens) < block_size:
         return [tokens], [], 0
-    cuts = CutPoints(tokens)
+    cuts = CutPoints(tokens, tok)
     if packing == "aligned":
         cut, kind = best_cut(cuts, 0, block_size - 1)
         return [tokens[:cut]], [kind], len(tokens) - cut
@@ -89,8 +89,9 @@ def document_pieces(tokens: np.ndarray, packing: str, block_size: int):
     return pieces, kinds, 0
 
 
-def pad_block(pieces: list, block_size: int) -> np.ndarray:
-    block = np.full(block_size, PAD_ID, dtype=np.uint16)
+def pad_block(pieces: list, block_size: int, pad_id: int) -> np.ndarray:
+    """The pieces end to end, then pad_id up to block_size."""
+    block = np.full(block_size, pad_id, dtype=np.uint16)
     n = 0
     for p in pieces:
         block[n:n + len(p)] = p
@@ -101,10 +102,11 @@ def pad_block(pieces: list, block_size: int) -> np.ndarray:
 class BestFitPacker:
     """Packs pieces into blocks of block_size, best fit: each piece goes to the open block with
     the least room that still fits it. At most max_open blocks stay open (bounded memory); when
-    a new block is needed beyond that, the fullest open block is written out."""
+    a new block is needed beyond that, the fullest open block is written out. Blocks are padded
+    with pad_id."""
 
-    def __init__(self, block_size: int, write, max_open: int = 256):
-        self.block_size, self.write, self.max_open = block_size, write, max_open
+    def __init__(self, block_size: int, pad_id: int, write, max_open: int = 256):
+        self.block_size, self.pad_id, self.write, self.max_open = block_size, pad_id, write, max_open
         self.open = []   # sorted list of (free, serial)
         self.pieces = {}  # serial -> list of arrays
         self.serial = 0
@@ -123,13 +125,13 @@ class BestFitPacker:
         if free - len(piece) > 0:
             insort(self.open, (free - len(piece), s))
         else:
-            self.write(pad_block(self.pieces.pop(s), self.block_size))
+            self.write(pad_block(self.pieces.pop(s), self.block_size, self.pad_id))
 
     def _emit(self, i: int) -> None:
         _, s = self.open.pop(i)
-        self.write(pad_block(self.pieces.pop(s), self.block_size))
+        self.write(pad_block(self.pieces.pop(s), self.block_size, self.pad_id))
 
     def close(self) -> None:
         for _, s in sorted(self.open, key=lambda fs: fs[1]):
-            self.write(pad_block(self.pieces.pop(s), self.block_size))
+            self.write(pad_block(self.pieces.pop(s), self.block_size, self.pad_id))
         self.open = []

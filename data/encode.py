@@ -11,38 +11,41 @@ import numpy as np
 from data.blocks import document_pieces
 from data.records import (Report, clean_text, file_format, line_ranges, read_json_array, read_records,
                           split_hash, string_field)
-from data.tokenizer import EOT_ID, encode_ordinary_array, get_tokenizer
+from data.tokenizer import EOT_TOKEN, Tokenizer, tokenizer_of
 
 SPLITS = ("train", "val")
-DOC_STATS = ("doc_tokens", "tokens", "dropped_tokens", "truncated_documents")  # doc_stats columns
+# doc_stats columns: tokens without / with EOT (after cuts), dropped tokens, 1 if cut short, characters
+DOC_STATS = ("doc_tokens", "tokens", "dropped_tokens", "truncated_documents", "characters")
 COUNT_KEYS = ("documents",) + DOC_STATS
-EOT_ARRAY = np.array([EOT_ID], dtype=np.uint16)
-SEP = "\x0b"   # vertical tab: joins a batch's texts for one tokenizer call (encode_documents)
 
 
 def _init_worker(settings: dict) -> None:
-    global _worker_settings
+    """Pool initializer: settings are prepare.py's packing, block_size and "tokenizer" (its
+    meta(), ranks included), so every worker rebuilds the very tokenizer the parent chose."""
+    global _worker_settings, _worker_tok
     _worker_settings = settings
-    get_tokenizer()
+    _worker_tok = tokenizer_of(settings, "prepare.py's worker settings")
 
 
-def encode_documents(texts: list) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens, lens): each text's encode_ordinary followed by EOT, end to end (uint16), and each
-    text's token count without its EOT. One tokenizer call for the whole batch (a call costs
-    about 2 us on top of the BPE, for every document): the texts are joined by SEP, a white-space
-    character that GPT-2's pre-tokenizer always splits off on its own between two texts that
-    neither start nor end with white space, so no BPE merge crosses a seam and every text gets
-    the tokens it gets alone (tests/test_prepare.py checks it on tricky seams). A batch with a
-    text that holds SEP or starts or ends with white space is encoded text by text."""
+def encode_documents(tok: Tokenizer, texts: list) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, lens): each text's ordinary encoding followed by EOT, end to end (uint16), and
+    each text's token count without its EOT. One tokenizer call for the whole batch (a call costs
+    about 2 us on top of the BPE, for every document): the texts are joined by the EOT token's
+    text with EOT allowed as a special token. tiktoken finds allowed special tokens first and runs
+    the split pattern and BPE on the text between them alone, so with any tokenizer (GPT-2's or
+    a trained one's pattern) no piece and no merge crosses a seam, and every text gets the tokens
+    it gets alone (tests/test_prepare.py checks it on tricky seams). A batch with a text that
+    holds the EOT text itself (plain text to the model) is encoded text by text."""
     if not texts:
         return np.zeros(0, dtype=np.uint16), np.zeros(0, dtype=np.int64)
-    if any(SEP in t or t[:1].isspace() or t[-1:].isspace() for t in texts):
-        arrays = [encode_ordinary_array(t) for t in texts]
+    if any(EOT_TOKEN in t for t in texts):
+        arrays = [tok.encode_array(t) for t in texts]
         lens = np.array([len(a) for a in arrays], dtype=np.int64)
-        return np.concatenate([x for a in arrays for x in (a, EOT_ARRAY)]), lens
-    tokens = encode_ordinary_array(SEP.join(texts) + SEP)
-    ends = np.flatnonzero(tokens == get_tokenizer().encode_single_token(SEP))
-    tokens[ends] = EOT_ID
+        eot = np.array([tok.eot_id], dtype=np.uint16)
+        return np.concatenate([x for a in arrays for x in (a, eot)]), lens
+    tokens = tok.enc.encode_to_numpy(EOT_TOKEN.join(texts) + EOT_TOKEN, allowed_special={EOT_TOKEN},
+                                     disallowed_special=()).astype(np.uint16)
+    ends = np.flatnonzero(tokens == tok.eot_id)
     return tokens, np.diff(ends, prepend=-1) - 1
 
 
@@ -53,7 +56,8 @@ def process_docs(docs: list) -> dict:
     hash of the text) and doc_stats (DOC_STATS) per usable document, forced-cut kinds and
     problems. A document shorter than a block (and every document in stream packing) is one
     piece; the longer ones go through document_pieces."""
-    s = _worker_settings
+    s, tok = _worker_settings, _worker_tok
+    eot = np.array([tok.eot_id], dtype=np.uint16)
     wheres, texts, problems, cuts = [], [], [], Counter()
     for where, title, text in docs:
         text = clean_text(text, title)
@@ -62,15 +66,15 @@ def process_docs(docs: list) -> dict:
             texts.append(text)
         else:
             problems.append(("empty_text", where, "text is empty after cleaning; skipped", 1))
-    tokens, lens = encode_documents(texts)
+    tokens, lens = encode_documents(tok, texts)
     starts = np.cumsum(lens + 1) - (lens + 1)
     dropped = np.zeros(len(texts), dtype=np.int64)
     chunks, piece_len, piece_doc, done = [], [], [], 0   # documents before done are in chunks
     long = np.flatnonzero(lens >= s["block_size"]).tolist() if s["packing"] != "stream" else []
     for d in long:
         pieces, kinds, dropped[d] = document_pieces(tokens[starts[d]:starts[d] + lens[d]], s["packing"],
-                                                    s["block_size"])
-        chunks += [tokens[starts[done]:starts[d]]] + pieces + [EOT_ARRAY]
+                                                    s["block_size"], tok)
+        chunks += [tokens[starts[done]:starts[d]]] + pieces + [eot]
         piece_len += [lens[done:d] + 1, np.array([len(p) for p in pieces[:-1]] + [len(pieces[-1]) + 1])]
         piece_doc += [np.arange(done, d), np.full(len(pieces), d)]
         done = d + 1
@@ -88,7 +92,8 @@ def process_docs(docs: list) -> dict:
         piece_doc = np.concatenate(piece_doc + [np.arange(done, len(texts))])
     else:
         piece_len, piece_doc = lens + 1, np.arange(len(texts))
-    doc_stats = np.stack([lens, lens + 1 - dropped, dropped, dropped > 0], axis=1).astype(np.int64)
+    chars = np.array([len(t) for t in texts], dtype=np.int64)
+    doc_stats = np.stack([lens, lens + 1 - dropped, dropped, dropped > 0, chars], axis=1).astype(np.int64)
     return {"tokens": tokens, "piece_len": piece_len, "piece_doc": piece_doc,
             "doc_hash": np.array([split_hash(t) for t in texts], dtype=np.float64),
             "doc_stats": doc_stats.reshape(-1, len(DOC_STATS)), "cuts": cuts, "problems": problems}

@@ -1,12 +1,18 @@
-"""Tokenize pretraining text (GPT-2 BPE) into uint16 .bin files for train.py.
+"""Tokenize pretraining text into uint16 .bin files for train.py.
 
     python data/prepare.py                     # the default corpus, data/raw/pretrain.jsonl
     python data/prepare.py --input="data/wiki-zh-subset-*.jsonl" --packing=packed --block_size=256
+    python data/prepare.py --tokenizer=gpt2 --out_dir=data/processed_pretrain_gpt2
+
+--tokenizer: zh (data/tokenizer/zh.tiktoken, trained on the corpus by python
+data/train_tokenizer.py), gpt2 (GPT-2's BPE), or the path of a file data/train_tokenizer.py
+wrote. meta.json records the whole tokenizer (a trained one with its ranks), so train.py and
+every later script rebuild it from the data or the checkpoint, never from the file.
 
 --input takes a file, a folder (its .jsonl/.json files), a glob or a comma-separated list of
 them; each file is JSONL or a JSON array of objects with "text" (and optional "title", "id"),
 like the course's wiki-zh-subset files. Writes to --out_dir (default data/processed_pretrain):
-train.bin, val.bin (uint16 token ids) and meta.json (tokenizer, ids, block_size, packing, counts).
+train.bin, val.bin (uint16 token ids) and meta.json (tokenizer, block_size, packing, counts).
 Both paths are relative to the working directory; the defaults assume the repository root.
 
 Packing layouts (--packing; it was called --mode before):
@@ -41,10 +47,11 @@ from configurator import configure
 from data.blocks import PACKINGS, BestFitPacker, pad_block
 from data.encode import COUNT_KEYS, SPLITS, _init_worker, bounded_imap, document_of, process_task, tasks
 from data.splits import SplitWriter, ValReserve, commit_outputs, source_names, start_prepare
-from data.tokenizer import tokenizer_meta
+from data.tokenizer import open_tokenizer
 
 # ----------------------------------------------------------------------------- defaults
 input = "data/raw/pretrain.jsonl"
+tokenizer = "zh"         # zh, gpt2 or a tokenizer file's path
 out_dir = "data/processed_pretrain"
 block_size = 256
 packing = "packed"       # lowest held-out loss at equal compute (README, bench.py --only=packing)
@@ -64,12 +71,13 @@ if __name__ == "__main__":
     if packing not in PACKINGS:
         sys.exit(f"--packing={packing!r}: expected one of {', '.join(PACKINGS)}")
     report, paths, out = start_prepare(config, "your wiki-zh-subset-*.jsonl files")
+    tok = open_tokenizer(tokenizer)
     writers = {s: SplitWriter(out / f"{s}.bin") for s in SPLITS}
-    packers = {s: BestFitPacker(block_size, writers[s].write, max_open_blocks) for s in writers}
+    packers = {s: BestFitPacker(block_size, tok.pad_id, writers[s].write, max_open_blocks) for s in writers}
     cut_kinds = Counter()
     counts = {s: Counter(dict.fromkeys(COUNT_KEYS, 0)) for s in writers}
     reserve = ValReserve("documents", val_fraction)
-    settings = {"packing": packing, "block_size": block_size}
+    settings = {"packing": packing, "block_size": block_size, "tokenizer": tok.meta()}
 
     def place(split: str, tokens: np.ndarray, lens: np.ndarray) -> None:
         """Write the pieces (lens) that tokens holds end to end into a split."""
@@ -78,7 +86,7 @@ if __name__ == "__main__":
             return
         for end, length in zip(np.cumsum(lens).tolist(), lens.tolist()):
             if packing == "aligned":
-                writers[split].write(pad_block([tokens[end - length:end]], block_size))
+                writers[split].write(pad_block([tokens[end - length:end]], block_size, tok.pad_id))
             else:
                 packers[split].add(tokens[end - length:end])
 
@@ -133,8 +141,8 @@ if __name__ == "__main__":
             c["blocks"] = c.get("file_tokens", 0) // block_size if packing != "stream" else None
             c["padding_fraction"] = round(1 - c.get("tokens", 0) / max(1, c.get("file_tokens", 0)), 4)
             splits[s] = c
-        meta = tokenizer_meta() | {
-            "kind": "pretrain", "packing": packing, "block_size": block_size,
+        meta = {
+            "tokenizer": tok.meta(), "kind": "pretrain", "packing": packing, "block_size": block_size,
             "block_aligned": packing != "stream", "val_fraction": val_fraction, "moved_to": reserve.moved,
             "moved_hashes": reserve.moved_hashes,
             "splits": splits, "cuts": dict(cut_kinds), "problems": dict(report.counts),
@@ -153,9 +161,14 @@ if __name__ == "__main__":
                 w.discard()
     dt = time.time() - t0
     total = splits["train"]["tokens"] + splits["val"]["tokens"]
+    chars = splits["train"]["characters"] + splits["val"]["characters"]
+    doc_tokens = splits["train"]["doc_tokens"] + splits["val"]["doc_tokens"]
     for s, c in splits.items():
         print(f"{s}: {c['documents']:,} documents, {c['tokens']:,} tokens, "
               f"{c['blocks'] if c['blocks'] is not None else '-'} blocks, "
               f"padding {c['padding_fraction']:.1%}, truncated documents {c['truncated_documents']:,}")
     print(report.summary())
-    print(f"wrote {out}/train.bin, val.bin, meta.json in {dt:.1f}s ({total / dt:,.0f} tokens/s)")
+    print(f"tokenizer {tok.describe()}: {doc_tokens / max(1, chars):.3f} tokens per character "
+          f"({doc_tokens:,} tokens, EOT not counted, for {chars:,} characters)")
+    print(f"wrote {out}/train.bin, val.bin, meta.json in {dt:.1f}s ({total / dt:,.0f} tokens/s, "
+          f"{chars / dt:,.0f} characters/s)")

@@ -2,6 +2,11 @@
 
     python data/prepare_sft.py                          # default: data/raw/sft_train.jsonl
     python data/prepare_sft.py --input=my_sft.json --block_size=256
+    python data/prepare_sft.py --tokenizer=gpt2 --out_dir=data/processed_sft_gpt2
+
+--tokenizer: zh (data/tokenizer/zh.tiktoken, made by python data/train_tokenizer.py), gpt2 or a
+tokenizer file's path, as data/prepare.py takes it; use the one the pretraining data used (the
+model fine-tuned on this data was trained on that). meta.json records the whole tokenizer.
 
 --input takes a file, folder, glob or comma-separated list; each file is a JSON array or JSONL
 of {"question", "answer"} objects (the course's format). Each pair becomes one block:
@@ -38,10 +43,11 @@ import numpy as np
 from configurator import configure
 from data.records import pair_entity, read_records, split_hash, string_field
 from data.splits import SplitWriter, ValReserve, commit_outputs, source_names, start_prepare
-from data.tokenizer import PAD_ID, SFT_TEMPLATE, encode_pair, tokenizer_meta
+from data.tokenizer import SFT_TEMPLATE, encode_pair, open_tokenizer, sft_prompt
 
 # ----------------------------------------------------------------------------- defaults
 input = "data/raw/sft_train.jsonl"
+tokenizer = "zh"         # zh, gpt2 or a tokenizer file's path
 out_dir = "data/processed_sft"
 block_size = 256
 val_fraction = 0.02
@@ -51,15 +57,16 @@ val_fraction = 0.02
 if __name__ == "__main__":
     config = configure(globals())
     report, paths, out = start_prepare(config, 'your own JSON/JSONL of {"question", "answer"}')
+    tok = open_tokenizer(tokenizer)
     writers = {name: SplitWriter(out / f"{name}.bin") for name in ("train", "val", "train_mask", "val_mask")}
-    counts = {s: Counter(pairs=0, tokens=0, answer_tokens=0) for s in ("train", "val")}
+    counts = {s: Counter(pairs=0, tokens=0, answer_tokens=0, characters=0) for s in ("train", "val")}
     reserve = ValReserve("pairs", val_fraction)
 
     def emit(split: str, item) -> None:
-        tok_block, mask_block, n_tokens, n_answer = item
+        tok_block, mask_block, n_tokens, n_answer, n_chars = item
         writers[split].write(tok_block)
         writers[f"{split}_mask"].write(mask_block)
-        counts[split].update(pairs=1, tokens=n_tokens, answer_tokens=n_answer)
+        counts[split].update(pairs=1, tokens=n_tokens, answer_tokens=n_answer, characters=n_chars)
 
     committed = False
     try:
@@ -76,16 +83,16 @@ if __name__ == "__main__":
                     report.add("empty_question" if not q else "empty_answer", where,
                                f"{'question' if not q else 'answer'} is empty; pair skipped")
                     continue
-                tokens, mask = encode_pair(q, a)
+                tokens, mask = encode_pair(tok, q, a)
                 if len(tokens) > block_size:
                     report.add("too_long", where, f"pair is {len(tokens)} tokens, block_size={block_size}; "
                                "dropped (policy: drop, never truncate an answer)")
                     continue
-                tok_block = np.full(block_size, PAD_ID, dtype=np.uint16)
+                tok_block = np.full(block_size, tok.pad_id, dtype=np.uint16)
                 mask_block = np.zeros(block_size, dtype=np.uint8)
                 tok_block[:len(tokens)] = tokens
                 mask_block[:len(mask)] = mask
-                item = (tok_block, mask_block, len(tokens), int(mask.sum()))
+                item = (tok_block, mask_block, len(tokens), int(mask.sum()), len(sft_prompt(q)) + len(a))
                 h = split_hash(pair_entity(obj, q))
                 if not reserve.keep(h, item):
                     emit("val" if h < val_fraction else "train", item)
@@ -101,8 +108,8 @@ if __name__ == "__main__":
             file_tokens = writers[s].stats["file_tokens"]
             splits[s] = dict(c) | {"blocks": c["pairs"], "file_tokens": file_tokens,
                                    "padding_fraction": round(1 - c["tokens"] / max(1, file_tokens), 4)}
-        meta = tokenizer_meta() | {
-            "kind": "sft", "packing": "sft", "block_size": block_size, "block_aligned": True,
+        meta = {
+            "tokenizer": tok.meta(), "kind": "sft", "packing": "sft", "block_size": block_size, "block_aligned": True,
             "sft_template": SFT_TEMPLATE, "overflow_policy": "drop", "val_fraction": val_fraction,
             "moved_to": reserve.moved, "moved_hashes": reserve.moved_hashes,
             "splits": splits, "problems": dict(report.counts), "sources": source_names(paths),
@@ -119,4 +126,8 @@ if __name__ == "__main__":
         print(f"{s}: {c.get('pairs', 0):,} pairs, {c.get('answer_tokens', 0):,} answer tokens, "
               f"padding {c['padding_fraction']:.1%}")
     print(report.summary())
+    n_tokens = sum(c["tokens"] - c["pairs"] for c in splits.values())  # each pair's EOT not counted
+    n_chars = sum(c["characters"] for c in splits.values())
+    print(f"tokenizer {tok.describe()}: {n_tokens / max(1, n_chars):.3f} tokens per character "
+          f"(prompts and answers: {n_tokens:,} tokens for {n_chars:,} characters)")
     print(f"wrote {out}/train.bin, train_mask.bin, val.bin, val_mask.bin, meta.json")

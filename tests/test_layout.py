@@ -57,7 +57,7 @@ def test_a_data_script_loads_each_module_once(tmp_path):
     """python data/prepare.py, run the way users run it: -X importtime lists every module it
     imports; none of data/'s modules may appear under its bare name."""
     src = write_jsonl(tmp_path / "in.jsonl", [{"text": f"第{i}篇。内容完整。"} for i in range(4)])
-    proc = subprocess.run([sys.executable, "-X", "importtime", "data/prepare.py", f"--input={src}",
+    proc = subprocess.run([sys.executable, "-X", "importtime", "data/prepare.py", "--tokenizer=gpt2", f"--input={src}",
                            f"--out_dir={tmp_path / 'out'}", "--num_workers=1"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

