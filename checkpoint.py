@@ -13,13 +13,14 @@ torch.load(weights_only=True), so loading never runs code from the file:
     model          the weights (state_dict; a torch.compile prefix "_orig_mod." is dropped on load)
     model_args     the GPTConfig fields: the model is rebuilt from them, never from flags
     config         the training run's whole config (configurator's dict)
-    data_meta      the data's meta.json: tokenizer, kind (pretrain/sft), sft_template, splits, ...
+    data_meta      the data's meta.json: tokenizer (its record whole, a trained one with its ranks:
+                   tokenizer(ckpt) rebuilds it, no file needed), kind (pretrain/sft), sft_template, ...
     iter_num, best_val_loss
     optimizer, rng, scaler    for resume only (AdamW moments, RNG states per process, GradScaler)
 
 Every failure is a FileNotFoundError or a ValueError whose message names the file and says what
 is wrong: missing, partial (an interrupted copy), foreign (not ours), written by a newer
-MiniGLM, trained with another tokenizer, or weights that do not fit the model_args.
+MiniGLM, a damaged tokenizer record, or weights that do not fit the model_args.
 """
 import os
 import pickle
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 
 from data.records import atomic_path
-from data.tokenizer import tokenizer_meta
+from data.tokenizer import Tokenizer, tokenizer_of
 from model import GPT, GPTConfig
 
 FORMAT_VERSION = 1
@@ -60,8 +61,9 @@ def save(out_dir, state: dict, best: bool) -> None:
 
 
 def read(path, device: str = "cpu", mmap: bool = False) -> dict:
-    """The checkpoint dict (tensors on device), checked: ours, a format this code reads, and the
-    tokenizer this code uses. mmap=True reads lazily (cheap when only the metadata is wanted)."""
+    """The checkpoint dict (tensors on device), checked: ours, a format this code reads, a
+    tokenizer record that rebuilds (tokenizer_of) and an embedding with a row for each of its ids.
+    mmap=True reads lazily (cheap when only the metadata is wanted)."""
     path = checkpoint_file(path)
     if not path.exists():
         where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
@@ -79,19 +81,26 @@ def read(path, device: str = "cpu", mmap: bool = False) -> dict:
         else:
             why = "partial or damaged (an interrupted save, copy or download?)"
         raise ValueError(f"{path}: cannot read it: {why}; {type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
-    missing = [k for k in REQUIRED if k not in ckpt] if isinstance(ckpt, dict) else list(REQUIRED)
+    # each is a dict (the weights a state_dict); one of another type is as good as missing
+    missing = [k for k in REQUIRED if not isinstance(ckpt.get(k), dict)] if isinstance(ckpt, dict) else list(REQUIRED)
     if missing:
         raise ValueError(f"{path}: not a MiniGLM checkpoint (missing {', '.join(missing)})")
     version = ckpt.get("format", 0)
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ValueError(f"{path}: checkpoint format {version!r} is newer than this code reads "
                          f"({FORMAT_VERSION}); update MiniGLM (git pull)")
-    ours = tokenizer_meta()
-    for key in ("tokenizer", "vocab_size", "eot_id"):
-        if ckpt["data_meta"].get(key) != ours[key]:
-            raise ValueError(f"{path}: trained with {key}={ckpt['data_meta'].get(key)!r}, "
-                             f"this code uses {key}={ours[key]!r}")
+    tok = tokenizer_of(ckpt["data_meta"], path)  # ValueError naming the file for a damaged record
+    rows = ckpt["model_args"].get("vocab_size")
+    if not isinstance(rows, int) or rows <= tok.pad_id:
+        raise ValueError(f"{path}: the model has vocab_size={rows!r} embedding rows, too few for its "
+                         f"tokenizer {tok.describe()} (PAD is id {tok.pad_id}): not the tokenizer it was trained with")
     return ckpt
+
+
+def tokenizer(ckpt: dict) -> Tokenizer:
+    """The tokenizer a checkpoint (from read or load) was trained with, rebuilt from its record:
+    a trained one from the ranks stored in it, so nothing but the checkpoint is needed."""
+    return tokenizer_of(ckpt["data_meta"], "checkpoint")
 
 
 def build_model(ckpt: dict, path="checkpoint") -> GPT:

@@ -46,12 +46,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from checkpoint import mode_of
+import checkpoint
 from configurator import configure
 from data.records import (SENTENCE_END, Report, clean_text, expand_inputs, pair_entity, read_records, split_hash,
                           split_of, string_field, write_json_atomic, write_jsonl_atomic)
 from data.splits import source_paths
-from data.tokenizer import complete_prefix, encode_pair, get_tokenizer
+from data.tokenizer import Tokenizer, check_same, complete_prefix, encode_pair, tokenizer_of
 from data_utils import batch_at, load_dataset
 from engine import RENAMED_DTYPE, SAMPLING_DEFAULTS, exit_on_bad_flags, load_model_or_exit, stream_reply
 from metrics import (COMMON_SHARE, FLAGS, HAN, HAN_RANGES, SPLIT_ONLY, bleu_4, char_counts, common_chars,
@@ -87,27 +87,25 @@ RENAMED_KEYS = {"dtype": RENAMED_DTYPE}  # --dtype is training's autocast type; 
 SFT_TEST = "data/raw/sft_test.jsonl"
 
 
-def lead_bytes(enc, size: int) -> np.ndarray:
-    """The characters each token id begins, (max(size, vocabulary),): the UTF-8 lead bytes (bytes
+def lead_bytes(tok: Tokenizer, size: int) -> np.ndarray:
+    """The characters each token id begins, (max(size, PAD + 1),): the UTF-8 lead bytes (bytes
     not in 0x80..0xBF) of its bytes, so a character split across tokens counts once, in the token
-    holding its first byte, whatever the tokenizer. Special tokens (EOT) begin no character, nor
-    do ids past the tokenizer (PAD of gpt2, the model's padding rows)."""
-    special = {enc.encode_single_token(name) for name in enc.special_tokens_set}
-    lead = np.zeros(max(size, enc.n_vocab), dtype=np.int64)
-    for t in range(enc.n_vocab):
-        if t not in special:
-            lead[t] = sum(not 0x80 <= b <= 0xBF for b in enc.decode_single_token_bytes(t))
+    holding its first byte, whatever the tokenizer. The special ids (EOT, PAD) begin no
+    character, nor do the model's padding rows."""
+    lead = np.zeros(max(size, tok.pad_id + 1), dtype=np.int64)
+    for t in range(tok.eot_id):  # the ordinary tokens: every id below EOT
+        lead[t] = sum(not 0x80 <= b <= 0xBF for b in tok.token_bytes(t))
     return lead
 
 
-def perplexity(model, ds, batch_size: int = 16, max_blocks: int = 0, device: str = "cpu", enc=None) -> dict:
+def perplexity(model, ds, batch_size: int = 16, max_blocks: int = 0, device: str = "cpu") -> dict:
     """exp(sum of NLL over the counted targets / their number) over evenly spaced blocks of a split
     (windows for stream data), each batch's summed NLL added up in float64; and bits per character:
-    the same sum / ln 2 / the characters the counted targets begin (lead_bytes of enc, by default
-    the GPT-2 tokenizer). EOT's NLL is in the sum (ending the text is part of predicting it) though
-    it begins no character."""
+    the same sum / ln 2 / the characters the counted targets begin (lead_bytes of the data's
+    tokenizer). EOT's NLL is in the sum (ending the text is part of predicting it) though it
+    begins no character."""
     T = ds.block_size
-    chars_of = torch.from_numpy(lead_bytes(enc or get_tokenizer(), model.config.vocab_size)).to(device)
+    chars_of = torch.from_numpy(lead_bytes(tokenizer_of(ds.meta), model.config.vocab_size)).to(device)
     starts = list(range(0, ds.n_tokens - (0 if ds.aligned else 1) - T + 1, T))
     if max_blocks and len(starts) > max_blocks:
         starts = [starts[i] for i in np.linspace(0, len(starts) - 1, max_blocks).round().astype(int)]
@@ -126,16 +124,16 @@ def perplexity(model, ds, batch_size: int = 16, max_blocks: int = 0, device: str
             "bits_per_char": nll / math.log(2) / chars if chars else None}
 
 
-def train_char_counts(ds, enc, chunk_tokens: int = 1 << 20) -> np.ndarray:
-    """metrics.char_counts of a split's text: its ordinary tokens (not PAD, EOT or another special
-    id) decoded chunk_tokens at a time, so memory stays bounded; the bytes of a character cut by a
-    chunk's end are carried over to the next chunk."""
-    special = [ds.meta["pad_id"], *(enc.encode_single_token(name) for name in enc.special_tokens_set)]
+def train_char_counts(ds, chunk_tokens: int = 1 << 20) -> np.ndarray:
+    """metrics.char_counts of a split's text: its ordinary tokens (not EOT or PAD: the ids below
+    EOT of the data's tokenizer) decoded chunk_tokens at a time, so memory stays bounded; the
+    bytes of a character cut by a chunk's end are carried over to the next chunk."""
+    tok = tokenizer_of(ds.meta)
     data = np.memmap(ds.path, dtype=np.uint16, mode="r")
     counts, pending = np.zeros(0x110000, dtype=np.int64), b""
     for i in range(0, ds.n_tokens, chunk_tokens):
         ids = np.asarray(data[i:i + chunk_tokens])
-        raw = pending + enc.decode_bytes(ids[~np.isin(ids, special)].tolist())
+        raw = pending + tok.enc.decode_bytes(ids[ids < tok.eot_id].tolist())
         cut = complete_prefix(raw)
         counts += char_counts(raw[:cut].decode("utf-8", errors="replace"))
         pending = raw[cut:]
@@ -159,6 +157,7 @@ def load_cases(mode: str, source: str, data_meta: dict, report: Report, referenc
     split rule (the document's hash, or the pair's entity; split_of) and, for pairs, only those
     that fit a block; [] when those files are not here)."""
     sources = source_paths(data_meta.get("sources", []))  # repository-relative or absolute (source_names)
+    tok = tokenizer_of(data_meta)
     if seen:
         if not sources or not all(p.exists() for p in sources):
             return []
@@ -183,7 +182,7 @@ def load_cases(mode: str, source: str, data_meta: dict, report: Report, referenc
         for where, obj in read_records(path, report):
             if mode == "chat":
                 q, a = string_field(obj, "question", where, report), string_field(obj, "answer", where, report)
-                if q and a and (not seen or trained_pair(obj, q, a, data_meta)):
+                if q and a and (not seen or trained_pair(tok, obj, q, a, data_meta)):
                     cases.append({"prompt": q, "reference": a})
                 continue
             text = string_field(obj, "text", where, report)
@@ -200,14 +199,15 @@ def load_cases(mode: str, source: str, data_meta: dict, report: Report, referenc
     return cases
 
 
-def trained_pair(obj: dict, question: str, answer: str, data_meta: dict) -> bool:
-    """Whether prepare_sft.py wrote this pair to train.bin: its entity's split, and it fits a block."""
+def trained_pair(tok: Tokenizer, obj: dict, question: str, answer: str, data_meta: dict) -> bool:
+    """Whether prepare_sft.py wrote this pair to train.bin (tokenized with tok, the checkpoint's
+    tokenizer): its entity's split, and it fits a block."""
     q, a = (s.replace("\r\n", "\n").strip() for s in (question, answer))
     entity = obj.get("entity")
     if not (q and a) or not (entity is None or isinstance(entity, str)):
         return False
     return (split_of(split_hash(pair_entity(obj, q)), data_meta) == "train"
-            and len(encode_pair(q, a)[0]) <= data_meta["block_size"])
+            and len(encode_pair(tok, q, a)[0]) <= data_meta["block_size"])
 
 
 def evaluate(model, ckpt: dict, mode: str, cases: list, settings: dict, label: str = "",
@@ -275,20 +275,30 @@ if __name__ == "__main__":
     settings = {k: config[k] for k in config if k not in ("report",)}
     out = Path(out_dir)
     model, ckpt, device, precision = load_model_or_exit(out, device, precision)
-    mode = mode_of(ckpt)
+    mode = checkpoint.mode_of(ckpt)
     settings |= {"mode": mode, "device": device, "precision": precision, "iter_num": ckpt.get("iter_num")}
     print(f"[{out_dir}: mode {mode}, {model.num_params() / 1e6:.1f}M parameters, {device}, {precision}]",
           file=sys.stderr)
 
-    enc = get_tokenizer()
     results = {"perplexity": None, "bits_per_char": None, "ppl_note": ""}
     # data_dir as given at training time, relative to the directory training ran in (normally
     # the repository's folder), so read from the current directory
     data_dir = Path(ckpt["config"].get("data_dir", ""))
+
+    def checked_split(split: str):
+        """A split of data_dir; exit naming both if it was prepared again with another tokenizer."""
+        split_ds = load_dataset(data_dir, split)
+        try:
+            check_same(checkpoint.tokenizer(ckpt), f"checkpoint {out_dir}", tokenizer_of(split_ds.meta),
+                       f"its data_dir {data_dir}")
+        except ValueError as e:
+            sys.exit(str(e))
+        return split_ds
+
     try:
-        ds = load_dataset(data_dir, ppl_split)
+        ds = checked_split(ppl_split)
         t0 = time.perf_counter()
-        ppl = perplexity(model, ds, batch_size, ppl_max_blocks, device, enc)
+        ppl = perplexity(model, ds, batch_size, ppl_max_blocks, device)
         results |= {"perplexity": ppl["perplexity"], "bits_per_char": ppl["bits_per_char"], "ppl_nll": ppl["nll"],
                     "ppl_tokens": ppl["tokens"], "ppl_chars": ppl["chars"], "ppl_blocks": ppl["blocks"],
                     "ppl_data": str(ds.path)}
@@ -302,8 +312,8 @@ if __name__ == "__main__":
     common, results["rare_note"] = None, ""
     try:  # the common Han characters of the training text, for the rare_chars check
         t0 = time.perf_counter()
-        train_ds = load_dataset(data_dir, "train")
-        counts = train_char_counts(train_ds, enc)
+        train_ds = checked_split("train")
+        counts = train_char_counts(train_ds)
         common = common_chars(counts)
         results |= {"common_chars": len(common),
                     "train_han_chars": sum(int(counts[a:b + 1].sum()) for a, b in HAN_RANGES)}

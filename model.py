@@ -3,7 +3,7 @@
     from model import GPT, GPTConfig
     model = GPT(GPTConfig(block_size=256))        # 6 layers, 512 wide, 8 heads: about 45M params
     logits, loss = model(x, y, loss_mask)         # x, y, loss_mask: (B, T); loss: mean over counted targets
-    for token in model.generate(prompt_ids, max_new_tokens=256, eot_id=50256): ...
+    for token in model.generate(prompt_ids, max_new_tokens=256, eot_id=tok.eot_id): ...   # tok: the data's tokenizer
 
 No I/O here: no paths, no tokenizer, no argparse. Attention is torch's scaled_dot_product_attention
 (flash/memory-efficient kernels where the device has them).
@@ -43,7 +43,7 @@ def autocast_context(device: str, dtype: str):
 @dataclass
 class GPTConfig:
     block_size: int = 256      # the longest context the model attends over
-    vocab_size: int = 50304    # GPT-2's 50257 rounded up to a multiple of 64 (room for PAD)
+    vocab_size: int = 50304    # embedding rows; train.py sets the data tokenizer's model_vocab_size (gpt2: this)
     n_layer: int = 6
     n_head: int = 8
     n_embd: int = 512

@@ -159,7 +159,7 @@ def write_report(out: Path) -> Path:
              f"检查点 `{out.name}/ckpt.pt`，{'SFT（问答）' if meta.get('kind') == 'sft' else '预训练（续写）'}模型。",
              "",
              "## 数据", "", f"- 来源：{', '.join(map(str, meta.get('sources', []))) or '未记录'}",
-             f"- 分词器 {meta.get('tokenizer')}（词表 {meta.get('vocab_size')}），块长 {meta.get('block_size')}，"
+             f"- 分词器 {checkpoint.tokenizer(ckpt).describe()}，模型词表 {args['vocab_size']} 行，块长 {meta.get('block_size')}，"
              f"打包方式 {meta.get('packing', meta.get('mode'))}，验证集比例 {meta.get('val_fraction')}", "",
              "| 划分 | 文档/问答对 | tokens | 块 | 填充比例 |", "|---|---|---|---|---|"]
     for split, s in meta.get("splits", {}).items():

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import can_chat, mode_of
+from checkpoint import can_chat, mode_of, tokenizer
 from configurator import configure
 from data.records import write_jsonl_atomic
 from engine import MODES, RENAMED_DTYPE, SAMPLING_DEFAULTS, exit_on_bad_flags, fit_prompt, load_model_or_exit, stream_reply
@@ -61,7 +61,8 @@ if __name__ == "__main__":
                  "is pretrained and only continues text: drop --mode, or use --mode=generate")
     stops = tuple(s for s in stop.split("|") if s)
     gen = torch.Generator(device=device).manual_seed(seed)
-    print(f"[{out_dir}: mode {mode}, {model.num_params() / 1e6:.1f}M parameters, {device}, {precision}]", file=sys.stderr)
+    print(f"[{out_dir}: mode {mode}, {model.num_params() / 1e6:.1f}M parameters, tokenizer {tokenizer(ckpt).describe()}, "
+          f"{device}, {precision}]", file=sys.stderr)
 
     def answer(prompt: str, history: tuple = ()) -> dict:
         """Stream one reply to the terminal; the record saved with --save_path."""

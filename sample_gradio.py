@@ -35,8 +35,7 @@ import gradio as gr  # noqa: E402
 from checkpoint import mode_of  # noqa: E402
 from configurator import configure  # noqa: E402
 from data.records import Report, read_records, string_field  # noqa: E402
-from engine import (RENAMED_DTYPE, SAMPLING, SAMPLING_DEFAULTS, exit_on_bad_flags, pick_precision,  # noqa: E402
-                    utf8_constraint)
+from engine import RENAMED_DTYPE, SAMPLING, SAMPLING_DEFAULTS, exit_on_bad_flags, pick_precision  # noqa: E402
 from model import select_device  # noqa: E402
 from serving import (VOTES, ModelError, ModelStore, VoteBook, check_params, clean_question,  # noqa: E402
                      discover_models, leaderboard, stream_together)
@@ -84,6 +83,7 @@ def stats_line(stats: dict) -> str:
         return f"{stats.get('model', '')} 生成中……"
     first = stats.get("first_token_s")
     return (f"{stats.get('model', '')} · {'问答' if stats.get('mode') == 'chat' else '续写'} · "
+            + (f"分词器 {stats['tokenizer']} · " if stats.get("tokenizer") else "") +
             f"{stats['new_tokens']} tokens · 首字 {'-' if first is None else f'{first:.2f} s'} · "
             f"{stats['tokens_per_s']} tokens/s" + ("" if stats.get("stopped_at_eot") else " · 到达长度上限")
             + (f"  \n{stats['notice']}" if stats.get("notice") else ""))
@@ -364,7 +364,6 @@ if __name__ == "__main__":
     print(f"models: {', '.join(paths) or f'none found in {Path.cwd()} (train one first: make demo)'}; "
           f"{device}, {precision}", file=sys.stderr)
     store = ModelStore(paths, device, precision, stream_every, allowed, any_remote, timeout=remote_timeout)
-    utf8_constraint()  # build the sampling table now rather than in the first request
     host = "0.0.0.0" if listen else "127.0.0.1"
     print(f"arena votes: {Path(votes_path).resolve()}", file=sys.stderr)
     app = build_app(store, VoteBook(votes_path), load_examples(examples_path), max_input_chars, concurrency,

@@ -32,9 +32,10 @@ import httpx
 import torch
 from gradio_client import Client
 
+import checkpoint
 from checkpoint import can_chat, mode_of, peek_mode
 from data.records import Report, read_records
-from engine import SAMPLING, Prompt, fit_prompt, load_model, sampling_error, stream_reply
+from engine import SAMPLING, Prompt, fit_prompt, load_model, sampling_error, stream_reply, utf8_constraint
 
 APP = Path(__file__).resolve().parent / "sample_gradio.py"
 VOTES = {"a": "A 更好", "b": "B 更好", "tie": "平局", "both_bad": "都不好"}
@@ -86,7 +87,8 @@ def cut_notice(prompt: Prompt) -> str:
 
 class ModelStore:
     """The models the app serves: local checkpoints, each loaded once (in precision, an
-    engine.PRECISIONS name; "" = engine.pick_precision) and shared by all requests, and classmates'
+    engine.PRECISIONS name; "" = engine.pick_precision) with the tokenizer it carries (so a gpt2
+    model and a zh model can face each other in the arena) and shared by all requests, and classmates'
     apps by URL: only those in remotes (base URLs) unless any_remote, one gradio_client each, kept
     for the max_clients used last (a client still streaming is never closed); connecting, and each
     streamed piece, may take at most timeout seconds."""
@@ -109,15 +111,17 @@ class ModelStore:
                 if name not in self.paths:
                     raise ModelError(f"没有名为 {name!r} 的模型（可选：{', '.join(self.paths) or '无'}）")
                 try:
-                    self.loaded[name] = load_model(self.paths[name], self.device, self.precision)
+                    model, ckpt = self.loaded[name] = load_model(self.paths[name], self.device, self.precision)
                 except (FileNotFoundError, ValueError) as e:
                     raise ModelError(f"模型 {name} 无法加载：{e}") from e
+                utf8_constraint(checkpoint.tokenizer(ckpt), model.config.vocab_size)  # its sampling table, built now
             return self.loaded[name]
 
     def stream(self, name: str, question: str, mode: str, p: dict) -> Iterator[tuple[str, dict]]:
         """Yield (reply so far, stats), at most one update every stream_every seconds and then the
         whole reply; the last stats have new_tokens, seconds, tokens_per_s, first_token_s and
-        stopped_at_eot. mode "" = the model's own."""
+        stopped_at_eot (every one has model, mode and, for a local model, its tokenizer). mode "" =
+        the model's own."""
         if name.startswith(("http://", "https://")):
             yield from self._remote(name, question, mode, p)
             return
@@ -132,7 +136,8 @@ class ModelStore:
             raise ModelError(f"{name}：{e}") from e
         seed = p["seed"] if p.get("seed", -1) >= 0 else random.randrange(2**31)
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        text, stats, t0, sent = "", {"model": name, "mode": mode}, time.perf_counter(), -math.inf
+        stats = {"model": name, "mode": mode, "tokenizer": checkpoint.tokenizer(ckpt).describe()}
+        text, t0, sent = "", time.perf_counter(), -math.inf
         notice = cut_notice(prompt)
         if notice:
             stats["notice"] = notice

@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import checkpoint
 from configurator import configure
 from data.records import remove_stale_temp_files
-from data.tokenizer import MODEL_VOCAB_SIZE
+from data.tokenizer import check_same, tokenizer_of
 from data_utils import batch_at, batch_starts, get_batch, load_dataset
 from model import GPT, GPTConfig, autocast_context, select_device
 
@@ -142,16 +142,18 @@ if __name__ == "__main__":
         train_ds = load_dataset(data_dir, "train")
         # prepared with val_fraction=0: no val split; checkpoints are then chosen by train loss
         val_ds = load_dataset(data_dir, "val") if train_ds.meta["splits"]["val"]["file_tokens"] else None
+        tok = tokenizer_of(train_ds.meta, Path(data_dir) / "meta.json")  # val reads the same meta.json
     except (FileNotFoundError, ValueError, KeyError) as e:
         fail(f"data_dir={data_dir}: {e}")
-    meta = train_ds.meta
+    meta = train_ds.meta | {"tokenizer": tok.meta()}  # the record whole (a trained one's ranks): ckpt.pt needs nothing else
     if val_ds is None and master:
         print(f"warning: {data_dir} has no val split; best checkpoints are chosen by train loss", file=sys.stderr)
     block_size = meta["block_size"]
 
     iter_num, best_val_loss, ckpt = 0, float("inf"), None
+    # the embedding has a row for every id of the data's tokenizer, PAD included, rounded up to 64
     model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
-                      vocab_size=MODEL_VOCAB_SIZE, dropout=dropout, bias=bias)
+                      vocab_size=tok.model_vocab_size, dropout=dropout, bias=bias)
     if init_from == "scratch":
         model = GPT(GPTConfig(**model_args))
     else:
@@ -163,6 +165,7 @@ if __name__ == "__main__":
             fail("init_from=pretrained needs init_checkpoint=<the pretrained out_dir or ckpt.pt>")
         try:
             ckpt = checkpoint.read(source)
+            check_same(checkpoint.tokenizer(ckpt), f"checkpoint {source}", tok, f"data_dir={data_dir}")
             model = checkpoint.build_model(ckpt, source)
         except (FileNotFoundError, ValueError) as e:
             fail(str(e))
@@ -211,7 +214,8 @@ if __name__ == "__main__":
             print(f"overwrite=True: removed {p} of the earlier run")
         print(json.dumps(config, ensure_ascii=False))
         print(f"{raw_model.num_params() / 1e6:.2f}M parameters; data {data_dir} ({meta['kind']}, "
-              f"packing {meta.get('packing', meta.get('mode'))}, block_size {block_size}); {positions_per_iter:,} positions/iter; "
+              f"packing {meta.get('packing', meta.get('mode'))}, block_size {block_size}, tokenizer {tok.describe()}); "
+              f"{positions_per_iter:,} positions/iter; "
               f"device {device}, {dtype}, {world} process(es)")
 
     def train_batch():

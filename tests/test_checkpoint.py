@@ -1,4 +1,5 @@
-"""checkpoint.py: old checkpoints still load and answer as before; every broken file gets a clear message."""
+"""checkpoint.py: old checkpoints still load and answer as before; every broken file (a damaged
+tokenizer record included) gets a clear message."""
 import json
 import shutil
 from pathlib import Path
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 import checkpoint
+from data.tokenizer import load_tokenizer
 from engine import load_model, reply
 
 FIXTURE = Path(__file__).parent / "fixtures" / "ckpt_v0"
@@ -49,6 +51,8 @@ def broken(tmp_path, kind: str) -> Path:
         torch.save(state | {"format": checkpoint.FORMAT_VERSION + 1}, path)
     elif kind == "tokenizer":
         torch.save(state | {"data_meta": state["data_meta"] | {"vocab_size": 8192}}, path)
+    elif kind == "rows":  # an embedding without a row for PAD: not the tokenizer it was trained with
+        torch.save(state | {"model_args": state["model_args"] | {"vocab_size": 50000}}, path)
     elif kind == "shape":
         torch.save(state | {"model_args": state["model_args"] | {"n_embd": 4}}, path)
     elif kind == "pickle":  # a full pickle (code would run on load): weights_only refuses it
@@ -62,7 +66,8 @@ def broken(tmp_path, kind: str) -> Path:
     ("text", "not a MiniGLM checkpoint (not a torch.save zip archive)"),
     ("foreign", "not a MiniGLM checkpoint (missing model, model_args, data_meta, config)"),
     ("newer", "is newer than this code reads"),
-    ("tokenizer", "trained with vocab_size=8192"),
+    ("tokenizer", "tokenizer gpt2 records vocab_size=8192, but its ranks give 50257"),
+    ("rows", "vocab_size=50000 embedding rows, too few for its tokenizer gpt2 (50257 ids)"),
     ("shape", "the weights do not fit the checkpoint's model_args"),
     ("pickle", "holds Python objects MiniGLM never writes"),
 ])
@@ -79,3 +84,22 @@ def test_peek_mode_reads_no_weights_and_says_none_for_a_broken_file(tmp_path):
     assert checkpoint.peek_mode(tmp_path) == "chat"
     broken(tmp_path, "partial")
     assert checkpoint.peek_mode(tmp_path) is None
+
+
+def test_the_old_form_names_gpt2_and_a_damaged_trained_tokenizer_record_is_named(tmp_path, zh_tokenizer):
+    """ckpt_v0 says "tokenizer": "gpt2" with the ids beside it; a trained tokenizer travels whole
+    (its ranks) and a record that no longer rebuilds names the checkpoint file."""
+    state = torch.load(FIXTURE / "ckpt.pt", weights_only=True)
+    assert state["data_meta"]["tokenizer"] == "gpt2" and checkpoint.tokenizer(state) is load_tokenizer("gpt2")
+    zh = load_tokenizer(str(zh_tokenizer))
+    record, path = zh.meta(), tmp_path / "ckpt.pt"
+    torch.save(state | {"data_meta": state["data_meta"] | {"tokenizer": record}}, path)
+    assert checkpoint.tokenizer(checkpoint.read(tmp_path)).sha256 == zh.sha256
+    for damage, words in [({"ranks": record["ranks"][:-100]}, "the tokenizer's ranks do not match their sha256"),
+                          ({"ranks": None}, "the tokenizer's ranks do not match their sha256"),
+                          ({"name": 7}, "is not one this code knows"),
+                          ({"eot_id": 3}, "records eot_id=3, but its ranks give 510")]:
+        torch.save(state | {"data_meta": state["data_meta"] | {"tokenizer": record | damage}}, path)
+        with pytest.raises(ValueError) as e:
+            load_model(tmp_path)
+        assert str(path) in str(e.value) and words in str(e.value)

@@ -12,6 +12,7 @@ from conftest import PAIRS, ROOT, read_bin, run_script, write_jsonl
 from test_prepare import corpus
 
 from data.records import clean_text, in_val
+from data.tokenizer import load_tokenizer
 from data_utils import load_dataset
 from data.records import Report
 from evaluations import load_cases, perplexity, split_document
@@ -19,6 +20,7 @@ from metrics import BENCH, EVAL, distinct_2, is_garbled, is_repetitive, repeated
 from model import GPT, GPTConfig
 from report import plot_losses
 
+GPT2 = load_tokenizer("gpt2")
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -53,7 +55,7 @@ def test_perplexity_of_uniform_logits_is_the_vocabulary_size(prepared, kind):
         assert result["tokens"] == int(marks[:, 1:].sum())
     else:
         tokens = read_bin(prepared / "pre" / "val.bin").reshape(-1, T)
-        assert result["tokens"] == int((tokens[:, 1:] != 50257).sum())
+        assert result["tokens"] == int((tokens[:, 1:] != GPT2.pad_id).sum())
     assert perplexity(model, ds, max_blocks=2)["blocks"] == 2
 
 
@@ -78,7 +80,7 @@ def test_perplexity_matches_a_hand_computation_on_a_known_distribution(prepared,
     if kind == "sft":
         counted = read_bin(prepared / kind / "val_mask.bin", np.uint8).reshape(-1, T)[:, 1:].astype(bool)
     else:
-        counted = tokens[:, 1:] != 50257
+        counted = tokens[:, 1:] != GPT2.pad_id
     targets = tokens[:, 1:][counted]
     n_even, n_odd = int((targets % 2 == 0).sum()), int((targets % 2 == 1).sum())
     expected = math.exp((n_even * math.log(Z / 3) + n_odd * math.log(Z)) / (n_even + n_odd))
@@ -90,7 +92,7 @@ def test_perplexity_matches_a_hand_computation_on_a_known_distribution(prepared,
     assert math.prod([3 / Z] * n_even + [1 / Z] * n_odd) == 0.0  # the naive product underflows
 
 
-def test_trained_on_questions_are_exactly_the_pairs_in_train_bin(tmp_path, enc):
+def test_trained_on_questions_are_exactly_the_pairs_in_train_bin(tmp_path):
     """The seen set of an SFT checkpoint: the questions prepare_sft.py wrote to train.bin (it
     splits by entity: both questions about one idiom on one side), none of val.bin's."""
     from conftest import WORDS
@@ -102,7 +104,7 @@ def test_trained_on_questions_are_exactly_the_pairs_in_train_bin(tmp_path, enc):
 
     def questions(split):
         blocks = read_bin(tmp_path / "sft" / f"{split}.bin").reshape(-1, meta["block_size"])
-        texts = [enc.decode([t for t in b.tolist() if t < 50256]) for b in blocks]
+        texts = [GPT2.decode([t for t in b.tolist() if t < GPT2.eot_id]) for b in blocks]
         return sorted(t.removeprefix("问：").split("\n答：")[0] for t in texts)
 
     seen = load_cases("chat", "", meta, Report(), seen=True)

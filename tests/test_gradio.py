@@ -15,10 +15,12 @@ from gradio_client.exceptions import AppError
 from test_serving import GREEDY
 
 import serving
-from data.tokenizer import EOT_ID
+from data.tokenizer import load_tokenizer
 from engine import load_model, stream_reply
 from sample_gradio import DEMO_QUESTIONS, build_app, load_examples
 from serving import ModelError, ModelStore, VoteBook, discover_models, start_app, stream_together
+
+GPT2 = load_tokenizer("gpt2")
 
 
 def free_port() -> int:
@@ -27,7 +29,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_the_model_is_prompted_with_the_tokens_it_was_trained_on(sft_model, enc, monkeypatch):
+def test_the_model_is_prompted_with_the_tokens_it_was_trained_on(sft_model, monkeypatch):
     """What engine.stream_reply feeds the model for a question equals what prepare_sft.py wrote into train.bin
     before that question's answer (all pairs are in train, one block each, in file order)."""
     model, ckpt = load_model(sft_model)
@@ -36,12 +38,12 @@ def test_the_model_is_prompted_with_the_tokens_it_was_trained_on(sft_model, enc,
     masks = read_bin(sft_model.parent / "data" / "train_mask.bin", dtype="uint8").reshape(-1, block)
     assert len(tokens) == len(PAIRS)
     fed = []
-    monkeypatch.setattr(model, "generate", lambda idx, *a, **k: fed.append(idx[0].tolist()) or iter([EOT_ID]))
+    monkeypatch.setattr(model, "generate", lambda idx, *a, **k: fed.append(idx[0].tolist()) or iter([GPT2.eot_id]))
     for pair, row, mask in zip(PAIRS, tokens, masks, strict=True):
         list(stream_reply(model, ckpt, pair["question"], "chat", max_new_tokens=20))
         start = int(mask.argmax())  # the first trained target: the answer's first token
         assert fed[-1] == row[:start].tolist()
-        assert enc.decode(row[start:start + int(mask.sum()) - 1].tolist()) == pair["answer"]
+        assert GPT2.decode(row[start:start + int(mask.sum()) - 1].tolist()) == pair["answer"]
 
 
 def test_discover_models_finds_checkpoints_under_out_folders(tmp_path):

@@ -12,44 +12,52 @@ from conftest import PAIRS, read_bin, run_script, write_jsonl
 
 import checkpoint
 import evaluations
-from data.tokenizer import EOT_ID, PAD_ID, trained_encoding
+from data.tokenizer import Tokenizer, load_tokenizer, trained_encoding
 from data_utils import Dataset, load_dataset
 from evaluations import evaluate, lead_bytes, perplexity, train_char_counts
 from metrics import bleu_4, char_counts, common_chars, flags_of, rare_chars
 from model import GPT, GPTConfig
+
+GPT2 = load_tokenizer("gpt2")
 
 # Han (a character gpt2 spells with two tokens), Latin with an accent, an emoji, a Han character of
 # extension B, ASCII and a line break: 1 to 4 bytes a character.
 TEXTS = ["床前明月光，疑是地上霜。", "Café 😀 𠀀 é\n举头望明月"]
 
 
-def uniform_model(block_size):
-    model = GPT(GPTConfig(block_size=block_size, n_layer=1, n_head=2, n_embd=16)).eval()
+@pytest.fixture(params=["gpt2", "zh"])
+def tok(request, zh_tokenizer) -> Tokenizer:
+    """Each tokenizer: gpt2 and a small trained one (vocabulary 512)."""
+    return load_tokenizer("gpt2" if request.param == "gpt2" else str(zh_tokenizer))
+
+
+def uniform_model(block_size, vocab_size=GPT2.model_vocab_size):
+    model = GPT(GPTConfig(block_size=block_size, n_layer=1, n_head=2, n_embd=16, vocab_size=vocab_size)).eval()
     with torch.no_grad():
         model.lm_head.weight.zero_()  # every logit 0: the uniform distribution over the whole vocabulary
     return model
 
 
-def text_blocks(tmp_path, enc, texts, T=32) -> Dataset:
+def text_blocks(tmp_path, tok, texts, T=48) -> Dataset:
     """One block per text: EOT (the context, not a target), the text, EOT, then PAD: the counted
     targets are exactly the text's tokens and its EOT."""
     blocks = []
     for text in texts:
-        ids = [EOT_ID, *enc.encode_ordinary(text), EOT_ID]
+        ids = [tok.eot_id, *tok.encode(text), tok.eot_id]
         assert len(ids) <= T
-        blocks.append(ids + [PAD_ID] * (T - len(ids)))
+        blocks.append(ids + [tok.pad_id] * (T - len(ids)))
     path = tmp_path / "val.bin"
     np.array(blocks, dtype=np.uint16).tofile(path)
-    meta = {"block_size": T, "block_aligned": True, "pad_id": PAD_ID, "kind": "pretrain"}
+    meta = {"block_size": T, "block_aligned": True, "tokenizer": tok.meta(), "kind": "pretrain"}
     return Dataset(path, None, meta, T * len(texts))
 
 
-def test_bits_per_char_of_a_uniform_model_on_texts_of_known_characters(tmp_path, enc):
-    ds = text_blocks(tmp_path, enc, TEXTS)
-    model = uniform_model(ds.block_size)
-    tokens = sum(len(enc.encode_ordinary(t)) + 1 for t in TEXTS)  # each text's tokens and its EOT
-    # gpt2 splits characters across tokens here: a token that is not whole UTF-8 on its own
-    pieces = [enc.decode_single_token_bytes(t) for t in enc.encode_ordinary("".join(TEXTS))]
+def test_bits_per_char_of_a_uniform_model_on_texts_of_known_characters(tmp_path, tok):
+    ds = text_blocks(tmp_path, tok, TEXTS)
+    model = uniform_model(ds.block_size, tok.model_vocab_size)
+    tokens = sum(len(tok.encode(t)) + 1 for t in TEXTS)  # each text's tokens and its EOT
+    # both tokenizers split characters across tokens here: a token that is not whole UTF-8 on its own
+    pieces = [tok.token_bytes(t) for t in tok.encode("".join(TEXTS))]
     assert any(not is_utf8(p) for p in pieces)
     result = perplexity(model, ds, batch_size=1)
     assert result["tokens"] == tokens and result["chars"] == sum(map(len, TEXTS))
@@ -66,22 +74,22 @@ def is_utf8(raw: bytes) -> bool:
         return False
 
 
-def test_characters_are_counted_the_same_with_any_tokenizer(enc):
+def test_characters_are_counted_the_same_with_any_tokenizer():
     """gpt2 and a byte-level tokenizer (every byte its own token) cut a text differently; the
     characters counted are len(text) with both, and special tokens count none."""
-    byte_level = trained_encoding({bytes([b]): b for b in range(256)}, "bytes")
+    byte_level = Tokenizer("bytes", trained_encoding({bytes([b]): b for b in range(256)}, "bytes"), "none")
     text = "".join(TEXTS)
-    for tokenizer in (enc, byte_level):
-        lead = lead_bytes(tokenizer, 50304)
-        ids = tokenizer.encode_ordinary(text)
+    for tokenizer in (GPT2, byte_level):
+        lead = lead_bytes(tokenizer, tokenizer.model_vocab_size)
+        ids = tokenizer.encode(text)
         assert int(lead[ids].sum()) == len(text)
-        for name in tokenizer.special_tokens_set:
-            assert lead[tokenizer.encode_single_token(name)] == 0
-    assert len(byte_level.encode_ordinary(text)) > len(enc.encode_ordinary(text))
-    assert lead_bytes(enc, 50304)[PAD_ID] == 0 and len(lead_bytes(enc, 50304)) == 50304
+        assert lead[tokenizer.eot_id] == lead[tokenizer.pad_id] == 0
+        assert len(lead) == tokenizer.model_vocab_size and not lead[tokenizer.pad_id:].any()
+    assert len(byte_level.encode(text)) > len(GPT2.encode(text))
+    assert len(lead_bytes(GPT2, 50304)) == 50304 and len(lead_bytes(byte_level, 64)) == 258
 
 
-def test_bits_per_char_of_sft_data_counts_the_answers_characters(tmp_path, enc):
+def test_bits_per_char_of_sft_data_counts_the_answers_characters(tmp_path):
     """SFT: the counted targets are the answers and their EOT, so the characters are the answers'."""
     run_script("data/prepare_sft.py", f"--input={write_jsonl(tmp_path / 'sft.jsonl', PAIRS)}",
                f"--out_dir={tmp_path / 'sft'}", "--block_size=48", "--val_fraction=0.3")
@@ -89,17 +97,17 @@ def test_bits_per_char_of_sft_data_counts_the_answers_characters(tmp_path, enc):
     T = ds.block_size
     tokens = read_bin(tmp_path / "sft" / "val.bin").reshape(-1, T)
     marks = read_bin(tmp_path / "sft" / "val_mask.bin", np.uint8).reshape(-1, T).astype(bool)
-    answers = [enc.decode([t for t in row[m] if t != EOT_ID]) for row, m in zip(tokens, marks, strict=True)]
+    answers = [GPT2.decode([t for t in row[m] if t != GPT2.eot_id]) for row, m in zip(tokens, marks, strict=True)]
     assert answers and all(a in {p["answer"] for p in PAIRS} for a in answers)
     result = perplexity(uniform_model(T), ds, batch_size=2)
     assert result["chars"] == sum(map(len, answers)) and result["tokens"] == int(marks.sum())
     assert result["bits_per_char"] == pytest.approx(math.log2(50304) * result["tokens"] / result["chars"], rel=1e-6)
 
 
-def test_training_text_is_decoded_in_chunks_without_losing_a_character(tmp_path, enc):
+def test_training_text_is_decoded_in_chunks_without_losing_a_character(tmp_path, tok):
     """Chunks of 3 tokens cut characters in two; PAD and EOT are no text."""
-    ds = text_blocks(tmp_path, enc, TEXTS)
-    counts = train_char_counts(ds, enc, chunk_tokens=3)
+    ds = text_blocks(tmp_path, tok, TEXTS)
+    counts = train_char_counts(ds, chunk_tokens=3)
     assert np.array_equal(counts, char_counts("".join(TEXTS)))
 
 

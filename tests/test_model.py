@@ -6,8 +6,11 @@ import pytest
 import torch
 from conftest import run_script
 
-from data.tokenizer import EOT_ID, MODEL_VOCAB_SIZE, VOCAB_SIZE, StreamDecoder
+from data.tokenizer import StreamDecoder, load_tokenizer
 from model import GPT, GPTConfig
+
+GPT2 = load_tokenizer("gpt2")
+EOT_ID, VOCAB_SIZE, MODEL_VOCAB_SIZE = GPT2.eot_id, GPT2.vocab_size, GPT2.model_vocab_size
 
 
 def tiny(block_size=32, **kw):
@@ -146,37 +149,37 @@ def test_forward_rejects_sequences_over_the_block():
         tiny(block_size=32)(torch.zeros(1, 33, dtype=torch.long))
 
 
-def test_stream_decoder_never_emits_broken_characters(enc):
+def test_stream_decoder_never_emits_broken_characters():
     text = "魑魅魍魉，𠀀龘。Hello 世界"
-    ids = enc.encode_ordinary(text)
+    ids = GPT2.encode(text)
     assert len(ids) > len(text) // 2, "this text should need multi-token characters"
-    dec = StreamDecoder()
+    dec = StreamDecoder(GPT2)
     pieces = [dec.push(t) for t in ids] + [dec.flush()]
     assert all("\ufffd" not in p for p in pieces)
     assert "".join(pieces) == text
     assert sum(1 for p in pieces if p) > 3, "text streams out as it comes"
 
 
-def test_flush_drops_a_character_cut_off_by_the_end(enc):
-    ids = enc.encode_ordinary("你好魑")
-    dec = StreamDecoder()
+def test_flush_drops_a_character_cut_off_by_the_end():
+    ids = GPT2.encode("你好魑")
+    dec = StreamDecoder(GPT2)
     text = "".join(dec.push(t) for t in ids[:-1]) + dec.flush()
     assert text == "你好"
 
 
-def test_utf8_constraint_keeps_random_models_from_broken_characters(enc):
+def test_utf8_constraint_keeps_random_models_from_broken_characters():
     """An untrained model emits stray byte tokens; with the constraint every sample decodes cleanly."""
     from engine import utf8_constraint
     model = tiny()
-    x = torch.tensor([enc.encode_ordinary("床前明月光")])
+    x = torch.tensor([GPT2.encode("床前明月光")])
     g = torch.Generator().manual_seed(0)
-    free = enc.decode(list(model.generate(x, 300, temperature=1.5, max_token_id=VOCAB_SIZE, generator=g)),
+    free = GPT2.enc.decode(list(model.generate(x, 300, temperature=1.5, max_token_id=VOCAB_SIZE, generator=g)),
                       errors="replace")
     assert "\ufffd" in free, "the unconstrained sample should show the problem"
     g = torch.Generator().manual_seed(0)
     ids = list(model.generate(x, 300, temperature=1.5, max_token_id=VOCAB_SIZE, generator=g,
-                              constraint=utf8_constraint()))
-    dec = StreamDecoder()
+                              constraint=utf8_constraint(GPT2, model.config.vocab_size)))
+    dec = StreamDecoder(GPT2)
     text = "".join(dec.push(t) for t in ids) + dec.flush()
     assert "\ufffd" not in text and len(text) > 50
 
@@ -192,11 +195,11 @@ def test_loss_without_logits_equals_the_full_masked_loss():
         fast.backward()  # differentiable even when nothing is counted
 
 
-def test_stream_reply_stops_at_stop_strings_and_eot(monkeypatch, enc):
+def test_stream_reply_stops_at_stop_strings_and_eot(monkeypatch):
     from engine import stream_reply
     model = tiny()
-    ckpt = {"data_meta": {"sft_template": "问：{question}\n答："}}
-    scripted = enc.encode_ordinary("答案是画蛇添足。\n问：下一个问题") + [EOT_ID]
+    ckpt = {"data_meta": {"sft_template": "问：{question}\n答：", "tokenizer": GPT2.meta()}}
+    scripted = GPT2.encode("答案是画蛇添足。\n问：下一个问题") + [EOT_ID]
     monkeypatch.setattr(model, "generate", lambda *a, **k: iter(scripted))
     pieces = list(stream_reply(model, ckpt, "问题", "chat", stop=("\n问：",)))
     assert "".join(pieces) == "答案是画蛇添足。" and len(pieces) > 1
@@ -215,23 +218,23 @@ def fed_prompt(monkeypatch, model, ckpt, text, mode, **kwargs) -> tuple[list, di
     return fed[0], stats
 
 
-def test_long_prompts_are_cut_to_fit_keeping_the_template_and_room_for_the_answer(monkeypatch, enc):
+def test_long_prompts_are_cut_to_fit_keeping_the_template_and_room_for_the_answer(monkeypatch):
     from data.tokenizer import sft_prompt
     from engine import fit_prompt
     model = tiny(block_size=64)
-    ckpt = {"data_meta": {"sft_template": "问：{question}\n答："}}
+    ckpt = {"data_meta": {"sft_template": "问：{question}\n答：", "tokenizer": GPT2.meta()}}
     question = "成语“画蛇添足”是什么意思？" * 6  # 84 characters, about 160 tokens
     for max_new, room in [(256, 16), (5, 5)]:  # room = min(max_new_tokens, block_size // 4)
         ids, stats = fed_prompt(monkeypatch, model, ckpt, question, "chat", max_new_tokens=max_new)
         kept = stats["kept_chars"]
-        assert ids == enc.encode_ordinary(sft_prompt(question[:kept]))  # the template whole, the start kept
-        assert len(ids) <= 64 - room < len(enc.encode_ordinary(sft_prompt(question[:kept + 1])))
+        assert ids == GPT2.encode(sft_prompt(question[:kept]))  # the template whole, the start kept
+        assert len(ids) <= 64 - room < len(GPT2.encode(sft_prompt(question[:kept + 1])))
         assert stats["input_chars"] == len(question) and stats["prompt_tokens"] == len(ids)
     text = "床前明月光，疑是地上霜。" * 10
     ids, stats = fed_prompt(monkeypatch, model, ckpt, text, "generate")
-    assert ids == enc.encode_ordinary(text[-stats["kept_chars"]:]) and 40 < len(ids) <= 48  # the end kept
+    assert ids == GPT2.encode(text[-stats["kept_chars"]:]) and 40 < len(ids) <= 48  # the end kept
     short, stats = fed_prompt(monkeypatch, model, ckpt, "你好", "chat")
-    assert short == enc.encode_ordinary(sft_prompt("你好")) and stats["kept_chars"] == 2
+    assert short == GPT2.encode(sft_prompt("你好")) and stats["kept_chars"] == 2
     history = (("问题一" * 5, "回答一" * 5), ("问题二", "回答二"))
     fit = fit_prompt(ckpt, "你好", "chat", 64, 16, history)
     assert fit.history == history[1:] and not fit.shortened  # the oldest exchange goes first
@@ -241,17 +244,16 @@ def test_long_prompts_are_cut_to_fit_keeping_the_template_and_room_for_the_answe
 def test_chat_mode_without_a_question_template_is_refused(monkeypatch):
     from engine import stream_reply
     model = tiny()
-    pretrained = {"data_meta": {"kind": "pretrain"}}
+    pretrained = {"data_meta": {"kind": "pretrain", "tokenizer": GPT2.meta()}}
     with pytest.raises(ValueError, match="chat mode needs an SFT checkpoint"):
         list(stream_reply(model, pretrained, "你好", "chat"))
     assert fed_prompt(monkeypatch, model, pretrained, "你好", "generate")[0]  # continuation still works
 
 
 def test_sample_cli_names_bad_settings_refuses_chat_without_a_template_and_says_when_it_cuts(tmp_path):
-    from data.tokenizer import tokenizer_meta
     model = tiny(block_size=32)
     torch.save({"model": model.state_dict(), "model_args": dataclasses.asdict(model.config),
-                "data_meta": tokenizer_meta() | {"kind": "pretrain", "block_size": 32}, "config": {}},
+                "data_meta": {"tokenizer": GPT2.meta(), "kind": "pretrain", "block_size": 32}, "config": {}},
                tmp_path / "ckpt.pt")
     for arg, words in [("--top_p=1.5", "--top_p=1.5: expected a number from 0.0 to 1.0"),
                        ("--max_new_tokens=0", "--max_new_tokens=0: expected a whole number from 1 to 1024"),

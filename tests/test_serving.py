@@ -30,7 +30,7 @@ def test_check_params_names_the_setting():
     assert check_params(GREEDY | {"top_p": 0, "temperature": 0, "top_k": 0})  # greedy-like edges are allowed
     for key, bad, words in [("max_new_tokens", 0, "1 到 1024 之间的整数"), ("temperature", -1, "0.0 到 2.0 之间的数"),
                             ("top_p", 1.5, "0.0 到 1.0"), ("repetition_penalty", "x", "1.0 到 2.0"),
-                            ("top_k", True, "0 到 50304 之间的整数"), ("top_k", 2.5, "0 到 50304 之间的整数")]:
+                            ("top_k", True, "0 到 65536 之间的整数"), ("top_k", 2.5, "0 到 65536 之间的整数")]:
         with pytest.raises(ValueError, match=f"{key}={bad!r}：应为 {words}"):
             check_params(GREEDY | {key: bad})
 
