@@ -43,6 +43,7 @@ out_dir = "out"
 data_dir = "data/processed_pretrain"
 init_from = "scratch"           # scratch | resume | pretrained
 init_checkpoint = ""            # init_from=pretrained: an out_dir or ckpt.pt
+tokenizer = ""                  # "" = the data's; a name (gpt2, zh) refuses data prepared with another
 overwrite = False               # a new run may replace the checkpoints an earlier run left in out_dir
 eval_interval = 250
 eval_iters = 50
@@ -145,6 +146,9 @@ if __name__ == "__main__":
         tok = tokenizer_of(train_ds.meta, Path(data_dir) / "meta.json")  # val reads the same meta.json
     except (FileNotFoundError, ValueError, KeyError) as e:
         fail(f"data_dir={data_dir}: {e}")
+    if tokenizer and tok.name != tokenizer:
+        fail(f"data_dir={data_dir} was prepared with the tokenizer {tok.describe()}, this config wants {tokenizer}: "
+             f"python data/prepare.py --tokenizer={tokenizer} --out_dir={data_dir} (or prepare_sft.py for SFT data)")
     meta = train_ds.meta | {"tokenizer": tok.meta()}  # the record whole (a trained one's ranks): ckpt.pt needs nothing else
     if val_ds is None and master:
         print(f"warning: {data_dir} has no val split; best checkpoints are chosen by train loss", file=sys.stderr)
@@ -171,9 +175,9 @@ if __name__ == "__main__":
             fail(str(e))
         model_args = ckpt["model_args"] | {"dropout": dropout}
         config.update({k: model_args[k] for k in ("n_layer", "n_head", "n_embd", "bias")})  # the model's truth
-        if model_args["block_size"] != block_size:
+        if block_size > model_args["block_size"]:  # shorter blocks are fine: SFT pairs are short
             fail(f"checkpoint {source} has block_size={model_args['block_size']}, data {data_dir} has "
-                 f"block_size={block_size}: prepare the data with --block_size={model_args['block_size']}")
+                 f"block_size={block_size}: prepare the data with --block_size={model_args['block_size']} or less")
         for m in model.modules():  # the run's dropout, not the checkpoint's
             if isinstance(m, torch.nn.Dropout):
                 m.p = dropout

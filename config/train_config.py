@@ -1,10 +1,13 @@
-# The course's model on one CUDA GPU: 6 layers, 512 wide, 8 heads (about 45M parameters),
-# block_size 256 from the prepared data, 32 x 256 tokens a step.
-#   python data/prepare.py --input="data/wiki/wiki-zh-subset-*.jsonl"   (or the default corpus)
+# The course's model on one CUDA GPU: 6 layers, 512 wide, 8 heads, GPT-2's tokenizer (about 45M
+# parameters, 25.8M of them the 50304-row embedding), block_size 256 from the prepared data,
+# 32 x 256 tokens a step. config/train_config_zh.py is the same size with the corpus tokenizer.
+#   python data/prepare.py --tokenizer=gpt2 --out_dir=data/processed_pretrain_gpt2 \
+#       --input="data/wiki/wiki-zh-subset-*.jsonl"   (or without --input: the default corpus)
 #   python train.py config/train_config.py
 #   torchrun --standalone --nproc_per_node=4 train.py config/train_config.py   (several GPUs)
 out_dir = "out"
-data_dir = "data/processed_pretrain"
+data_dir = "data/processed_pretrain_gpt2"
+tokenizer = "gpt2"
 n_layer = 6
 n_head = 8
 n_embd = 512

@@ -1,8 +1,9 @@
 # Supervised fine-tuning of the course model (config/train_config.py) on question/answer pairs.
-#   python data/prepare_sft.py [--input=my_sft.json]
+#   python data/prepare_sft.py --tokenizer=gpt2 --out_dir=data/processed_sft_gpt2 [--input=my_sft.json]
 #   python train.py config/train_config_sft.py
 out_dir = "out-sft"
-data_dir = "data/processed_sft"
+data_dir = "data/processed_sft_gpt2"
+tokenizer = "gpt2"
 init_from = "pretrained"
 init_checkpoint = "out"
 batch_size = 32

