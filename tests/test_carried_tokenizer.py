@@ -29,7 +29,7 @@ def runs(tmp_path_factory, zh_tokenizer):
     tmp = tmp_path_factory.mktemp("carried")
     pairs = write_jsonl(tmp / "sft.jsonl", PAIRS)
     shutil.copy(zh_tokenizer, tmp / "mine.tiktoken")
-    for name, flag in (("zh", [f"--tokenizer={tmp / 'mine.tiktoken'}"]), ("gpt2", [])):
+    for name, flag in (("zh", [f"--tokenizer={tmp / 'mine.tiktoken'}"]), ("gpt2", ["--tokenizer=gpt2"])):
         run_script("data/prepare_sft.py", f"--input={pairs}", f"--out_dir={tmp / name / 'data'}", "--block_size=48",
                    "--val_fraction=0.2", *flag)
         train(f"--data_dir={tmp / name / 'data'}", f"--out_dir={tmp / name / 'out'}", "--max_iters=20",

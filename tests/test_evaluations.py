@@ -28,9 +28,9 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def prepared(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("eval_data")
     docs = write_jsonl(tmp / "docs.jsonl", corpus(80))
-    run_script("data/prepare.py", f"--input={docs}", f"--out_dir={tmp / 'pre'}", "--block_size=32",
+    run_script("data/prepare.py", "--tokenizer=gpt2", f"--input={docs}", f"--out_dir={tmp / 'pre'}", "--block_size=32",
                "--val_fraction=0.2")
-    run_script("data/prepare_sft.py", f"--input={write_jsonl(tmp / 'sft.jsonl', PAIRS)}", f"--out_dir={tmp / 'sft'}",
+    run_script("data/prepare_sft.py", "--tokenizer=gpt2", f"--input={write_jsonl(tmp / 'sft.jsonl', PAIRS)}", f"--out_dir={tmp / 'sft'}",
                "--block_size=48", "--val_fraction=0.3")
     return tmp
 
@@ -98,7 +98,7 @@ def test_trained_on_questions_are_exactly_the_pairs_in_train_bin(tmp_path):
     from conftest import WORDS
     pairs = [{"question": q.format(w), "answer": f"{w}的{k}。"} for w in WORDS
              for k, q in (("意思", "成语“{}”是什么意思？"), ("例句", "请用成语“{}”造一个句子。"))]
-    run_script("data/prepare_sft.py", f"--input={write_jsonl(tmp_path / 'sft.jsonl', pairs)}",
+    run_script("data/prepare_sft.py", "--tokenizer=gpt2", f"--input={write_jsonl(tmp_path / 'sft.jsonl', pairs)}",
                f"--out_dir={tmp_path / 'sft'}", "--block_size=96", "--val_fraction=0.3")
     meta = json.loads((tmp_path / "sft" / "meta.json").read_text(encoding="utf-8"))
 
@@ -321,7 +321,7 @@ def test_small_data_held_out_and_trained_on_documents_follow_the_moved_split(tmp
     records it), and evaluations.py finds that one as held out and the other nine as trained on."""
     docs = corpus(10)
     src = write_jsonl(tmp_path / "docs.jsonl", docs)
-    run_script("data/prepare.py", f"--input={src}", f"--out_dir={tmp_path / 'pre'}", "--block_size=32")
+    run_script("data/prepare.py", "--tokenizer=gpt2", f"--input={src}", f"--out_dir={tmp_path / 'pre'}", "--block_size=32")
     meta = json.loads((tmp_path / "pre" / "meta.json").read_text(encoding="utf-8"))
     assert meta["moved_to"]["val"] == 1
     texts = [clean_text(d["text"], d["title"]) for d in docs]
@@ -334,7 +334,7 @@ def test_small_data_held_out_and_trained_on_documents_follow_the_moved_split(tmp
 
 def test_trained_on_pairs_leave_out_those_too_long_for_a_block(tmp_path):
     pairs = [{"question": f"第{i}个问题？", "answer": "短。" if i % 2 else "很长的回答。" * 30} for i in range(8)]
-    run_script("data/prepare_sft.py", f"--input={write_jsonl(tmp_path / 'sft.jsonl', pairs)}",
+    run_script("data/prepare_sft.py", "--tokenizer=gpt2", f"--input={write_jsonl(tmp_path / 'sft.jsonl', pairs)}",
                f"--out_dir={tmp_path / 'sft'}", "--block_size=48", "--val_fraction=0")
     meta = json.loads((tmp_path / "sft" / "meta.json").read_text(encoding="utf-8"))
     assert meta["problems"] == {"too_long": 4}

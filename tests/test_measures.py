@@ -91,7 +91,7 @@ def test_characters_are_counted_the_same_with_any_tokenizer():
 
 def test_bits_per_char_of_sft_data_counts_the_answers_characters(tmp_path):
     """SFT: the counted targets are the answers and their EOT, so the characters are the answers'."""
-    run_script("data/prepare_sft.py", f"--input={write_jsonl(tmp_path / 'sft.jsonl', PAIRS)}",
+    run_script("data/prepare_sft.py", "--tokenizer=gpt2", f"--input={write_jsonl(tmp_path / 'sft.jsonl', PAIRS)}",
                f"--out_dir={tmp_path / 'sft'}", "--block_size=48", "--val_fraction=0.3")
     ds = load_dataset(tmp_path / "sft", "val")
     T = ds.block_size
@@ -196,7 +196,7 @@ def test_a_model_that_invents_characters_fails_visibly(sft_model, tmp_path):
     assert "rare char rate" in proc.stdout and "BLEU-4" in proc.stdout
 
     poems = [{"question": f"第{i}首诗？", "answer": "春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。"} for i in range(8)]
-    run_script("data/prepare_sft.py", f"--input={write_jsonl(tmp_path / 'poems.jsonl', poems)}",
+    run_script("data/prepare_sft.py", "--tokenizer=gpt2", f"--input={write_jsonl(tmp_path / 'poems.jsonl', poems)}",
                f"--out_dir={tmp_path / 'poems'}", "--block_size=96", "--val_fraction=0")
     state = checkpoint.read(sft_model)
     state["config"]["data_dir"] = str(tmp_path / "poems")
