@@ -140,6 +140,18 @@ def train_char_counts(ds, chunk_tokens: int = 1 << 20) -> np.ndarray:
     return counts
 
 
+def parent_data_dir(ckpt: dict) -> Path | None:
+    """The pretraining data_dir of a fine-tuned checkpoint (init_from=pretrained), read from its
+    parent checkpoint's config; None when there is no parent or it is gone."""
+    cfg = ckpt["config"]
+    if cfg.get("init_from") != "pretrained" or not cfg.get("init_checkpoint"):
+        return None
+    try:
+        return Path(checkpoint.read(cfg["init_checkpoint"], mmap=True)["config"]["data_dir"])
+    except (FileNotFoundError, ValueError, KeyError):
+        return None
+
+
 def split_document(text: str) -> tuple[str, str]:
     """(first sentence, the rest): up to the first sentence end (data.records.SENTENCE_END: 。！？!?
     and any closing quotes after it, before a letter, a space or the end), else up to the first
@@ -310,15 +322,25 @@ if __name__ == "__main__":
         results["ppl_note"] = f"no perplexity: {data_dir} split {ppl_split!r} unavailable{where} ({e})"
         print(results["ppl_note"], file=sys.stderr)
     common, results["rare_note"] = None, ""
-    try:  # the common Han characters of the training text, for the rare_chars check
+    try:  # the common Han characters of the training text (a fine-tuned model's parent's too), for rare_chars
         t0 = time.perf_counter()
         train_ds = checked_split("train")
-        counts = train_char_counts(train_ds)
+        counts, paths = train_char_counts(train_ds), [train_ds.path]
+        parent_dir = parent_data_dir(ckpt)
+        if parent_dir is not None and parent_dir != data_dir:
+            try:
+                parent_ds = load_dataset(parent_dir, "train")
+                check_same(checkpoint.tokenizer(ckpt), f"checkpoint {out_dir}", tokenizer_of(parent_ds.meta),
+                           f"its parent's data_dir {parent_dir}")
+                counts, paths = counts + train_char_counts(parent_ds), paths + [parent_ds.path]
+            except (FileNotFoundError, ValueError, KeyError) as e:
+                print(f"note: the common set leaves out the parent model's data ({e})", file=sys.stderr)
         common = common_chars(counts)
         results |= {"common_chars": len(common),
                     "train_han_chars": sum(int(counts[a:b + 1].sum()) for a, b in HAN_RANGES)}
         print(f"common set: {len(common):,} Han characters make up {COMMON_SHARE:.1%} of the "
-              f"{results['train_han_chars']:,} in {train_ds.path} ({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
+              f"{results['train_han_chars']:,} in {' + '.join(map(str, paths))} "
+              f"({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
     except (FileNotFoundError, ValueError, KeyError) as e:
         results["rare_note"] = f"no rare-character check: {data_dir} split 'train' unavailable ({e})"
         print(results["rare_note"], file=sys.stderr)
