@@ -34,8 +34,9 @@ fonts:
 # make demo starts over: its two runs replace out-cpu and out-cpu-sft (--overwrite=True)
 demo: setup fonts
 	$(PY) data/fetch_data.py
+	$(PY) data/train_tokenizer.py
 	$(PY) data/prepare.py
-	$(PY) data/prepare_sft.py
+	$(PY) data/prepare_sft.py --block_size=128
 	$(PY) train.py config/train_cpu.py --overwrite=True
 	$(PY) train.py config/train_cpu_sft.py --overwrite=True
 	$(PY) sample.py --out_dir=out-cpu --start="《春日》" --max_new_tokens=80 --num_samples=2

@@ -79,7 +79,7 @@ def metric(name: str, value: float, note: str = "", **fields) -> None:
 
 def ensure_corpus() -> None:
     """The default corpus (data/fetch_data.py), the zh tokenizer trained on it and its prepared
-    blocks, built if missing."""
+    blocks with each tokenizer, built if missing."""
     if not Path(corpus).exists():
         if Path(corpus).resolve() != DEFAULT_CORPUS:
             sys.exit(f"--corpus={corpus}: not found in {Path.cwd()}")
@@ -88,6 +88,9 @@ def ensure_corpus() -> None:
         subprocess.run([sys.executable, "data/train_tokenizer.py"], cwd=ROOT, check=True, capture_output=True)
     if not (ROOT / "data/processed_pretrain/meta.json").exists():
         subprocess.run([sys.executable, "data/prepare.py"], cwd=ROOT, check=True, capture_output=True)
+    if not (ROOT / "data/processed_pretrain_gpt2/meta.json").exists():  # config/train_config.py's (the train group)
+        subprocess.run([sys.executable, "data/prepare.py", "--tokenizer=gpt2", "--out_dir=data/processed_pretrain_gpt2"],
+                       cwd=ROOT, check=True, capture_output=True)
 
 
 def bench_prepare() -> None:

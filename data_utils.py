@@ -52,7 +52,8 @@ def load_meta(data_dir) -> dict:
     path = Path(data_dir) / "meta.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: prepare the data first (python data/prepare.py "
-                                "or python data/prepare_sft.py with --out_dir={data_dir})")
+                                f"or python data/prepare_sft.py with --out_dir={data_dir}, and the --tokenizer "
+                                "the config names, if it names one)")
     meta = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(meta).__name__}; re-run the prepare script")

@@ -131,7 +131,7 @@ class Utf8Constraint:
         return int(self.next[state, token])
 
 
-@lru_cache(maxsize=4)  # one per tokenizer (and model size) served: the arena may hold gpt2 and zh models
+@lru_cache(maxsize=16)  # one per tokenizer (and model size) served: the arena may hold gpt2 and zh models
 def utf8_constraint(tok: Tokenizer, size: int) -> Utf8Constraint:
     return Utf8Constraint(tok, size)
 

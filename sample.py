@@ -87,8 +87,10 @@ if __name__ == "__main__":
             stats.setdefault("new_tokens", None)
             print("\n[已中断]", end="", flush=True)
         if stats.get("new_tokens") is not None:
-            print(f"\n[{stats['new_tokens']} tokens, {stats['new_tokens'] / max(stats['seconds'], 1e-9):.1f} "
-                  f"tokens/s{'' if stats['stopped_at_eot'] else ', no EOT'}]", file=sys.stderr)
+            seconds = max(stats["seconds"], 1e-9)  # characters/s compares models with different tokenizers
+            print(f"\n[{stats['new_tokens']} tokens, {stats['new_tokens'] / seconds:.1f} tokens/s, "
+                  f"{len(''.join(pieces)) / seconds:.1f} characters/s{'' if stats['stopped_at_eot'] else ', no EOT'}]",
+                  file=sys.stderr)
         return {"prompt": prompt, "output": "".join(pieces), **stats}
 
     results = []

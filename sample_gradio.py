@@ -69,7 +69,7 @@ MODES = {"问答": "chat", "续写": "generate"}
 REMOTE_INFO = "本地模型，或同学应用的地址 http://IP:端口（须在启动时用 --remotes 允许）"
 PRIVATE = {"api_visibility": "private"}  # the page's own events: not part of the API
 # The sampling sliders, one per engine.SAMPLING setting (which gives the default and the range):
-# label, step, and for two settings a lower top, the useful part (a slider over 50k top_k values
+# label, step, and for two settings a lower top, the useful part (a slider over tens of thousands of top_k values
 # cannot be aimed; the API takes the whole range).
 SLIDERS = {"max_new_tokens": ("最多生成 token 数（max_new_tokens）", 1, 512),
            "temperature": ("温度（temperature，0 为贪心）", 0.05, None),

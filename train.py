@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import checkpoint
 from configurator import configure
 from data.records import remove_stale_temp_files
-from data.tokenizer import check_same, tokenizer_of
+from data.tokenizer import check_same, open_tokenizer, tokenizer_of
 from data_utils import batch_at, batch_starts, get_batch, load_dataset
 from model import GPT, GPTConfig, autocast_context, select_device
 
@@ -43,7 +43,7 @@ out_dir = "out"
 data_dir = "data/processed_pretrain"
 init_from = "scratch"           # scratch | resume | pretrained
 init_checkpoint = ""            # init_from=pretrained: an out_dir or ckpt.pt
-tokenizer = ""                  # "" = the data's; a name (gpt2, zh) refuses data prepared with another
+tokenizer = ""                  # "" = the data's; gpt2, zh or a file (as prepare's flag) refuses other data
 overwrite = False               # a new run may replace the checkpoints an earlier run left in out_dir
 eval_interval = 250
 eval_iters = 50
@@ -146,9 +146,11 @@ if __name__ == "__main__":
         tok = tokenizer_of(train_ds.meta, Path(data_dir) / "meta.json")  # val reads the same meta.json
     except (FileNotFoundError, ValueError, KeyError) as e:
         fail(f"data_dir={data_dir}: {e}")
-    if tokenizer and tok.name != tokenizer:
-        fail(f"data_dir={data_dir} was prepared with the tokenizer {tok.describe()}, this config wants {tokenizer}: "
-             f"python data/prepare.py --tokenizer={tokenizer} --out_dir={data_dir} (or prepare_sft.py for SFT data)")
+    try:
+        if tokenizer:  # the prepare scripts' --tokenizer value, compared by content
+            check_same(open_tokenizer(tokenizer), f"--tokenizer={tokenizer}", tok, f"data_dir={data_dir}")
+    except ValueError as e:
+        fail(f"{e}: python data/prepare.py --tokenizer={tokenizer} --out_dir={data_dir} (prepare_sft.py for SFT data)")
     meta = train_ds.meta | {"tokenizer": tok.meta()}  # the record whole (a trained one's ranks): ckpt.pt needs nothing else
     if val_ds is None and master:
         print(f"warning: {data_dir} has no val split; best checkpoints are chosen by train loss", file=sys.stderr)

@@ -9,6 +9,7 @@
 #   torchrun --standalone --nproc_per_node=4 train.py config/train_config_zh.py   (several GPUs)
 out_dir = "out-zh"
 data_dir = "data/processed_pretrain"
+tokenizer = "zh"          # with a wiki tokenizer: --tokenizer=data/tokenizer/wiki.tiktoken
 n_layer = 8
 n_head = 10
 n_embd = 640

@@ -4,6 +4,7 @@
 #   python train.py config/train_config_zh_sft.py
 out_dir = "out-zh-sft"
 data_dir = "data/processed_sft"
+tokenizer = "zh"          # with a wiki tokenizer: --tokenizer=data/tokenizer/wiki.tiktoken
 init_from = "pretrained"
 init_checkpoint = "out-zh"
 batch_size = 32

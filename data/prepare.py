@@ -47,7 +47,6 @@ from configurator import configure
 from data.blocks import PACKINGS, BestFitPacker, pad_block
 from data.encode import COUNT_KEYS, SPLITS, _init_worker, bounded_imap, document_of, process_task, tasks
 from data.splits import SplitWriter, ValReserve, commit_outputs, source_names, start_prepare
-from data.tokenizer import open_tokenizer
 
 # ----------------------------------------------------------------------------- defaults
 input = "data/raw/pretrain.jsonl"
@@ -70,8 +69,7 @@ if __name__ == "__main__":
     config = configure(globals())
     if packing not in PACKINGS:
         sys.exit(f"--packing={packing!r}: expected one of {', '.join(PACKINGS)}")
-    report, paths, out = start_prepare(config, "your wiki-zh-subset-*.jsonl files")
-    tok = open_tokenizer(tokenizer)
+    report, paths, out, tok = start_prepare(config, "your wiki-zh-subset-*.jsonl files")
     writers = {s: SplitWriter(out / f"{s}.bin") for s in SPLITS}
     packers = {s: BestFitPacker(block_size, tok.pad_id, writers[s].write, max_open_blocks) for s in writers}
     cut_kinds = Counter()

@@ -43,7 +43,7 @@ import numpy as np
 from configurator import configure
 from data.records import pair_entity, read_records, split_hash, string_field
 from data.splits import SplitWriter, ValReserve, commit_outputs, source_names, start_prepare
-from data.tokenizer import SFT_TEMPLATE, encode_pair, open_tokenizer, sft_prompt
+from data.tokenizer import SFT_TEMPLATE, encode_pair, sft_prompt
 
 # ----------------------------------------------------------------------------- defaults
 input = "data/raw/sft_train.jsonl"
@@ -56,8 +56,7 @@ val_fraction = 0.02
 
 if __name__ == "__main__":
     config = configure(globals())
-    report, paths, out = start_prepare(config, 'your own JSON/JSONL of {"question", "answer"}')
-    tok = open_tokenizer(tokenizer)
+    report, paths, out, tok = start_prepare(config, 'your own JSON/JSONL of {"question", "answer"}')
     writers = {name: SplitWriter(out / f"{name}.bin") for name in ("train", "val", "train_mask", "val_mask")}
     counts = {s: Counter(pairs=0, tokens=0, answer_tokens=0, characters=0) for s in ("train", "val")}
     reserve = ValReserve("pairs", val_fraction)

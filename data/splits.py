@@ -1,6 +1,6 @@
 """What prepare.py and prepare_sft.py share on the output side, written once.
 
-    report, paths, out = start_prepare(config, "your files")   # checks, the inputs, out_dir
+    report, paths, out, tok = start_prepare(config, "your files")   # checks, inputs, tokenizer, out_dir
     writers = {s: SplitWriter(out / f"{s}.bin") for s in ("train", "val")}
     reserve = ValReserve("documents", val_fraction)            # small data still gets both splits
     ...
@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 from data.records import ROOT, Report, expand_inputs, remove_stale_temp_files, temp_path, write_json_atomic
+from data.tokenizer import Tokenizer, open_tokenizer
 
 
 class ValReserve:
@@ -81,10 +82,11 @@ class ValReserve:
                 [item for (_, item), s in zip(self.items, split) if s == "train"])
 
 
-def start_prepare(config: dict, hint: str) -> tuple[Report, list[Path], Path]:
+def start_prepare(config: dict, hint: str) -> tuple[Report, list[Path], Path, Tokenizer]:
     """The start both prepare scripts share: check block_size and val_fraction, print the config,
-    find the --input files (none: exit saying what to pass, hint) and make --out_dir, without the
-    temp files a killed earlier run left. Both flags are paths relative to the working directory."""
+    find the --input files (none: exit saying what to pass, hint), open --tokenizer (exit with the
+    message) and make --out_dir, without the temp files a killed earlier run left. The path flags
+    are relative to the working directory."""
     block_size, val_fraction = config["block_size"], config["val_fraction"]
     if not 16 <= block_size <= 65536:
         sys.exit(f"--block_size={block_size}: expected 16..65536")
@@ -97,10 +99,11 @@ def start_prepare(config: dict, hint: str) -> tuple[Report, list[Path], Path]:
         sys.exit(f"no input files found for --input={config['input']!r} (relative to the working directory "
                  f"{os.getcwd()}). The default input is what 'python data/fetch_data.py' builds, read from "
                  f"the repository root: run from there, or pass {hint} with --input=")
+    tok = open_tokenizer(config["tokenizer"])
     out = Path(config["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(out)
-    return report, paths, out
+    return report, paths, out, tok
 
 
 def source_names(paths) -> list[str]:

@@ -137,6 +137,10 @@ class Tokenizer:
         self.pad_id = self.eot_id + 1
         self.vocab_size = self.pad_id
         self.model_vocab_size = -(-(self.pad_id + 1) // 64) * 64
+        if self.pad_id > 0xFFFF:
+            raise ValueError(f"tokenizer {name} has {self.pad_id + 1:,} ids with EOT and PAD, but MiniGLM's .bin "
+                             "files hold uint16 ids (at most 65,536): train one with data/train_tokenizer.py "
+                             "--vocab_size=65536 or less")
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.describe()})"
@@ -230,6 +234,10 @@ def tokenizer_of(meta: dict, where="meta.json") -> Tokenizer:
 
 def check_same(a: Tokenizer, a_where: str, b: Tokenizer, b_where: str) -> None:
     """ValueError naming both when a model and data (or two data folders) use different tokenizers."""
+    if a.sha256 != b.sha256 and a.name == b.name:
+        raise ValueError(f"{a_where} and {b_where} use two different tokenizers both called {a.name} (sha256 "
+                         f"{a.sha256[:8]} and {b.sha256[:8]}): the tokenizer file was trained again in between; "
+                         f"prepare the data again with the file the model was trained with, or train the model again")
     if a.sha256 != b.sha256:
         raise ValueError(f"{a_where} uses the tokenizer {a.describe()}, but {b_where} uses {b.describe()}: "
                          f"token ids mean different text under them; prepare the data with "

@@ -210,10 +210,12 @@ def test_a_model_that_invents_characters_fails_visibly(sft_model, tmp_path):
     report = (tmp_path / "other" / "report.md").read_text(encoding="utf-8")
     assert "✗（超过 0.01）" in report and "；罕见字：" in report and "rare_chars" in report
 
-    # fine-tuned on the poems from a parent trained on the pairs: the common set is built from both
-    state["config"] |= {"init_from": "pretrained", "init_checkpoint": str(own)}
-    checkpoint.save(tmp_path / "child", state, best=True)
-    proc = run_script("evaluations.py", f"--out_dir={tmp_path / 'child'}", f"--input={src}", "--seen_samples=0")
-    results = json.loads((tmp_path / "child" / "eval.json").read_text(encoding="utf-8"))
-    assert results["rare_char_rate"] == 0 and str(tmp_path / "poems") in proc.stderr
-    assert str(checkpoint.read(own)["config"]["data_dir"]) in proc.stderr
+    # fine-tuned on the poems from a parent trained on the pairs (then resumed, whose config still
+    # names the parent): the common set is built from both
+    for init_from in ("pretrained", "resume"):
+        state["config"] |= {"init_from": init_from, "init_checkpoint": str(own)}
+        checkpoint.save(tmp_path / init_from, state, best=True)
+        proc = run_script("evaluations.py", f"--out_dir={tmp_path / init_from}", f"--input={src}", "--seen_samples=0")
+        results = json.loads((tmp_path / init_from / "eval.json").read_text(encoding="utf-8"))
+        assert results["rare_char_rate"] == 0 and str(tmp_path / "poems") in proc.stderr
+        assert str(checkpoint.read(own)["config"]["data_dir"]) in proc.stderr

@@ -117,4 +117,23 @@ def test_a_missing_truncated_or_foreign_tokenizer_file_is_named_without_a_traceb
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
         assert f"--tokenizer={path}: {path}" in proc.stderr and words in proc.stderr
         assert "--tokenizer takes gpt2, zh" in proc.stderr
-        assert not (tmp_path / "out" / "meta.json").exists()
+        assert not (tmp_path / "out").exists()  # the tokenizer is opened before out_dir is made
+
+
+def test_a_tokenizer_with_more_ids_than_uint16_holds_is_refused(tmp_path):
+    """The .bin files hold uint16 ids: a file of 65,600 ranks (+ EOT + PAD) is named, not wrapped."""
+    import base64
+    tokens = [bytes([b]) for b in range(256)] + [bytes([a, b]) for a in range(256) for b in range(256)][:65600 - 256]
+    big = tmp_path / "big.tiktoken"
+    big.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(tokens)), encoding="ascii")
+    with pytest.raises(SystemExit, match="65,602 ids with EOT and PAD, but MiniGLM's .bin files hold uint16 ids"):
+        open_tokenizer(str(big))
+
+
+def test_two_tokenizers_of_one_name_are_told_apart(zh_tokenizer, tmp_path):
+    from data.tokenizer import check_same
+    lines = zh_tokenizer.read_text(encoding="ascii").splitlines(keepends=True)
+    again = tmp_path / "tiny.tiktoken"  # the same name, fewer merges: trained again
+    again.write_text("".join(lines[:-1]), encoding="ascii")
+    with pytest.raises(ValueError, match="two different tokenizers both called tiny .*trained again in between"):
+        check_same(load_tokenizer(str(zh_tokenizer)), "the model", load_tokenizer(str(again)), "the data")

@@ -277,11 +277,13 @@ def test_sft_on_shorter_blocks_than_the_model_trains_and_the_model_keeps_its_con
     assert ckpt["model_args"]["block_size"] == 64 and ckpt["data_meta"]["block_size"] == 48
 
 
-def test_a_config_that_names_a_tokenizer_refuses_data_of_another(data, tmp_path):
-    proc = train(f"--data_dir={data / 'pre'}", f"--out_dir={tmp_path}", "--tokenizer=zh", check=False)
+def test_a_config_that_names_a_tokenizer_refuses_data_of_another(data, tmp_path, zh_tokenizer):
+    proc = train(f"--data_dir={data / 'pre'}", f"--out_dir={tmp_path}", f"--tokenizer={zh_tokenizer}", check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "prepared with the tokenizer gpt2 (50257 ids), this config wants zh" in proc.stderr
-    assert "--tokenizer=zh" in proc.stderr
+    assert f"--tokenizer={zh_tokenizer} uses the tokenizer tiny (511 ids" in proc.stderr
+    assert f"data_dir={data / 'pre'} uses gpt2 (50257 ids)" in proc.stderr
+    assert f"python data/prepare.py --tokenizer={zh_tokenizer} --out_dir={data / 'pre'}" in proc.stderr
+    train(f"--data_dir={data / 'pre'}", f"--out_dir={tmp_path}", "--tokenizer=gpt2", "--max_iters=1")  # the same: runs
 
 
 def test_a_tokenizer_this_code_does_not_know_is_named_with_the_data_file(data, tmp_path):
