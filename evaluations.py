@@ -156,9 +156,13 @@ def parent_data_dir(ckpt: dict) -> Path | None:
 def split_document(text: str) -> tuple[str, str]:
     """(first sentence, the rest): up to the first sentence end (data.records.SENTENCE_END: 。！？!?
     and any closing quotes after it, before a letter, a space or the end), else up to the first
-    line break."""
+    line break; white space after it belongs to the prompt. A trained tokenizer has tokens such as
+    "。\n": a prompt cut before the "\n" ends in a token the model saw mostly at the end of a
+    document, and a model with that tokenizer then ends at once (99% empty continuations)."""
     end = SENTENCE_END.search(text)
     cut = end.end() if end else text.find("\n") + 1
+    if cut > 0:  # the line break after it stays in the prompt, where the document's own tokens have it
+        cut = len(text) - len(text[cut:].lstrip())
     return (text[:cut], text[cut:].strip()) if cut > 0 else (text, "")
 
 

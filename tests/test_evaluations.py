@@ -144,10 +144,23 @@ def test_graders_checks_on_crafted_strings():
 
 def test_split_document_at_the_first_sentence():
     poem = "《春日》\n宋·朱熹\n胜日寻芳泗水滨，无边光景一时新。\n等闲识得东风面，万紫千红总是春。"
-    assert split_document(poem) == ("《春日》\n宋·朱熹\n胜日寻芳泗水滨，无边光景一时新。",
+    assert split_document(poem) == ("《春日》\n宋·朱熹\n胜日寻芳泗水滨，无边光景一时新。\n",
                                     "等闲识得东风面，万紫千红总是春。")
     assert split_document("没有句号\n第二行") == ("没有句号\n", "第二行")
     assert split_document("一句话。") == ("一句话。", "")
+
+
+def test_a_continuation_prompt_is_the_documents_own_first_tokens(tmp_path):
+    """A trained tokenizer merges "。\n" (poems end their lines so): the prompt keeps the line break,
+    so its tokens are the document's first tokens, not a "。" the model saw mostly before an EOT."""
+    poems = [{"text": f"《第{i}首》\n春风又绿江南岸。\n明月何时照我还。\n"} for i in range(50)]
+    run_script("data/train_tokenizer.py", f"--input={write_jsonl(tmp_path / 'poems.jsonl', poems)}",
+               f"--out_path={tmp_path / 'poems.tiktoken'}", "--vocab_size=300", "--val_fraction=0")
+    tok = load_tokenizer(str(tmp_path / "poems.tiktoken"))
+    assert len(tok.encode("。\n")) == 1
+    doc = poems[0]["text"]
+    prompt, _ = split_document(doc)
+    assert tok.encode(doc)[:len(tok.encode(prompt))] == tok.encode(prompt)
 
 
 def test_split_document_follows_the_one_sentence_end_rule():
