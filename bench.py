@@ -27,7 +27,10 @@ Groups:
   tokenizer data/train_tokenizer.py on the default corpus at each of tokenizer_vocabs (wall time),
            then held-out tokens per character and single-thread encoding characters/s of GPT-2's
            tokenizer and of each trained one, on prepare.py's val documents (which the trained
-           tokenizers never saw).
+           tokenizers never saw); and config/train_cpu.py's model with each one's vocabulary
+           (random weights, fp32): training and KV-cache decoding speed in characters of text
+           per second (positions or tokens per second x held-out characters per token), the
+           models taking turns in one process so that a busy moment slows them alike.
   packing  (only with --only=packing; about 15 minutes on 2 cores) the packing-layout question:
            the CPU model of config/train_cpu.py trained for packing_iters steps on stream, aligned
            and packed data (equal compute: same steps, batch and block), then scored on the same
