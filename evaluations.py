@@ -105,7 +105,7 @@ def perplexity(model, ds, batch_size: int = 16, max_blocks: int = 0, device: str
     tokenizer). EOT's NLL is in the sum (ending the text is part of predicting it) though it
     begins no character."""
     T = ds.block_size
-    chars_of = torch.from_numpy(lead_bytes(tokenizer_of(ds.meta), model.config.vocab_size)).to(device)
+    chars_of = torch.from_numpy(lead_bytes(ds.tokenizer, model.config.vocab_size)).to(device)
     starts = list(range(0, ds.n_tokens - (0 if ds.aligned else 1) - T + 1, T))
     if max_blocks and len(starts) > max_blocks:
         starts = [starts[i] for i in np.linspace(0, len(starts) - 1, max_blocks).round().astype(int)]
@@ -128,7 +128,7 @@ def train_char_counts(ds, chunk_tokens: int = 1 << 20) -> np.ndarray:
     """metrics.char_counts of a split's text: its ordinary tokens (not EOT or PAD: the ids below
     EOT of the data's tokenizer) decoded chunk_tokens at a time, so memory stays bounded; the
     bytes of a character cut by a chunk's end are carried over to the next chunk."""
-    tok = tokenizer_of(ds.meta)
+    tok = ds.tokenizer
     data = np.memmap(ds.path, dtype=np.uint16, mode="r")
     counts, pending = np.zeros(0x110000, dtype=np.int64), b""
     for i in range(0, ds.n_tokens, chunk_tokens):
@@ -305,7 +305,7 @@ if __name__ == "__main__":
     def checked_split(split: str):
         """A split of data_dir; ValueError naming both if it was prepared again with another tokenizer."""
         split_ds = load_dataset(data_dir, split)
-        check_same(checkpoint.tokenizer(ckpt), f"checkpoint {out_dir}", tokenizer_of(split_ds.meta),
+        check_same(checkpoint.tokenizer(ckpt), f"checkpoint {out_dir}", split_ds.tokenizer,
                    f"its data_dir {data_dir} (prepared again since?)")  # ValueError: skipped with the note
         return split_ds
 
@@ -332,7 +332,7 @@ if __name__ == "__main__":
         if parent_dir is not None and parent_dir != data_dir:
             try:
                 parent_ds = load_dataset(parent_dir, "train")
-                check_same(checkpoint.tokenizer(ckpt), f"checkpoint {out_dir}", tokenizer_of(parent_ds.meta),
+                check_same(checkpoint.tokenizer(ckpt), f"checkpoint {out_dir}", parent_ds.tokenizer,
                            f"its parent's data_dir {parent_dir}")
                 counts, paths = counts + train_char_counts(parent_ds), paths + [parent_ds.path]
             except (FileNotFoundError, ValueError, KeyError) as e:
