@@ -89,9 +89,9 @@ def document_pieces(tokens: np.ndarray, packing: str, block_size: int, tok: Toke
     return pieces, kinds, 0
 
 
-def pad_block(pieces: list, block_size: int, pad_id: int) -> np.ndarray:
+def pad_block(pieces: list, block_size: int, pad_id: int, dtype=np.uint16) -> np.ndarray:
     """The pieces end to end, then pad_id up to block_size."""
-    block = np.full(block_size, pad_id, dtype=np.uint16)
+    block = np.full(block_size, pad_id, dtype=dtype)
     n = 0
     for p in pieces:
         block[n:n + len(p)] = p
@@ -103,10 +103,11 @@ class BestFitPacker:
     """Packs pieces into blocks of block_size, best fit: each piece goes to the open block with
     the least room that still fits it. At most max_open blocks stay open (bounded memory); when
     a new block is needed beyond that, the fullest open block is written out. Blocks are padded
-    with pad_id."""
+    with pad_id and have the given dtype."""
 
-    def __init__(self, block_size: int, pad_id: int, write, max_open: int = 256):
+    def __init__(self, block_size: int, pad_id: int, write, max_open: int = 256, dtype=np.uint16):
         self.block_size, self.pad_id, self.write, self.max_open = block_size, pad_id, write, max_open
+        self.dtype = dtype
         self.open = []   # sorted list of (free, serial)
         self.pieces = {}  # serial -> list of arrays
         self.serial = 0
@@ -125,13 +126,13 @@ class BestFitPacker:
         if free - len(piece) > 0:
             insort(self.open, (free - len(piece), s))
         else:
-            self.write(pad_block(self.pieces.pop(s), self.block_size, self.pad_id))
+            self.write(pad_block(self.pieces.pop(s), self.block_size, self.pad_id, self.dtype))
 
     def _emit(self, i: int) -> None:
         _, s = self.open.pop(i)
-        self.write(pad_block(self.pieces.pop(s), self.block_size, self.pad_id))
+        self.write(pad_block(self.pieces.pop(s), self.block_size, self.pad_id, self.dtype))
 
     def close(self) -> None:
         for _, s in sorted(self.open, key=lambda fs: fs[1]):
-            self.write(pad_block(self.pieces.pop(s), self.block_size, self.pad_id))
+            self.write(pad_block(self.pieces.pop(s), self.block_size, self.pad_id, self.dtype))
         self.open = []

@@ -9,10 +9,18 @@ tokenizer file's path, as data/prepare.py takes it; use the one the pretraining 
 model fine-tuned on this data was trained on that). meta.json records the whole tokenizer.
 
 --input takes a file, folder, glob or comma-separated list; each file is a JSON array or JSONL
-of {"question", "answer"} objects (the course's format). Each pair becomes one block:
+of {"question", "answer"} objects (the course's format). Each pair is encoded as
 
-    tokens: encode("问：{question}\\n答：") + encode(answer) + [EOT] + [PAD ...]
-    mask:   0 ...                         1 ...              1       0 ...
+    tokens: encode("问：{question}\\n答：") + encode(answer) + [EOT]
+    mask:   0 ...                         1 ...              1
+
+--pack=True (default): the train pairs, shuffled with a fixed seed, are packed whole into blocks
+(best fit, data.blocks.BestFitPacker; the rest of a block is PAD with mask 0), so a step trains
+on about three times as many answers as one pair per block would (a short pair wastes most of
+its block on padding). A pair is never split across blocks; a later pair in a block attends to
+the earlier ones, which are other, unrelated pairs (shuffled: pairs about one entity sit together
+in the source). val.bin keeps one pair per block, as the model sees a question when answering,
+so its loss compares runs packed or not. --pack=False: every train pair gets its own block too.
 
 Prompt and answer are tokenized separately, exactly as the sampler tokenizes a question, so
 a question that contains "答：" or "<|endoftext|>" (encoded as plain text) changes nothing.
@@ -42,6 +50,7 @@ import numpy as np
 
 from configurator import configure
 from data.records import pair_entity, read_records, split_hash, string_field
+from data.blocks import BestFitPacker
 from data.splits import SplitWriter, ValReserve, commit_outputs, source_names, start_prepare
 from data.tokenizer import SFT_TEMPLATE, encode_pair, sft_prompt
 
@@ -51,7 +60,9 @@ tokenizer = "zh"         # zh, gpt2 or a tokenizer file's path
 out_dir = "data/processed_sft"
 block_size = 256
 val_fraction = 0.02
+pack = True              # pack several whole train pairs into a block (val: one pair per block)
 # -----------------------------------------------------------------------------
+PACK_SEED = 0  # the order of the packed train pairs: fixed, so the same input gives the same files
 
 
 if __name__ == "__main__":
@@ -61,11 +72,25 @@ if __name__ == "__main__":
     counts = {s: Counter(pairs=0, tokens=0, answer_tokens=0, characters=0) for s in ("train", "val")}
     reserve = ValReserve("pairs", val_fraction)
 
-    def emit(split: str, item) -> None:
-        tok_block, mask_block, n_tokens, n_answer, n_chars = item
+    packed = []  # the train items, packed at the end when --pack
+
+    def write_block(split: str, tokens: np.ndarray, mask: np.ndarray) -> None:
+        tok_block = np.full(block_size, tok.pad_id, dtype=np.uint16)
+        mask_block = np.zeros(block_size, dtype=np.uint8)
+        tok_block[:len(tokens)], mask_block[:len(mask)] = tokens, mask
         writers[split].write(tok_block)
         writers[f"{split}_mask"].write(mask_block)
-        counts[split].update(pairs=1, tokens=n_tokens, answer_tokens=n_answer, characters=n_chars)
+
+    def emit(split: str, item) -> None:
+        tokens, mask, n_chars = item
+        if split == "train" and pack:
+            packed.append(item)
+        else:
+            write_block(split, tokens, mask)
+        counts[split].update(pairs=1, tokens=len(tokens), answer_tokens=int(mask.sum()), characters=n_chars)
+
+    def write_packed(block: np.ndarray) -> None:  # uint32: token id in the low 16 bits, mask bit above
+        write_block("train", (block & 0xFFFF).astype(np.uint16), (block >> 16).astype(np.uint8))
 
     committed = False
     try:
@@ -87,11 +112,7 @@ if __name__ == "__main__":
                     report.add("too_long", where, f"pair is {len(tokens)} tokens, block_size={block_size}; "
                                "dropped (policy: drop, never truncate an answer)")
                     continue
-                tok_block = np.full(block_size, tok.pad_id, dtype=np.uint16)
-                mask_block = np.zeros(block_size, dtype=np.uint8)
-                tok_block[:len(tokens)] = tokens
-                mask_block[:len(mask)] = mask
-                item = (tok_block, mask_block, len(tokens), int(mask.sum()), len(sft_prompt(q)) + len(a))
+                item = (tokens, mask, len(sft_prompt(q)) + len(a))
                 h = split_hash(pair_entity(obj, q))
                 if not reserve.keep(h, item):
                     emit("val" if h < val_fraction else "train", item)
@@ -102,13 +123,18 @@ if __name__ == "__main__":
         for split, items in (("val", to_val), ("train", to_train)):
             for item in items:
                 emit(split, item)
+        packer = BestFitPacker(block_size, tok.pad_id, write_packed, dtype=np.uint32)
+        for i in np.random.default_rng(PACK_SEED).permutation(len(packed)):
+            tokens, mask, _ = packed[i]
+            packer.add(tokens.astype(np.uint32) | (mask.astype(np.uint32) << 16))
+        packer.close()
         splits = {}
         for s, c in counts.items():
             file_tokens = writers[s].stats["file_tokens"]
-            splits[s] = dict(c) | {"blocks": c["pairs"], "file_tokens": file_tokens,
+            splits[s] = dict(c) | {"blocks": file_tokens // block_size, "file_tokens": file_tokens,
                                    "padding_fraction": round(1 - c["tokens"] / max(1, file_tokens), 4)}
         meta = {
-            "tokenizer": tok.meta(), "kind": "sft", "packing": "sft", "block_size": block_size, "block_aligned": True,
+            "tokenizer": tok.meta(), "kind": "sft", "packing": "sft_packed" if pack else "sft", "block_size": block_size, "block_aligned": True,
             "sft_template": SFT_TEMPLATE, "overflow_policy": "drop", "val_fraction": val_fraction,
             "moved_to": reserve.moved, "moved_hashes": reserve.moved_hashes,
             "splits": splits, "problems": dict(report.counts), "sources": source_names(paths),
@@ -122,7 +148,7 @@ if __name__ == "__main__":
             for w in writers.values():
                 w.discard()
     for s, c in splits.items():
-        print(f"{s}: {c.get('pairs', 0):,} pairs, {c.get('answer_tokens', 0):,} answer tokens, "
+        print(f"{s}: {c.get('pairs', 0):,} pairs in {c['blocks']:,} blocks, {c.get('answer_tokens', 0):,} answer tokens, "
               f"padding {c['padding_fraction']:.1%}")
     print(report.summary())
     n_tokens = sum(c["tokens"] - c["pairs"] for c in splits.values())  # each pair's EOT not counted

@@ -47,10 +47,11 @@ PAIRS = [{"question": f"第{i + 1}个成语是什么？", "answer": f"是{w}。"
 
 @pytest.fixture(scope="session")
 def sft_model(tmp_path_factory) -> Path:
-    """The out_dir of a tiny SFT model (2 layers, 64 wide) trained until it answers PAIRS word for word."""
+    """The out_dir of a tiny SFT model (2 layers, 64 wide) trained until it answers PAIRS word for word.
+    Its data has one pair a block, in file order (--pack=False), so a test can find each pair's block."""
     tmp = tmp_path_factory.mktemp("sft_model")
     run_script("data/prepare_sft.py", f"--input={write_jsonl(tmp / 'sft.jsonl', PAIRS)}", f"--out_dir={tmp / 'data'}",
-               "--block_size=48", "--val_fraction=0", "--tokenizer=gpt2")
+               "--block_size=48", "--val_fraction=0", "--tokenizer=gpt2", "--pack=False")
     run_script("train.py", f"--data_dir={tmp / 'data'}", f"--out_dir={tmp / 'out'}", "--n_layer=2", "--n_head=2",
                "--n_embd=64", "--batch_size=10", "--max_iters=250", "--lr_decay_iters=250", "--warmup_iters=10",
                "--learning_rate=3e-3", "--min_lr=3e-4", "--eval_interval=250", "--eval_iters=2", "--log_interval=50")

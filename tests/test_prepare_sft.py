@@ -1,4 +1,5 @@
-"""data/prepare_sft.py: one pair a block, masks that cover exactly the answer and its EOT."""
+"""data/prepare_sft.py: whole pairs packed into blocks (or one a block), masks that cover exactly
+the answer and its EOT."""
 import json
 import subprocess
 import sys
@@ -29,42 +30,85 @@ def prepare_sft(tmp_path, src, check=True, *extra):
                       f"--block_size={BLOCK}", "--val_fraction=0.2", "--tokenizer=gpt2", *extra, check=check)
 
 
-def test_masks_cover_exactly_answer_and_eot(tmp_path, tokenizer):
+def block_pairs(t: np.ndarray, m: np.ndarray, tok) -> list:
+    """The (prompt ids, answer ids with EOT) of each pair in one block, checking the layout: pairs
+    end to end, each a prompt (mask 0) then its answer (mask 1, ending with the one EOT), then PAD
+    with mask 0 to the end."""
+    out, i = [], 0
+    while i < len(t) and t[i] != tok.pad_id:
+        start = i + int(np.argmax(m[i:]))
+        assert m[start] == 1 and not m[i:start].any()
+        end = start + int(np.argmax(t[start:] == tok.eot_id)) + 1
+        assert t[end - 1] == tok.eot_id and m[start:end].all()
+        out.append((t[i:start].tolist(), t[start:end].tolist()))
+        i = end
+    assert (t[i:] == tok.pad_id).all() and not m[i:].any()
+    return out
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_masks_cover_exactly_answer_and_eot(tmp_path, tokenizer, pack):
     spec, tok = tokenizer
     ps = pairs()
-    proc = prepare_sft(tmp_path, write_jsonl(tmp_path / "in.jsonl", ps), True, f"--tokenizer={spec}")
+    proc = prepare_sft(tmp_path, write_jsonl(tmp_path / "in.jsonl", ps), True, f"--tokenizer={spec}", f"--pack={pack}")
     assert f"tokenizer {tok.describe()}: " in proc.stdout and "tokens per character" in proc.stdout
     out = tmp_path / "sft"
     by_question = {p["question"]: p["answer"] for p in ps}
-    seen = 0
+    seen = []
     for split in ("train", "val"):
         toks = read_bin(out / f"{split}.bin").reshape(-1, BLOCK)
         masks = read_bin(out / f"{split}_mask.bin", np.uint8).reshape(-1, BLOCK)
         assert toks.shape == masks.shape
         for t, m in zip(toks, masks):
-            marked = t[m == 1].tolist()
-            assert marked[-1] == tok.eot_id and tok.eot_id not in marked[:-1]
-            prompt = tok.decode(t[:np.argmax(m)].tolist())
-            assert prompt.startswith("问：") and prompt.endswith("\n答：")
-            question = prompt[len("问："):-len("\n答：")]
-            assert prompt == sft_prompt(question)
-            assert tok.decode(marked[:-1]) == by_question[question]
-            assert (t[len(tok.encode(prompt)) + len(marked):] == tok.pad_id).all()
-            assert m[t == tok.pad_id].sum() == 0
-            seen += 1
-    assert seen == len(ps)
+            in_block = block_pairs(t, m, tok)
+            assert len(in_block) == 1 or (pack and split == "train")
+            for prompt_ids, answer_ids in in_block:
+                prompt = tok.decode(prompt_ids)
+                assert prompt.startswith("问：") and prompt.endswith("\n答：")
+                question = prompt[len("问："):-len("\n答：")]
+                assert prompt == sft_prompt(question) and prompt_ids == tok.encode(prompt)
+                assert tok.eot_id not in answer_ids[:-1] and tok.decode(answer_ids[:-1]) == by_question[question]
+                seen.append(question)
+        meta_split = read_meta(out)["splits"][split]
+        assert meta_split["blocks"] == len(toks) and meta_split["pairs"] == sum(q in by_question for q in seen) - (
+            0 if split == "train" else read_meta(out)["splits"]["train"]["pairs"])
+    assert sorted(seen) == sorted(by_question)
     meta = read_meta(out)
     assert meta["sft_template"] == "问：{question}\n答：" and meta["kind"] == "sft"
+    assert meta["packing"] == ("sft_packed" if pack else "sft")
     assert meta["tokenizer"] == tok.meta() and "pad_id" not in meta and "vocab_size" not in meta
     chars = sum(len(sft_prompt(p["question"])) + len(p["answer"]) for p in ps)
     assert meta["splits"]["train"]["characters"] + meta["splits"]["val"]["characters"] == chars
     assert (out / "train.bin").stat().st_size % (2 * BLOCK) == 0
 
 
+def test_packing_shuffles_whole_pairs_and_is_deterministic(tmp_path):
+    """Packed train blocks hold every train pair once, in an order that does not follow the file
+    (pairs about one entity sit together there), fewer blocks and less padding than one pair a
+    block, the same bytes on a second run; val is one pair a block either way."""
+    src = write_jsonl(tmp_path / "in.jsonl", pairs(60))
+    outs = {}
+    for name, pack in (("a", True), ("b", True), ("plain", False)):
+        run_script("data/prepare_sft.py", f"--input={src}", f"--out_dir={tmp_path / name}", f"--block_size={4 * BLOCK}",
+                   "--val_fraction=0.2", "--tokenizer=gpt2", f"--pack={pack}")
+        outs[name] = {f: (tmp_path / name / f).read_bytes() for f in ("train.bin", "train_mask.bin", "val.bin")}
+    assert outs["a"] == outs["b"]
+    assert outs["a"]["val.bin"] == outs["plain"]["val.bin"]
+    packed, plain = (read_meta(tmp_path / n)["splits"]["train"] for n in ("a", "plain"))
+    assert packed["pairs"] == plain["pairs"] and packed["answer_tokens"] == plain["answer_tokens"]
+    assert packed["blocks"] < plain["blocks"] / 2 and packed["padding_fraction"] < plain["padding_fraction"]
+    order = [GPT2.decode(p)
+             for t, m in zip(read_bin(tmp_path / "a" / "train.bin").reshape(-1, 4 * BLOCK),
+                             read_bin(tmp_path / "a" / "train_mask.bin", np.uint8).reshape(-1, 4 * BLOCK))
+             for p, _ in block_pairs(t, m, GPT2)]
+    in_file = [sft_prompt(p["question"]) for p in pairs(60) if sft_prompt(p["question"]) in order]
+    assert sorted(order) == sorted(in_file) and order != in_file
+
+
 def test_prompt_and_answer_are_tokenized_separately(tmp_path, enc):
     """The answer starts where the sampler would start generating, even after "答：“"."""
     p = {"question": "引号", "answer": "“床前明月光”出自李白。"}
-    prepare_sft(tmp_path, write_jsonl(tmp_path / "in.jsonl", [p] * 1 + pairs(10)), True, "--val_fraction=0")
+    prepare_sft(tmp_path, write_jsonl(tmp_path / "in.jsonl", [p] * 1 + pairs(10)), True, "--val_fraction=0", "--pack=False")
     toks = read_bin(tmp_path / "sft" / "train.bin").reshape(-1, BLOCK)[0]
     prompt_ids = enc.encode_ordinary(sft_prompt("引号"))
     assert toks[:len(prompt_ids)].tolist() == prompt_ids
@@ -175,7 +219,7 @@ def test_paths_are_relative_to_the_working_directory(tmp_path):
                                                      "val_mask.bin"]
     meta = read_meta(out)
     assert meta["sources"] == [str((tmp_path / "in" / "sft.jsonl").resolve())]
-    assert meta["packing"] == "sft" and "mode" not in meta
+    assert meta["packing"] == "sft_packed" and "mode" not in meta
     assert not (ROOT / "out").exists() and not (ROOT / "in").exists()
 
 
