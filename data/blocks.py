@@ -6,7 +6,9 @@ punctuation as several byte tokens (GPT-2 spells "，" as three), so cut points 
 decoded bytes: a cut may fall after a token whose end is a sentence end (data.records.SENTENCE_END),
 else a clause end (，；：、 or a line end), else any character boundary.
 """
+import hashlib
 import re
+from array import array
 from bisect import bisect_left, insort
 from functools import lru_cache
 
@@ -136,3 +138,27 @@ class BestFitPacker:
         for _, s in sorted(self.open, key=lambda fs: fs[1]):
             self.write(pad_block(self.pieces.pop(s), self.block_size, self.pad_id, self.dtype))
         self.open = []
+
+
+class ShuffledPieces:
+    """Pieces (uint32 arrays) kept end to end in one array, about 4 bytes a token, then given back
+    in the order of a keyed hash of their content: a fixed shuffle that spreads pieces which sat
+    together in the input and does not depend on numpy's random streams; equal pieces keep their
+    input order."""
+
+    def __init__(self):
+        self.codes, self.starts, self.keys = array("I"), array("Q", [0]), array("Q")
+
+    def add(self, piece: np.ndarray) -> None:
+        raw = piece.astype(np.uint32).tobytes()
+        self.codes.frombytes(raw)
+        self.starts.append(len(self.codes))
+        self.keys.append(int.from_bytes(hashlib.blake2b(raw, digest_size=8, key=b"miniglm-shuffle").digest(), "little"))
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __iter__(self):
+        codes = np.frombuffer(self.codes, dtype=np.uint32) if self.codes else np.zeros(0, np.uint32)
+        for i in sorted(range(len(self.keys)), key=self.keys.__getitem__):
+            yield codes[self.starts[i]:self.starts[i + 1]]

@@ -99,12 +99,15 @@ def test_trained_on_questions_are_exactly_the_pairs_in_train_bin(tmp_path):
     pairs = [{"question": q.format(w), "answer": f"{w}的{k}。"} for w in WORDS
              for k, q in (("意思", "成语“{}”是什么意思？"), ("例句", "请用成语“{}”造一个句子。"))]
     run_script("data/prepare_sft.py", "--tokenizer=gpt2", f"--input={write_jsonl(tmp_path / 'sft.jsonl', pairs)}",
-               f"--out_dir={tmp_path / 'sft'}", "--block_size=96", "--val_fraction=0.3")
+               f"--out_dir={tmp_path / 'sft'}", "--block_size=192", "--val_fraction=0.3")
     meta = json.loads((tmp_path / "sft" / "meta.json").read_text(encoding="utf-8"))
+    assert meta["splits"]["train"]["blocks"] < meta["splits"]["train"]["pairs"], "train blocks hold several pairs"
 
     def questions(split):
-        blocks = read_bin(tmp_path / "sft" / f"{split}.bin").reshape(-1, meta["block_size"])
-        texts = [GPT2.decode([t for t in b.tolist() if t < GPT2.eot_id]) for b in blocks]
+        from test_prepare_sft import block_pairs
+        blocks, masks = (read_bin(tmp_path / "sft" / f"{split}{kind}.bin", dtype).reshape(-1, meta["block_size"])
+                         for kind, dtype in (("", "uint16"), ("_mask", "uint8")))
+        texts = [GPT2.decode(prompt) for t, m in zip(blocks, masks) for prompt, _ in block_pairs(t, m, GPT2)]
         return sorted(t.removeprefix("问：").split("\n答：")[0] for t in texts)
 
     seen = load_cases("chat", "", meta, Report(), seen=True)

@@ -50,18 +50,21 @@ def block_pairs(t: np.ndarray, m: np.ndarray, tok) -> list:
 def test_masks_cover_exactly_answer_and_eot(tmp_path, tokenizer, pack):
     spec, tok = tokenizer
     ps = pairs()
-    proc = prepare_sft(tmp_path, write_jsonl(tmp_path / "in.jsonl", ps), True, f"--tokenizer={spec}", f"--pack={pack}")
+    block = 4 * BLOCK if pack else BLOCK  # room for several pairs a block
+    proc = prepare_sft(tmp_path, write_jsonl(tmp_path / "in.jsonl", ps), True, f"--tokenizer={spec}", f"--pack={pack}",
+                       f"--block_size={block}")
     assert f"tokenizer {tok.describe()}: " in proc.stdout and "tokens per character" in proc.stdout
     out = tmp_path / "sft"
     by_question = {p["question"]: p["answer"] for p in ps}
-    seen = []
+    seen, most = [], 0
     for split in ("train", "val"):
-        toks = read_bin(out / f"{split}.bin").reshape(-1, BLOCK)
-        masks = read_bin(out / f"{split}_mask.bin", np.uint8).reshape(-1, BLOCK)
+        toks = read_bin(out / f"{split}.bin").reshape(-1, block)
+        masks = read_bin(out / f"{split}_mask.bin", np.uint8).reshape(-1, block)
         assert toks.shape == masks.shape
         for t, m in zip(toks, masks):
             in_block = block_pairs(t, m, tok)
             assert len(in_block) == 1 or (pack and split == "train")
+            most = max(most, len(in_block))
             for prompt_ids, answer_ids in in_block:
                 prompt = tok.decode(prompt_ids)
                 assert prompt.startswith("问：") and prompt.endswith("\n答：")
@@ -72,14 +75,14 @@ def test_masks_cover_exactly_answer_and_eot(tmp_path, tokenizer, pack):
         meta_split = read_meta(out)["splits"][split]
         assert meta_split["blocks"] == len(toks) and meta_split["pairs"] == sum(q in by_question for q in seen) - (
             0 if split == "train" else read_meta(out)["splits"]["train"]["pairs"])
-    assert sorted(seen) == sorted(by_question)
+    assert sorted(seen) == sorted(by_question) and (most >= 2) == pack
     meta = read_meta(out)
     assert meta["sft_template"] == "问：{question}\n答：" and meta["kind"] == "sft"
     assert meta["packing"] == ("sft_packed" if pack else "sft")
     assert meta["tokenizer"] == tok.meta() and "pad_id" not in meta and "vocab_size" not in meta
     chars = sum(len(sft_prompt(p["question"])) + len(p["answer"]) for p in ps)
     assert meta["splits"]["train"]["characters"] + meta["splits"]["val"]["characters"] == chars
-    assert (out / "train.bin").stat().st_size % (2 * BLOCK) == 0
+    assert (out / "train.bin").stat().st_size % (2 * block) == 0
 
 
 def test_packing_shuffles_whole_pairs_and_is_deterministic(tmp_path):
@@ -164,9 +167,11 @@ def test_val_split_holds_out_entities(tmp_path, enc):
     sides = {}
     for split in ("train", "val"):
         toks = read_bin(tmp_path / "sft" / f"{split}.bin").reshape(-1, BLOCK)
-        for t in toks:
-            question = enc.decode(t[t != GPT2.pad_id].tolist()).split("\n答：")[0].removeprefix("问：")
-            sides.setdefault(entity[question], set()).add(split)
+        masks = read_bin(tmp_path / "sft" / f"{split}_mask.bin", np.uint8).reshape(-1, BLOCK)
+        for t, m in zip(toks, masks):
+            for prompt, _ in block_pairs(t, m, GPT2):
+                question = enc.decode(prompt).removesuffix("\n答：").removeprefix("问：")
+                sides.setdefault(entity[question], set()).add(split)
     assert len(sides) == 30 and {"train"} in sides.values() and {"val"} in sides.values()
     assert all(len(s) == 1 for s in sides.values()), {e: s for e, s in sides.items() if len(s) > 1}
 

@@ -99,7 +99,7 @@ def test_loss_estimate_is_summed_nll_over_counted_targets(sft_model):
 def test_tokens_per_s_counts_targets_and_the_log_shows_the_uncounted_share(tmp_path):
     pairs = [{"question": f"第{i}题是什么？", "answer": f"答案是{i}。"} for i in range(1, 10)]
     run_script("data/prepare_sft.py", "--tokenizer=gpt2", f"--input={write_jsonl(tmp_path / 'sft.jsonl', pairs)}",
-               f"--out_dir={tmp_path / 'sft'}", "--block_size=48", "--val_fraction=0")
+               f"--out_dir={tmp_path / 'sft'}", "--block_size=48", "--val_fraction=0", "--pack=False")
     counted = counted_per_block(tmp_path / "sft", 48)
     assert len(set(counted)) == 1, "every block counts the same targets: the share is known"
     share = 1 - counted[0] / 48
