@@ -1,6 +1,8 @@
 # Supervised fine-tuning of the course model (config/train_config.py) on question/answer pairs.
 #   python data/prepare_sft.py --tokenizer=gpt2 --out_dir=data/processed_sft_gpt2 [--input=my_sft.json]
 #   python train.py config/train_config_sft.py
+# prepare_sft.py packs about 2.5 pairs a block here, so 3000 steps of 32 blocks are about 2.4 epochs
+# of the default data (one pair a block, --pack=False: about one epoch).
 out_dir = "out-sft"
 data_dir = "data/processed_sft_gpt2"
 tokenizer = "gpt2"

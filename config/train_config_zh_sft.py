@@ -1,5 +1,6 @@
 # Supervised fine-tuning of config/train_config_zh.py's model on question/answer pairs. With the
-# corpus tokenizer a pair is about 41 tokens (99.9% fit in 128), so blocks of 128 halve the padding.
+# corpus tokenizer a pair is about 41 tokens (99.9% fit in 128); prepare_sft.py packs about three a
+# block of 128, so 3000 steps of 32 blocks are about 2.8 epochs of the default data.
 #   python data/prepare_sft.py --block_size=128 [--input=my_sft.json --tokenizer=<the pretraining data's>]
 #   python train.py config/train_config_zh_sft.py
 out_dir = "out-zh-sft"
