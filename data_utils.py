@@ -9,8 +9,9 @@ x holds token ids, y is x shifted left by one (the next token), loss_mask (bool,
 says which targets count:
   stream            random windows of block_size + 1 tokens; every target counts
   aligned / packed  whole blocks; a target counts unless it is PAD (all after a block's last EOT)
-  sft               whole blocks; a target counts where the prepare step marked an answer token
-                    or its closing EOT; the question, the "答：" prompt and padding never do
+  sft, sft_packed   whole blocks of one pair (sft_packed: several whole pairs a train block); a
+                    target counts where the prepare step marked an answer token or its closing
+                    EOT; questions, the "答：" prompts and padding never do
 The files are opened as np.memmap afresh for every batch, so RAM does not grow with the corpus.
 """
 import json
