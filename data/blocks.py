@@ -155,10 +155,7 @@ class ShuffledPieces:
         self.starts.append(len(self.codes))
         self.keys.append(int.from_bytes(hashlib.blake2b(raw, digest_size=8, key=b"miniglm-shuffle").digest(), "little"))
 
-    def __len__(self) -> int:
-        return len(self.keys)
-
     def __iter__(self):
-        codes = np.frombuffer(self.codes, dtype=np.uint32) if self.codes else np.zeros(0, np.uint32)
+        codes = np.frombuffer(self.codes, dtype=np.uint32)
         for i in sorted(range(len(self.keys)), key=self.keys.__getitem__):
             yield codes[self.starts[i]:self.starts[i + 1]]

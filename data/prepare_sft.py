@@ -50,8 +50,8 @@ if find_spec("configurator") is None:  # python data/x.py finds the shared modul
 import numpy as np
 
 from configurator import configure
-from data.records import pair_entity, read_records, split_hash, string_field
 from data.blocks import BestFitPacker, ShuffledPieces
+from data.records import pair_entity, read_records, split_hash, string_field
 from data.splits import SplitWriter, ValReserve, commit_outputs, source_names, start_prepare
 from data.tokenizer import SFT_TEMPLATE, encode_pair, sft_prompt
 
@@ -133,7 +133,8 @@ if __name__ == "__main__":
             splits[s] = dict(c) | {"blocks": file_tokens // block_size, "file_tokens": file_tokens,
                                    "padding_fraction": round(1 - c["tokens"] / max(1, file_tokens), 4)}
         meta = {
-            "tokenizer": tok.meta(), "kind": "sft", "packing": "sft_packed" if pack else "sft", "block_size": block_size, "block_aligned": True,
+            "tokenizer": tok.meta(), "kind": "sft", "packing": "sft_packed" if pack else "sft",
+            "block_size": block_size, "block_aligned": True,
             "sft_template": SFT_TEMPLATE, "overflow_policy": "drop", "val_fraction": val_fraction,
             "moved_to": reserve.moved, "moved_hashes": reserve.moved_hashes,
             "splits": splits, "problems": dict(report.counts), "sources": source_names(paths),
