@@ -66,21 +66,21 @@ class LayerNorm(nn.Module):
 
 
 class KVCache:
-    """Keys and values of every layer, allocated once per layer for block_size tokens as
-    (B, n_head, block_size, head_dim) (the dtype and device of the first k, v it is given) and
-    written in place; the first `length` columns are filled. GPT.forward advances length after the
+    """Keys and values of every layer, allocated once per layer for `size` tokens as
+    (B, n_head, size, head_dim) (the dtype and device of the first k, v it is given) and written
+    in place; the first `length` columns are filled. GPT.forward advances length after the
     last layer, so every layer of one call writes at the same columns."""
 
-    def __init__(self, n_layer: int, block_size: int):
+    def __init__(self, n_layer: int, size: int):
         self.k, self.v = [None] * n_layer, [None] * n_layer
-        self.block_size, self.length = block_size, 0
+        self.size, self.length = size, 0
 
     def update(self, layer: int, k, v):
         """Write k, v (B, n_head, T, head_dim) after the filled columns; the filled keys and values."""
         if self.k[layer] is None:
             B, H, _, D = k.shape
-            self.k[layer] = k.new_empty(B, H, self.block_size, D)
-            self.v[layer] = v.new_empty(B, H, self.block_size, D)
+            self.k[layer] = k.new_empty(B, H, self.size, D)
+            self.v[layer] = v.new_empty(B, H, self.size, D)
         end = self.length + k.size(2)
         self.k[layer][:, :, self.length:end] = k
         self.v[layer][:, :, self.length:end] = v
@@ -296,14 +296,15 @@ class GPT(nn.Module):
                 seen = torch.zeros(len(ctx), vocab, dtype=torch.bool, device=device)
                 for i, c in enumerate(ctx):
                     seen[i, c] = True
-            if crop or not use_cache or (cache is not None and cache.length >= block):
+            if crop or not use_cache or (cache is not None and cache.length >= cache.size):
                 cache = None
             if cache is None:  # the whole context, left-padded: (B, width)
                 width = max(map(len, ctx))
                 x = torch.tensor([[0] * (width - len(c)) + c for c in ctx], dtype=torch.long, device=device)
                 pad = None if all(len(c) == width for c in ctx) else torch.tensor([width - len(c) for c in ctx],
                                                                                    device=device)
-                cache = KVCache(self.config.n_layer, block) if use_cache else None
+                # columns for what this call can still add, at most a block (memory: B x size per layer)
+                cache = KVCache(self.config.n_layer, min(block, width + max_new_tokens)) if use_cache else None
             else:  # the newest token of each row: (B, 1)
                 x = torch.tensor([c[-1:] for c in ctx], dtype=torch.long, device=device)
             logits, _ = self(x, cache=cache, pad=pad)

@@ -216,8 +216,8 @@ def test_sft_evaluation_end_to_end_with_report(sft_model, tmp_path):
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_answers_generated_together_are_the_answers_one_at_a_time(sft_model, temperature):
     """engine.reply_batch (evaluations.py's gen_batch_size) against reply, question by question, in
-    float32 with evaluations' repetition penalty: memorized answers end at EOT early, some of the others
-    (questions it never saw, of other lengths) run to max_new_tokens (the block rule: test_model)."""
+    float32 with evaluations' repetition penalty: memorized answers end at EOT early, the others
+    (questions it never saw, of other lengths) end at other steps (the block rule: test_model)."""
     model, ckpt = load_model(sft_model, "cpu", "fp32")
     texts = [p["question"] for p in PAIRS[:5]] + ["你好", "请用一句话解释什么是机器学习，并举一个例子。", "天",
                                               "床前明月光，疑是地上霜。举头望明月，"]
@@ -234,7 +234,8 @@ def test_answers_generated_together_are_the_answers_one_at_a_time(sft_model, tem
         assert a.keys() == b.keys() and {k: a[k] for k in a if k != "seconds"} == {k: b[k] for k in b if k != "seconds"}
     if temperature == 0:
         assert [t for t, _ in together[:5]] == [p["answer"] for p in PAIRS[:5]]
-    assert {s["stopped_at_eot"] for _, s in together} == {True, False}
+    # rows leave the batch at different steps (finished rows drop out while others go on), some at EOT
+    assert len({s["new_tokens"] for _, s in together}) > 2 and any(s["stopped_at_eot"] for _, s in together)
 
 
 def test_sampling_is_deterministic_under_seed_and_cut_by_max_samples(sft_model, tmp_path):
