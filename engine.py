@@ -8,7 +8,8 @@ prompt (the chat template and cutting to fit), the generation loop's stopping an
 
 mode is how the text is used: "chat" puts it in the checkpoint's own SFT template (exactly the
 text the model was trained on) and the model answers; "generate" continues the text itself.
-sample.py, the web app (serving.py), evaluations.py and bench.py all generate through here.
+sample.py, the web app (serving.py), evaluations.py and bench.py all generate through here
+(evaluations.py several questions at a time: reply_batch).
 """
 import sys
 import time
@@ -198,6 +199,10 @@ def fit_prompt(ckpt: dict, text: str, mode: str, block_size: int, max_new_tokens
     return Prompt(fits(n), cut(n), history, len(text), room, block_size, mode)
 
 
+def prompt_stats(prompt: Prompt) -> dict:
+    return {"prompt_tokens": len(prompt.ids), "input_chars": prompt.chars, "kept_chars": len(prompt.text)}
+
+
 def stream_reply(model: GPT, ckpt: dict, text: str, mode: str, max_new_tokens: int = SAMPLING_DEFAULTS["max_new_tokens"],
                  temperature: float = SAMPLING_DEFAULTS["temperature"], top_k: int | None = SAMPLING_DEFAULTS["top_k"],
                  top_p: float | None = SAMPLING_DEFAULTS["top_p"],
@@ -212,7 +217,7 @@ def stream_reply(model: GPT, ckpt: dict, text: str, mode: str, max_new_tokens: i
     if prompt is None:
         prompt = fit_prompt(ckpt, text, mode, model.config.block_size, max_new_tokens, history)
     if stats is not None:
-        stats.update(prompt_tokens=len(prompt.ids), input_chars=prompt.chars, kept_chars=len(prompt.text))
+        stats.update(prompt_stats(prompt))
     idx = torch.tensor([prompt.ids], dtype=torch.long, device=device)
     tok = checkpoint.tokenizer(ckpt)
     decoder, n, eot, t0 = StreamDecoder(tok), 0, False, time.perf_counter()
@@ -244,3 +249,28 @@ def stream_reply(model: GPT, ckpt: dict, text: str, mode: str, max_new_tokens: i
 
 def reply(model: GPT, ckpt: dict, text: str, mode: str, **kwargs) -> str:
     return "".join(stream_reply(model, ckpt, text, mode, **kwargs))
+
+
+def reply_batch(model: GPT, ckpt: dict, texts: list, mode: str, generators: list | None = None, utf8_only: bool = True,
+                max_new_tokens: int = SAMPLING_DEFAULTS["max_new_tokens"], temperature: float = SAMPLING_DEFAULTS["temperature"],
+                top_k: int | None = SAMPLING_DEFAULTS["top_k"], top_p: float | None = SAMPLING_DEFAULTS["top_p"],
+                repetition_penalty: float = SAMPLING_DEFAULTS["repetition_penalty"]) -> list:
+    """The replies to several texts generated together (model.generate_batch), as [(text, stats)]:
+    each text what reply() gives with the same settings and generators[i] (in float32; in bfloat16
+    a batch's matmuls can round differently and a near tie can go the other way), each stats what
+    stream_reply's holds, seconds counted from the batch's start to the row's last token."""
+    tok = checkpoint.tokenizer(ckpt)
+    prompts = [fit_prompt(ckpt, text, mode, model.config.block_size, max_new_tokens) for text in texts]
+    stats = [prompt_stats(p) | {"new_tokens": 0, "stopped_at_eot": False} for p in prompts]
+    decoders, pieces, t0 = [StreamDecoder(tok) for _ in texts], [[] for _ in texts], time.perf_counter()
+    for step in model.generate_batch([p.ids for p in prompts], max_new_tokens, temperature, top_k, top_p,
+                                     repetition_penalty, tok.eot_id, tok.vocab_size, generators=generators,
+                                     constraint=utf8_constraint(tok, model.config.vocab_size) if utf8_only else None):
+        for row, token in step:
+            stats[row]["new_tokens"] += 1
+            stats[row]["seconds"] = time.perf_counter() - t0
+            if token == tok.eot_id:
+                stats[row]["stopped_at_eot"] = True
+            else:
+                pieces[row].append(decoders[row].push(token))
+    return [("".join(p) + d.flush(), s) for p, d, s in zip(pieces, decoders, stats)]

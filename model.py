@@ -1,9 +1,11 @@
-"""MiniGLM's decoder-only transformer (GPT-2 style) with a masked loss and KV-cache generation.
+"""MiniGLM's decoder-only transformer (GPT-2 style) with a masked loss and KV-cache generation
+(one prompt, or a left-padded batch of prompts).
 
     from model import GPT, GPTConfig
     model = GPT(GPTConfig(block_size=256))        # 6 layers, 512 wide, 8 heads: about 45M params
     logits, loss = model(x, y, loss_mask)         # x, y, loss_mask: (B, T); loss: mean over counted targets
     for token in model.generate(prompt_ids, max_new_tokens=256, eot_id=tok.eot_id): ...   # tok: the data's tokenizer
+    for step in model.generate_batch([ids_a, ids_b], 128, eot_id=tok.eot_id): ...  # [(row, token)] a step
 
 No I/O here: no paths, no tokenizer, no argparse. Attention is torch's scaled_dot_product_attention
 (flash/memory-efficient kernels where the device has them).
@@ -64,22 +66,34 @@ class LayerNorm(nn.Module):
 
 
 class KVCache:
-    """Keys and values of every layer for the tokens seen so far: (B, n_head, T, head_dim) each."""
+    """Keys and values of every layer, allocated once per layer for `size` tokens as
+    (B, n_head, size, head_dim) (the dtype and device of the first k, v it is given) and written
+    in place; the first `length` columns are filled. GPT.forward advances length after the
+    last layer, so every layer of one call writes at the same columns."""
 
-    def __init__(self, n_layer: int):
-        self.k = [None] * n_layer
-        self.v = [None] * n_layer
-
-    @property
-    def length(self) -> int:
-        return 0 if self.k[0] is None else self.k[0].size(2)
+    def __init__(self, n_layer: int, size: int):
+        self.k, self.v = [None] * n_layer, [None] * n_layer
+        self.size, self.length = size, 0
 
     def update(self, layer: int, k, v):
-        if self.k[layer] is not None:
-            k = torch.cat([self.k[layer], k], dim=2)
-            v = torch.cat([self.v[layer], v], dim=2)
-        self.k[layer], self.v[layer] = k, v
-        return k, v
+        """Write k, v (B, n_head, T, head_dim) after the filled columns; the filled keys and values."""
+        if self.k[layer] is None:
+            B, H, _, D = k.shape
+            self.k[layer] = k.new_empty(B, H, self.size, D)
+            self.v[layer] = v.new_empty(B, H, self.size, D)
+        end = self.length + k.size(2)
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def keep(self, rows):
+        """Keep only these batch rows (a (B',) index tensor), e.g. when the others have finished:
+        new buffers, with only the filled columns copied."""
+        for buffers in (self.k, self.v):
+            for layer, t in enumerate(buffers):
+                if t is not None:
+                    buffers[layer] = t.new_empty(len(rows), *t.shape[1:])
+                    buffers[layer][:, :, :self.length] = t[:, :, :self.length].index_select(0, rows)
 
 
 class CausalSelfAttention(nn.Module):
@@ -91,21 +105,21 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head, self.dropout = config.n_head, config.dropout
 
-    def forward(self, x, cache: KVCache | None = None, layer: int = 0, past: int = 0):
-        """past: how many tokens the cache held before this call (the same for every layer)."""
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0, past: int = 0, mask=None):
+        """past: how many tokens the cache held before this call (the same for every layer). mask:
+        (B, 1, T, past + T) bool, True where a query may see a key (GPT.forward's, for padded
+        batches); None: causal."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_dim)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        if past == 0:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                               is_causal=True)
-        else:
+        if mask is None and past > 0 and T > 1:
             # new queries sit at positions past..past+T-1 and may see keys 0..past+i (all, if T == 1)
-            mask = None if T == 1 else torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+                                           is_causal=mask is None and past == 0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -129,8 +143,8 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None, layer=0, past=0):
-        x = x + self.attn(self.ln_1(x), cache, layer, past)
+    def forward(self, x, cache=None, layer=0, past=0, mask=None):
+        x = x + self.attn(self.ln_1(x), cache, layer, past, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -165,7 +179,7 @@ class GPT(nn.Module):
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
     def forward(self, idx, targets=None, loss_mask=None, cache: KVCache | None = None, return_logits=True,
-                reduction: str = "mean"):
+                reduction: str = "mean", pad=None):
         """idx, targets, loss_mask: (B, T). Returns (logits, loss).
 
         With targets: logits (B, T, vocab) and loss = sum(ce * mask) / sum(mask), the mean
@@ -175,7 +189,9 @@ class GPT(nn.Module):
         DDP, evaluation). return_logits=False (training) skips the vocabulary projection of
         positions the mask does not count and returns logits None: for SFT blocks, mostly
         question and padding, that is most of the work. Without targets: logits of the last
-        position only, (B, 1, vocab), and loss None. With a cache, idx continues the cached tokens."""
+        position only, (B, 1, vocab), and loss None. With a cache, idx continues the cached tokens.
+        pad (B,) (generation of a left-padded batch): the columns before pad[b] are padding, never
+        attended to, and row b's first real token has position 0."""
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction={reduction!r}: expected mean or sum")
         B, T = idx.size()
@@ -183,9 +199,18 @@ class GPT(nn.Module):
         if past + T > self.config.block_size:
             raise ValueError(f"sequence of {past + T} tokens exceeds block_size {self.config.block_size}")
         pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
+        attn_mask = None
+        if pad is not None:
+            # (B, 1, T, past + T): query column i sees key column j <= i from pad[b] on; a padding
+            # query sees itself only, so no row of the softmax is all -inf (that would give nan)
+            keys = torch.arange(past + T, device=idx.device)
+            attn_mask = ((keys <= pos[:, None]) & ((keys >= pad[:, None, None]) | (keys == pos[:, None])))[:, None]
+            pos = (pos - pad[:, None]).clamp(min=0)  # (B, T)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache, i, past)
+            x = block(x, cache, i, past, attn_mask)
+        if cache is not None:
+            cache.length += T
         x = self.transformer.ln_f(x)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None
@@ -238,52 +263,95 @@ class GPT(nn.Module):
         (optional) restricts each step to constraint.allowed(state), a (vocab,) bool mask, with
         state = constraint.advance(state, token) after every token (starting at 0). Stops after
         yielding eot_id."""
-        block = self.config.block_size
-        ctx = idx[:, -(block - 1):]
-        cache, fed = None, 0  # fed: how many tokens of ctx the cache holds
-        state = 0
+        for [(_, token)] in self.generate_batch([idx[0].tolist()], max_new_tokens, temperature, top_k, top_p,
+                                                repetition_penalty, eot_id, max_token_id, use_cache, [generator],
+                                                constraint):
+            yield token
+
+    @torch.no_grad()
+    def generate_batch(self, prompts: list, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                       top_p: float | None = None, repetition_penalty: float = 1.0, eot_id: int | None = None,
+                       max_token_id: int | None = None, use_cache: bool = True, generators=None, constraint=None):
+        """generate for several prompts (lists of ids, of any lengths) at once: each step yields
+        [(row, token)] for the rows still going (row: the prompt's index). Every row follows
+        generate's rules on its own context: the block rule, the repetition penalty over its own
+        tokens, its own constraint state and its own generator (generators[row]); a row stops
+        after yielding eot_id. The batch is left-padded (GPT.forward's pad): every row's newest
+        token is in the last column. A finished row leaves the batch; when a row's context
+        reaches block_size, or the cache has no free column, the cache is rebuilt from every
+        row's context (re-padded to the longest)."""
+        block, vocab = self.config.block_size, self.config.vocab_size
+        device = self.lm_head.weight.device
+        if generators is not None and len(generators) != len(prompts):
+            raise ValueError(f"{len(generators)} generators for {len(prompts)} prompts: expected one a prompt")
+        ctx = [list(p[-(block - 1):]) for p in prompts]
+        rows, states = list(range(len(prompts))), [0] * len(prompts)
+        generators = list(generators) if generators is not None else [None] * len(prompts)
+        cache, pad, seen = None, None, None  # seen: (B, vocab) bool, the tokens in each row's context
         for _ in range(max_new_tokens):
-            if ctx.size(1) >= block:
-                ctx = ctx[:, -(block // 2):]
-                cache, fed = None, 0
-            if use_cache:
-                if cache is None:
-                    cache = KVCache(self.config.n_layer)
-                logits, _ = self(ctx[:, fed:], cache=cache)
-                fed = ctx.size(1)
-            else:
-                logits, _ = self(ctx)
-            logits = logits[:, -1, :].float()
+            crop = [i for i, c in enumerate(ctx) if len(c) >= block]
+            for i in crop:
+                ctx[i] = ctx[i][-(block // 2):]
+            if crop or seen is None:
+                seen = torch.zeros(len(ctx), vocab, dtype=torch.bool, device=device)
+                for i, c in enumerate(ctx):
+                    seen[i, c] = True
+            if crop or not use_cache or (cache is not None and cache.length >= cache.size):
+                cache = None
+            if cache is None:  # the whole context, left-padded: (B, width)
+                width = max(map(len, ctx))
+                x = torch.tensor([[0] * (width - len(c)) + c for c in ctx], dtype=torch.long, device=device)
+                pad = None if all(len(c) == width for c in ctx) else torch.tensor([width - len(c) for c in ctx],
+                                                                                   device=device)
+                # columns for what this call can still add, at most a block (memory: B x size per layer)
+                cache = KVCache(self.config.n_layer, min(block, width + max_new_tokens)) if use_cache else None
+            else:  # the newest token of each row: (B, 1)
+                x = torch.tensor([c[-1:] for c in ctx], dtype=torch.long, device=device)
+            logits, _ = self(x, cache=cache, pad=pad)
+            logits = logits[:, -1, :].float()  # (B, vocab)
             if max_token_id is not None:
                 logits[:, max_token_id:] = -float("inf")
             if constraint is not None:
-                logits[:, ~constraint.allowed(state).to(logits.device)] = -float("inf")
+                allowed = torch.stack([constraint.allowed(s) for s in states]).to(device)
+                logits = logits.masked_fill(~allowed, -float("inf"))
             if repetition_penalty != 1.0:
-                seen = torch.unique(ctx)
-                picked = logits[:, seen]
-                logits[:, seen] = torch.where(picked > 0, picked / repetition_penalty, picked * repetition_penalty)
+                penalized = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+                logits = torch.where(seen, penalized, logits)
             if temperature <= 0:
-                nxt = logits.argmax(dim=-1, keepdim=True)
+                tokens = logits.argmax(dim=-1).tolist()
             else:
-                # candidates: the top_k logits (already sorted), else the whole sorted vocabulary;
-                # top_p on the sorted candidates keeps the first whose cumulative mass passes top_p
-                # (top_p 0: the first alone). Shifted so the best is 0 before dividing (float32: MPS
-                # has no float64) by at least 1e-6: a tiny temperature sends the others to -inf,
-                # never the best to inf or nan; below 1e-6 sampling is greedy in effect
-                if top_k:
-                    cand, order = torch.topk(logits, min(top_k, logits.size(-1)))  # (1, k)
-                else:
-                    cand, order = torch.sort(logits, descending=True)
-                cand = (cand - cand[:, :1]) / max(temperature, 1e-6)
-                if top_p is not None and top_p < 1:
-                    probs = torch.softmax(cand, dim=-1)
-                    cand = cand.masked_fill(probs.cumsum(dim=-1) - probs > top_p, -float("inf"))
-                pick = torch.multinomial(torch.softmax(cand, dim=-1), 1, generator=generator)
-                nxt = order.gather(1, pick)
-            ctx = torch.cat([ctx, nxt], dim=1)
-            token = int(nxt)
-            if constraint is not None:
-                state = constraint.advance(state, token)
-            yield token
-            if eot_id is not None and token == eot_id:
+                tokens = [self._sample(logits[i:i + 1], temperature, top_k, top_p, g) for i, g in enumerate(generators)]
+            seen[range(len(tokens)), tokens] = True
+            for i, token in enumerate(tokens):
+                ctx[i].append(token)
+                if constraint is not None:
+                    states[i] = constraint.advance(states[i], token)
+            yield list(zip(rows, tokens))
+            going = [i for i, token in enumerate(tokens) if token != eot_id]
+            if not going:
                 return
+            if len(going) < len(tokens):
+                ctx, rows, states, generators = ([a[i] for i in going] for a in (ctx, rows, states, generators))
+                keep = torch.tensor(going, device=device)
+                seen = seen.index_select(0, keep)
+                pad = None if pad is None else pad.index_select(0, keep)
+                if cache is not None:
+                    cache.keep(keep)
+
+    @staticmethod
+    def _sample(logits, temperature: float, top_k: int | None, top_p: float | None, generator) -> int:
+        """One token from logits (1, vocab). Candidates: the top_k logits (already sorted), else the
+        whole sorted vocabulary; top_p on the sorted candidates keeps the first whose cumulative mass
+        passes top_p (top_p 0: the first alone). Shifted so the best is 0 before dividing (float32:
+        MPS has no float64) by at least 1e-6: a tiny temperature sends the others to -inf, never the
+        best to inf or nan; below 1e-6 sampling is greedy in effect."""
+        if top_k:
+            cand, order = torch.topk(logits, min(top_k, logits.size(-1)))  # (1, k)
+        else:
+            cand, order = torch.sort(logits, descending=True)
+        cand = (cand - cand[:, :1]) / max(temperature, 1e-6)
+        if top_p is not None and top_p < 1:
+            probs = torch.softmax(cand, dim=-1)
+            cand = cand.masked_fill(probs.cumsum(dim=-1) - probs > top_p, -float("inf"))
+        pick = torch.multinomial(torch.softmax(cand, dim=-1), 1, generator=generator)
+        return int(order[0, pick[0, 0]])

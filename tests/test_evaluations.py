@@ -14,6 +14,7 @@ from test_prepare import corpus
 from data.records import clean_text, in_val
 from data.tokenizer import load_tokenizer
 from data_utils import load_dataset
+from engine import load_model, reply, reply_batch
 from data.records import Report
 from evaluations import load_cases, perplexity, split_document
 from metrics import BENCH, EVAL, distinct_2, is_garbled, is_repetitive, repeated_share, rouge, table_rows
@@ -210,6 +211,31 @@ def test_sft_evaluation_end_to_end_with_report(sft_model, tmp_path):
         assert section in report, section
     for png in ("loss.png", "eval.png"):
         assert (sft_model / png).read_bytes()[:8] == PNG and (sft_model / png).stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_answers_generated_together_are_the_answers_one_at_a_time(sft_model, temperature):
+    """engine.reply_batch (evaluations.py's gen_batch_size) against reply, question by question, in
+    float32 with evaluations' repetition penalty: memorized answers end at EOT early, the others
+    (questions it never saw, of other lengths) end at other steps (the block rule: test_model)."""
+    model, ckpt = load_model(sft_model, "cpu", "fp32")
+    texts = [p["question"] for p in PAIRS[:5]] + ["你好", "请用一句话解释什么是机器学习，并举一个例子。", "天",
+                                              "床前明月光，疑是地上霜。举头望明月，"]
+    settings = dict(max_new_tokens=16, temperature=temperature, top_k=50, top_p=0.95, repetition_penalty=1.5)
+    alone = []
+    for i, text in enumerate(texts):
+        stats = {}
+        alone.append((reply(model, ckpt, text, "chat", generator=torch.Generator().manual_seed(i), stats=stats,
+                            **settings), stats))
+    together = reply_batch(model, ckpt, texts, "chat", [torch.Generator().manual_seed(i) for i in range(len(texts))],
+                           **settings)
+    assert [t for t, _ in together] == [t for t, _ in alone]
+    for (_, a), (_, b) in zip(alone, together):
+        assert a.keys() == b.keys() and {k: a[k] for k in a if k != "seconds"} == {k: b[k] for k in b if k != "seconds"}
+    if temperature == 0:
+        assert [t for t, _ in together[:5]] == [p["answer"] for p in PAIRS[:5]]
+    # rows leave the batch at different steps (finished rows drop out while others go on), some at EOT
+    assert len({s["new_tokens"] for _, s in together}) > 2 and any(s["stopped_at_eot"] for _, s in together)
 
 
 def test_sampling_is_deterministic_under_seed_and_cut_by_max_samples(sft_model, tmp_path):

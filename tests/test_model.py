@@ -7,7 +7,7 @@ import torch
 from conftest import run_script
 
 from data.tokenizer import StreamDecoder, load_tokenizer
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, KVCache
 
 GPT2 = load_tokenizer("gpt2")
 EOT_ID, VOCAB_SIZE, MODEL_VOCAB_SIZE = GPT2.eot_id, GPT2.vocab_size, GPT2.model_vocab_size
@@ -75,12 +75,56 @@ def test_kv_cache_greedy_equals_uncached(prompt_len, new):
     assert cached == plain and len(cached) == new
 
 
+def test_kv_cache_is_allocated_once_and_written_in_place():
+    """One (B, n_head, block_size, head_dim) buffer per layer, the same storage every step, and the
+    cached logits those of the whole sequence without a cache."""
+    model = tiny(block_size=32)
+    seq = torch.randint(0, VOCAB_SIZE, (2, 12))
+    cache = KVCache(model.config.n_layer, 32)
+    model(seq[:, :9], cache=cache)
+    storage = [t.data_ptr() for t in cache.k + cache.v]
+    assert cache.length == 9 and all(t.shape == (2, 2, 32, 16) for t in cache.k + cache.v)
+    for t in range(9, 12):
+        logits, _ = model(seq[:, t:t + 1], cache=cache)
+        assert [t.data_ptr() for t in cache.k + cache.v] == storage
+        assert torch.allclose(logits, model(seq[:, :t + 1])[0], atol=1e-5)
+    assert cache.length == 12
+
+
 def test_kv_cache_sampling_equals_uncached_with_the_same_seed():
     model = tiny(block_size=32)
     idx = torch.randint(0, VOCAB_SIZE, (1, 6))
     runs = [list(model.generate(idx, 40, temperature=1.0, top_k=50, top_p=0.9, repetition_penalty=1.2,
                                 use_cache=c, generator=torch.Generator().manual_seed(7))) for c in (True, False)]
     assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("temperature, use_cache", [(0.0, True), (1.0, True), (0.0, False)])
+def test_batched_generation_equals_one_prompt_at_a_time(temperature, use_cache):
+    """float32, prompts of different lengths, some rows ending at EOT early, others running past
+    block_size (the rebuild), with the repetition penalty, the UTF-8 constraint and each row's own
+    generator: token for token what generate gives each prompt alone."""
+    from engine import utf8_constraint
+    model = tiny(block_size=32)
+    torch.manual_seed(1)
+    prompts = [torch.randint(0, VOCAB_SIZE, (n,)).tolist() for n in (3, 17, 1, 30, 9, 25, 40)]
+    settings = dict(temperature=temperature, top_k=50, top_p=0.9, repetition_penalty=1.5, max_token_id=VOCAB_SIZE,
+                    use_cache=use_cache, constraint=utf8_constraint(GPT2, model.config.vocab_size))
+
+    def alone(eot_id):
+        return [list(model.generate(torch.tensor([p]), 45, eot_id=eot_id, generator=torch.Generator().manual_seed(i),
+                                    **settings)) for i, p in enumerate(prompts)]
+
+    eot_id = alone(None)[0][4]  # a token the first row gives early: it ends there, as may others
+    expected, got = alone(eot_id), [[] for _ in prompts]
+    gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+    for step in model.generate_batch(prompts, 45, eot_id=eot_id, generators=gens, **settings):
+        assert len({row for row, _ in step}) == len(step) and all(not got[row] or got[row][-1] != eot_id
+                                                                  for row, _ in step)
+        for row, token in step:
+            got[row].append(token)
+    assert got == expected
+    assert len(got[0]) == 5 and max(map(len, got)) == 45, "rows end at EOT early and others run past the block"
 
 
 def test_long_prompt_keeps_its_last_tokens():
@@ -93,7 +137,7 @@ def test_never_samples_padding_ids_and_stops_at_eot(monkeypatch):
     model = tiny()
     favourite = {"id": 7}
 
-    def forward(idx, targets=None, loss_mask=None, cache=None):  # PAD and padding rows dominate
+    def forward(idx, targets=None, loss_mask=None, cache=None, pad=None):  # PAD and padding rows dominate
         logits = torch.zeros(idx.size(0), 1, MODEL_VOCAB_SIZE)
         logits[..., VOCAB_SIZE:] = 100.0
         logits[..., favourite["id"]] = 1.0
@@ -123,7 +167,7 @@ def test_top_k_and_top_p_sample_only_from_their_set(monkeypatch, top_k, top_p, a
     probs = torch.full((MODEL_VOCAB_SIZE,), 0.0)
     probs[:4] = torch.tensor([0.4, 0.3, 0.2, 0.1])
 
-    def forward(idx, targets=None, loss_mask=None, cache=None):
+    def forward(idx, targets=None, loss_mask=None, cache=None, pad=None):
         return torch.log(probs).expand(idx.size(0), 1, -1), None
 
     monkeypatch.setattr(model, "forward", forward)
@@ -136,7 +180,7 @@ def test_top_k_and_top_p_sample_only_from_their_set(monkeypatch, top_k, top_p, a
 def test_a_temperature_near_zero_is_greedy(monkeypatch, temperature):
     model = tiny()
     logits = torch.linspace(-40.0, 60.0, MODEL_VOCAB_SIZE)[torch.randperm(MODEL_VOCAB_SIZE)]
-    monkeypatch.setattr(model, "forward", lambda idx, cache=None: (logits.expand(idx.size(0), 1, -1), None))
+    monkeypatch.setattr(model, "forward", lambda idx, cache=None, pad=None: (logits.expand(idx.size(0), 1, -1), None))
     x = torch.zeros(1, 1, dtype=torch.long)
     for top_k, top_p in [(None, None), (50, 0.95), (0, 1.0)]:
         out = list(model.generate(x, 5, temperature=temperature, top_k=top_k, top_p=top_p,
