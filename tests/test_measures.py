@@ -131,14 +131,13 @@ def test_rare_characters_are_flagged_and_common_ones_are_not():
 
 
 def answer_with(monkeypatch, predictions: dict):
-    """evaluations.stream_reply replaced by fixed answers to each prompt."""
-    def fake(model, ckpt, prompt, mode, generator, stats, **settings):
-        stats |= {"stopped_at_eot": True, "new_tokens": 1, "seconds": 0.01}
-        yield predictions[prompt]
-    monkeypatch.setattr(evaluations, "stream_reply", fake)
+    """evaluations.reply_batch replaced by fixed answers to each prompt."""
+    def fake(model, ckpt, prompts, mode, generators, **settings):
+        return [(predictions[p], {"stopped_at_eot": True, "new_tokens": 1, "seconds": 0.01}) for p in prompts]
+    monkeypatch.setattr(evaluations, "reply_batch", fake)
 
 
-SETTINGS = {"seed": 1, "max_new_tokens": 8, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0,
+SETTINGS = {"seed": 1, "gen_batch_size": 2, "max_new_tokens": 8, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0,
             "rouge_max_words": 1000}
 
 

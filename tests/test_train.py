@@ -306,9 +306,13 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path):
 
 
 def start_training(data, out, *extra):
+    """train.py in the background. Its SIGINT is reset to the default first: a shell without job
+    control starts background commands with SIGINT ignored, and a child inherits that (Python then
+    keeps it ignored, and Ctrl-C would never reach train.py)."""
     return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TINY, f"--data_dir={data / 'pre'}",
                              f"--out_dir={out}", "--max_iters=100000", "--lr_decay_iters=100000", *extra],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for(cond, seconds=120):
