@@ -280,6 +280,8 @@ def test_evaluations_bad_input_messages(sft_model, tmp_path):
     assert proc.returncode != 0 and "no checkpoint here" in proc.stderr
     proc = run_script("evaluations.py", f"--out_dir={sft_model}", "--max_samples=-1", check=False)
     assert proc.returncode != 0 and "--max_samples=-1: out of range" in proc.stderr
+    proc = run_script("evaluations.py", f"--out_dir={sft_model}", "--gen_batch_size=0", check=False)
+    assert proc.returncode != 0 and "--gen_batch_size=0: out of range" in proc.stderr and "Traceback" not in proc.stderr
     for arg, words in [("--top_p=-1", "--top_p=-1.0: expected a number from 0.0 to 1.0"),
                        ("--top_k=-1", "--top_k=-1: expected a whole number from 0 to")]:
         proc = run_script("evaluations.py", f"--out_dir={sft_model}", arg, check=False)
