@@ -281,7 +281,7 @@ class GPT(nn.Module):
         reaches block_size, or the cache has no free column, the cache is rebuilt from every
         row's context (re-padded to the longest)."""
         block, vocab = self.config.block_size, self.config.vocab_size
-        device = self.lm_head.weight.device
+        device = self.transformer.wte.weight.device
         if generators is not None and len(generators) != len(prompts):
             raise ValueError(f"{len(generators)} generators for {len(prompts)} prompts: expected one a prompt")
         ctx = [list(p[-(block - 1):]) for p in prompts]
