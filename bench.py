@@ -24,6 +24,13 @@ Groups:
            time to the first streamed text and tokens/s end to end, median of 5 after a warm-up,
            against the same app sending an update per piece (--stream_every=0), called in turn;
            sample.py's own tokens/s in the default precision and in fp32, in the same run.
+  precision the quantization table: per precision (fp32, bf16, int8), the 45M SFT checkpoint of the
+           ui group and every out_dir in --precision_models (e.g. the demo's out-cpu,out-cpu-sft):
+           checkpoint size (int8: sample.py --save_quantized's file), resident memory of a fresh
+           sample.py process, first-token latency, tokens/s and characters/s at batch 1 with the
+           app's sampling (measure.decode_speed, the precisions taking turns in one process);
+           for the trained models also evaluations.py's held-out perplexity, bits per character
+           and Rouge-L (its defaults as in make demo) in that precision.
   tokenizer data/train_tokenizer.py on the default corpus at each of tokenizer_vocabs (wall time),
            then held-out tokens per character and single-thread encoding characters/s of GPT-2's
            tokenizer and of each trained one, on prepare.py's val documents (which the trained
@@ -49,11 +56,14 @@ from pathlib import Path
 
 from configurator import configure
 from measure import (
+    cpu_description,
+    decode_speed,
     demo_model_speeds,
     document_nll,
     nanogpt_generate,
     plain_loop_positions_per_s,
     run_sampled,
+    serving_rss_mb,
 )
 from metrics import BENCH
 
@@ -65,6 +75,7 @@ packing_iters = 150
 packing_docs = 400                         # held-out documents scored per packing layout
 corpus = "data/raw/pretrain.jsonl"
 tokenizer_vocabs = "4096,8192,16384"       # the tokenizer group's vocabulary sizes
+precision_models = ""                      # the precision group's trained out_dirs ("," between them)
 # -----------------------------------------------------------------------------
 RENAMED_KEYS = {"modes_iters": "packing_iters", "modes_docs": "packing_docs"}
 DEFAULT_CORPUS = ROOT / "data/raw/pretrain.jsonl"  # what data/fetch_data.py builds
@@ -141,13 +152,21 @@ def bench_train() -> None:
 
 
 def bench_generate() -> None:
+    import copy
+
     import torch
 
+    import quant
+    from engine import PRECISIONS, pick_precision
     from model import GPT, GPTConfig
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=256)).eval()
     prompt = torch.randint(0, 256, (1, 16))
+    precision = pick_precision("cpu")  # what sample.py and the app choose here
+    auto = copy.deepcopy(model)
+    auto = quant.quantize_int8(auto) if precision == "int8" else auto.to(PRECISIONS[precision])
     list(model.generate(prompt, 8, temperature=0))  # warm-up
+    list(auto.generate(prompt, 8, temperature=0))
     for new in (256, 512):
         rates = {}
         for name, use_cache in (("kv", True), ("nocache", False)):  # same model, same cropping rule
@@ -163,6 +182,12 @@ def bench_generate() -> None:
                "(nanoGPT's generate: whole last block every step)", new=new)
         metric("generate_kv_speedup_{new}", rates["kv"] / rates["nocache"], "(vs use_cache=False)", new=new)
         metric("generate_kv_speedup_vs_nanogpt_{new}", rates["kv"] / rates["nanogpt"], new=new)
+        t0 = time.perf_counter()
+        rates["auto"] = len(list(auto.generate(prompt, new, temperature=0))) / (time.perf_counter() - t0)
+        metric("generate_tokens_per_s_auto_{new}", rates["auto"],
+               f"(the same model in the automatic precision, {precision}: batch 1, greedy)", new=new)
+        metric("generate_auto_speedup_vs_nanogpt_{new}", rates["auto"] / rates["nanogpt"],
+               "(nanoGPT's generate in fp32, the same run)", new=new)
 
 
 def random_sft_checkpoint(out_dir: Path) -> None:
@@ -304,15 +329,65 @@ def bench_tokenizer() -> None:
                tokenizer=name)
 
 
+def bench_precision(precisions=("fp32", "bf16", "int8"), rounds: int = 3) -> None:
+    import statistics
+
+    import checkpoint
+    from engine import load_model
+    prompt = "成语“画蛇添足”是什么意思？"
+    with tempfile.TemporaryDirectory() as tmp:
+        models = {"45m": Path(tmp) / "45m"} | {Path(m).name: Path(m) for m in precision_models.split(",") if m}
+        random_sft_checkpoint(models["45m"])
+        for name, path in models.items():
+            sizes = {"fp32": checkpoint.checkpoint_file(path).stat().st_size}
+            int8_file = Path(tmp) / f"{name}-int8" / "ckpt.pt"
+            subprocess.run([sys.executable, "sample.py", f"--out_dir={path}", f"--save_quantized={int8_file.parent}"],
+                           cwd=ROOT, capture_output=True, check=True)
+            sizes["int8"] = int8_file.stat().st_size
+            loaded = {p: load_model(path, "cpu", p) for p in precisions}
+            speeds = {p: [] for p in precisions}
+            for _ in range(rounds):  # the precisions take turns: a busy moment slows them alike
+                for p, (model, ckpt) in loaded.items():
+                    speeds[p].append(decode_speed(model, ckpt, prompt, 256, rounds=1))
+            for p in precisions:
+                first, tps, cps = (statistics.median(x[i] for x in speeds[p]) for i in range(3))
+                unit = f"({name}, {p}, batch 1, app's sampling, 256 new tokens, CPU)"
+                metric("precision_first_token_s_{model}_{precision}", first, unit, model=name, precision=p)
+                metric("precision_tokens_per_s_{model}_{precision}", tps, unit, model=name, precision=p)
+                metric("precision_chars_per_s_{model}_{precision}", cps, unit, model=name, precision=p)
+                metric("precision_rss_mb_{model}_{precision}", serving_rss_mb(sys.executable, path, p),
+                       f"(a fresh sample.py process after an 8-token reply, {name}, {p})", model=name, precision=p)
+                if p in sizes:
+                    metric("precision_checkpoint_mb_{model}_{precision}", sizes[p] / 2**20,
+                           "(ckpt.pt as trained: weights, and optimizer state if any)" if p == "fp32" else
+                           "(sample.py --save_quantized)", model=name, precision=p)
+            if name == "45m":
+                continue
+            for p in precisions:  # quality: evaluations.py in this precision, into a folder of its own
+                out = Path(tmp) / f"{name}-eval-{p}"
+                out.mkdir()
+                (out / "ckpt.pt").symlink_to(checkpoint.checkpoint_file(path).resolve())
+                pre = checkpoint.mode_of(checkpoint.read(path, mmap=True)) == "generate"
+                extra = ["--max_samples=100", "--max_new_tokens=64"] if pre else ["--max_samples=200"]
+                subprocess.run([sys.executable, "evaluations.py", f"--out_dir={out}", f"--precision={p}",
+                                "--seen_samples=0", *extra], cwd=ROOT, capture_output=True, check=True)
+                figures = json.loads((out / "eval.json").read_text(encoding="utf-8"))
+                for key in ("perplexity", "bits_per_char", "rouge_l"):
+                    if figures.get(key) is not None:
+                        metric("precision_{key}_{model}_{precision}", figures[key], f"(evaluations.py, {name}, {p})",
+                               key=key, model=name, precision=p)
+
+
 GROUPS = {"prepare": bench_prepare, "train": bench_train, "generate": bench_generate, "ui": bench_ui,
-          "tokenizer": bench_tokenizer, "packing": bench_packing}
-DEFAULT = ("prepare", "train", "generate", "ui", "tokenizer")
+          "tokenizer": bench_tokenizer, "packing": bench_packing, "precision": bench_precision}
+DEFAULT = ("prepare", "train", "generate", "ui", "precision", "tokenizer")
 
 if __name__ == "__main__":
     config = configure(globals())
     if only and only not in GROUPS:
         renamed = " (the group modes is now called packing)" if only == "modes" else ""
         sys.exit(f"--only={only!r}: expected one of {', '.join(GROUPS)}{renamed}")
+    print(f"# {cpu_description()}", file=sys.stderr)
     for name, fn in GROUPS.items():
         if only == name or (not only and name in DEFAULT):
             fn()

@@ -9,8 +9,10 @@ evaluations.py and the web app load), and ckpt_last.pt, the latest state (what
 train.py --init_from=resume continues). Each is a dict written with torch.save and read with
 torch.load(weights_only=True), so loading never runs code from the file:
 
-    format         FORMAT_VERSION; files written before the field existed are format 0 and read the same
+    format         1 (TRAINING_FORMAT), 2 (int8); files written before the field existed are format 0
     model          the weights (state_dict; a torch.compile prefix "_orig_mod." is dropped on load)
+    precision      "int8" in a checkpoint sample.py --save_quantized wrote (format 2): the weights are
+                   int8 with a scale per row (quant.py); absent (float32) in a training checkpoint
     model_args     the GPTConfig fields: the model is rebuilt from them, never from flags
     config         the training run's whole config (configurator's dict)
     data_meta      the data's meta.json: tokenizer (its record whole, a trained one with its ranks:
@@ -29,11 +31,13 @@ from pathlib import Path
 
 import torch
 
+import quant
 from data.records import atomic_path
 from data.tokenizer import Tokenizer, tokenizer_of
 from model import GPT, GPTConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest format this code reads; 2: int8 weights (save_quantized)
+TRAINING_FORMAT = 1  # what save writes: training checkpoints did not change, older code still reads them
 BEST, LAST = "ckpt.pt", "ckpt_last.pt"
 REQUIRED = ("model", "model_args", "data_meta", "config")
 
@@ -51,13 +55,26 @@ def save(out_dir, state: dict, best: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     last, best_path = out / LAST, out / BEST
     with atomic_path(last) as tmp:
-        torch.save({**state, "format": FORMAT_VERSION}, tmp)
+        torch.save({**state, "format": TRAINING_FORMAT}, tmp)
     if best:
         with atomic_path(best_path) as tmp:
             try:
                 os.link(last, tmp)
             except OSError:
                 shutil.copyfile(last, tmp)
+
+
+def save_quantized(ckpt: dict, model: GPT, path) -> Path:
+    """Write model (quantized by quant.quantize_int8) with ckpt's metadata to path (a .pt file, or
+    an out_dir: its ckpt.pt), atomically; no optimizer state, so it cannot be resumed. The file."""
+    path = checkpoint_file(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keep = ("model_args", "config", "data_meta", "iter_num", "best_val_loss")
+    state = {k: ckpt[k] for k in keep if k in ckpt} | {"model": model.state_dict(), "precision": "int8",
+                                                       "format": FORMAT_VERSION}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    return path
 
 
 def read(path, device: str = "cpu", mmap: bool = False) -> dict:
@@ -105,10 +122,11 @@ def tokenizer(ckpt: dict) -> Tokenizer:
 
 def build_model(ckpt: dict, path="checkpoint") -> GPT:
     """The model of a checkpoint dict, its weights loaded strictly (float32, train mode, on the
-    weights' device)."""
+    weights' device; int8 weights dequantized)."""
+    state = quant.dequantize_state(ckpt["model"]) if ckpt.get("precision") == "int8" else ckpt["model"]
     try:
         model = GPT(GPTConfig(**ckpt["model_args"]))
-        model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
+        model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in state.items()})
     except (TypeError, RuntimeError) as e:  # unknown model_args, or weights of another shape
         raise ValueError(f"{path}: the weights do not fit the checkpoint's model_args ({e})") from e
     return model

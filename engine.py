@@ -19,6 +19,7 @@ from functools import lru_cache
 import torch
 
 import checkpoint
+import quant
 from data.tokenizer import UTF8_STATES, StreamDecoder, Tokenizer, utf8_scan
 from model import GPT, select_device
 
@@ -34,9 +35,10 @@ SAMPLING = {"max_new_tokens": (256, 1, 1024, True),
             "repetition_penalty": (1.1, 1.0, 2.0, False)}
 SAMPLING_DEFAULTS = {k: v[0] for k, v in SAMPLING.items()}
 MODES = ("chat", "generate")
-# Inference precision (--precision): the weights' and activations' dtype while generating. Training
-# has its own autocast dtype (train.py --dtype). "" picks the fastest (pick_precision).
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Inference precision (--precision): the weights' and activations' dtype while generating; int8 is
+# int8 weights with bfloat16 activations (quant.py, CPU only). Training has its own autocast dtype
+# (train.py --dtype). "" picks the fastest (pick_precision).
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": quant.ACT_DTYPE}
 DTYPE_OF = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # torch's names
 # The scripts' old --dtype flag and its values, for the configurator's "renamed" message.
 RENAMED_DTYPE = ("precision", {v: k for k, v in DTYPE_OF.items()})
@@ -69,32 +71,46 @@ def exit_on_bad_flags(config: dict) -> None:
 
 
 def pick_precision(device: str, precision: str = "") -> str:
-    """The precision to generate in. "": bf16 on CUDA GPUs that support it (else fp16), bf16 on
-    CPUs with native bf16 dot products (AVX512-BF16 or AMX), where decoding is bound by reading
-    the weights and half the bytes is about twice the speed; fp32 elsewhere."""
+    """The precision to generate in; ValueError for an unknown one or one device cannot run.
+    "": on a CPU int8, the fastest measured with and without AVX-512 (README "Precision": about
+    5x fp32 and 2.5x bf16 for the 45M model, perplexity within 1%), else bf16 (decoding is bound
+    by reading the weights: half the bytes, about twice fp32's speed, even without native bf16
+    dot products); on CUDA GPUs training's choice, bf16 where supported, else fp16; fp32 elsewhere."""
     if precision:
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+        if precision == "int8" and (why := int8_error(device)):
+            raise ValueError(f"precision int8: {why} (choices: {', '.join(PRECISIONS)})")
         return precision
     if device.startswith("cuda"):  # training's choice there (select_device): bf16 where supported, else fp16
         return {v: k for k, v in DTYPE_OF.items()}[select_device(device)[1]]
-    if device == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
-        return "bf16"
+    if device == "cpu":
+        return "bf16" if int8_error(device) else "int8"
     return "fp32"
+
+
+@lru_cache(maxsize=None)
+def int8_error(device: str) -> str | None:
+    return quant.int8_error(device)
 
 
 def load_model(path, device: str = "cpu", precision: str = "fp32") -> tuple[GPT, dict]:
     """(model ready to generate, checkpoint dict) from an out_dir or a .pt file (checkpoint.load);
-    precision "" picks the fastest for device."""
-    return checkpoint.load(path, device, PRECISIONS[pick_precision(device, precision)])
+    precision "" picks the fastest for device. A checkpoint saved in int8 (sample.py
+    --save_quantized) loads in any precision: its weights are int8's, dequantized for fp32/bf16."""
+    precision = pick_precision(device, precision)
+    if precision == "int8":
+        model, ckpt = checkpoint.load(path, device)
+        return quant.quantize_int8(model), ckpt
+    return checkpoint.load(path, device, PRECISIONS[precision])
 
 
 def load_model_or_exit(path, device: str = "", precision: str = "") -> tuple[GPT, dict, str, str]:
     """For a command line: (model, ckpt, device, precision) with "" choices made (select_device,
     pick_precision); a missing or broken checkpoint exits with its message."""
     device, _ = select_device(device)
-    precision = pick_precision(device, precision)
     try:
+        precision = pick_precision(device, precision)
         return *load_model(path, device, precision), device, precision
     except (FileNotFoundError, ValueError) as e:
         sys.exit(str(e))

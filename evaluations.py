@@ -84,7 +84,8 @@ gen_batch_size = 64         # answers: questions generated together (engine.repl
 rouge_max_words = 1000
 report = False              # also draw the plots and write out_dir/report.md
 device = ""                 # "" = cuda, then mps, then cpu
-precision = ""              # fp32, bf16 or fp16; "" = the fastest on this device (engine.pick_precision)
+precision = "fp32"          # the model as trained, the same figures on every CPU; bf16, fp16, int8, or ""
+                            # (what sample.py and the web app pick here) measure what they serve
 # -----------------------------------------------------------------------------
 RENAMED_KEYS = {"dtype": RENAMED_DTYPE}  # --dtype is training's autocast type; generation has --precision
 

@@ -111,3 +111,60 @@ def demo_model_speeds(vocabs: dict, rounds: int = 5) -> dict:
             if r:
                 runs[name].append((train, n / (time.perf_counter() - t0)))
     return {name: tuple(statistics.median(x[i] for x in rows) for i in range(2)) for name, rows in runs.items()}
+
+
+def cpu_description() -> str:
+    """The CPU and the kernels torch runs on it (ATEN_CPU_CAPABILITY=avx2 makes an AVX-512
+    machine run the AVX2 ones): what every speed figure depends on."""
+    try:
+        name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = "unknown CPU"
+    native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return (f"{name}, {torch.get_num_threads()} threads, torch kernels {torch.backends.cpu.get_cpu_capability()}"
+            f"{', native bf16' if native_bf16 else ''}")
+
+
+def decode_speed(model, ckpt: dict, prompt: str, new: int, rounds: int = 3) -> tuple[float, float, float]:
+    """(first-token seconds, tokens/s, characters/s) of batch-1 decoding as the app does it (its
+    sampling defaults, the UTF-8 constraint, a fixed seed), medians over rounds after a warm-up:
+    first token = the prompt's forward pass and one token; then `new` tokens (EOT not stopping
+    them), characters = their decoded text's."""
+    from engine import SAMPLING_DEFAULTS, utf8_constraint
+    from checkpoint import tokenizer
+    tok = tokenizer(ckpt)
+    ids = tok.encode(prompt)
+    s = {k: SAMPLING_DEFAULTS[k] for k in ("temperature", "top_k", "top_p", "repetition_penalty")}
+    constraint = utf8_constraint(tok, model.config.vocab_size)
+    runs = []
+    for r in range(rounds + 1):
+        gen = torch.Generator().manual_seed(r)
+        t0 = time.perf_counter()
+        next(model.generate(torch.tensor([ids]), 1, **s, max_token_id=tok.vocab_size, generator=gen,
+                            constraint=constraint))
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        tokens = list(model.generate(torch.tensor([ids]), new, **s, max_token_id=tok.vocab_size, generator=gen,
+                                     constraint=constraint))
+        seconds = time.perf_counter() - t0
+        if r:
+            runs.append((first, len(tokens) / seconds, len(tok.decode([t for t in tokens if t < tok.eot_id])) / seconds))
+    return tuple(statistics.median(x[i] for x in runs) for i in range(3))
+
+
+RSS_WRAPPER = """import runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    print("VmRSS", next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmRSS:")), file=sys.stderr)
+"""
+
+
+def serving_rss_mb(python: str, out_dir, precision: str) -> float:
+    """Resident memory (MB) of a fresh sample.py process after it loaded out_dir in precision and
+    answered one short prompt."""
+    cmd = [python, "-c", RSS_WRAPPER, "sample.py", f"--out_dir={out_dir}", f"--precision={precision}",
+           "--start=床前明月光", "--max_new_tokens=8", "--device=cpu"]
+    err = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stderr
+    return int(err.rsplit("VmRSS", 1)[1].split()[0]) / 1024

@@ -4,6 +4,7 @@
     python sample.py --out_dir=out --start="床前明月光" --num_samples=3 --max_new_tokens=128
     python sample.py --out_dir=out-sft --start=FILE:questions.txt --save_path=answers.jsonl
     python sample.py --out_dir=out-sft        # no --start, in a terminal: an interactive chat
+    python sample.py --out_dir=out-sft --save_quantized=out-sft-int8   # an int8 copy (4x smaller)
 
 The mode comes from the checkpoint: a pretrained model continues text ("generate"), an SFT model
 answers questions ("chat") with exactly the template it was trained on; --mode overrides (chat
@@ -11,6 +12,9 @@ needs an SFT checkpoint: a pretrained one has no question template and is refuse
 A prompt longer than the model's context is cut to fit (engine.fit_prompt: the template stays whole, the
 answer keeps its room) and stderr says so. Sampling settings out of engine.SAMPLING's ranges are refused.
 Tokens stream to the terminal as they come. --save_path writes the results as JSONL.
+--precision is the weights' type while generating ("" = the fastest here: int8 on a CPU; README
+"Precision"). --save_quantized=PATH writes the model with int8 weights (PATH a folder: its ckpt.pt,
+or a .pt file) and exits; every script loads it (--out_dir=PATH), in int8 or dequantized.
 The interactive chat (like ChatGLM's cli_demo): type a question, the answer streams; "clear"
 starts over, "stop" or Ctrl-D quits, Ctrl-C cuts an answer short. It is single-turn by default,
 as the SFT data is; --history_turns=N puts the last N exchanges before the question.
@@ -20,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import can_chat, mode_of, tokenizer
+from checkpoint import can_chat, checkpoint_file, mode_of, tokenizer
+from checkpoint import save_quantized as save_quantized_file
 from configurator import configure
 from data.records import write_jsonl_atomic
 from engine import MODES, RENAMED_DTYPE, SAMPLING_DEFAULTS, exit_on_bad_flags, fit_prompt, load_model_or_exit, stream_reply
@@ -40,8 +45,9 @@ stop = ""                   # also stop at these strings ("|" between several), 
 history_turns = 0           # interactive chat: earlier exchanges to include (0: single-turn)
 seed = 1337
 device = ""                 # "" = cuda, then mps, then cpu
-precision = ""              # fp32, bf16 or fp16; "" = the fastest on this device (engine.pick_precision)
+precision = ""              # fp32, bf16, fp16 or int8; "" = the fastest on this device (engine.pick_precision)
 save_path = ""
+save_quantized = ""         # write an int8 checkpoint here (a folder or a .pt file) and exit
 # -----------------------------------------------------------------------------
 RENAMED_KEYS = {"dtype": RENAMED_DTYPE}  # --dtype is training's autocast type; generation has --precision
 
@@ -54,6 +60,15 @@ if __name__ == "__main__":
         sys.exit(f"--num_samples={num_samples}: expected a whole number >= 1")
     if history_turns < 0:
         sys.exit(f"--history_turns={history_turns}: expected a whole number >= 0")
+    if save_quantized:
+        if precision not in ("", "int8") or device not in ("", "cpu"):
+            sys.exit(f"--save_quantized writes int8 weights on the CPU: drop --precision={precision} / --device={device}")
+        model, ckpt, device, precision = load_model_or_exit(out_dir, "cpu", "int8")
+        path = save_quantized_file(ckpt, model, save_quantized)
+        size = {p: p.stat().st_size / 2**20 for p in (checkpoint_file(out_dir), path)}
+        print(f"wrote {path} ({' -> '.join(f'{s:.1f}' for s in size.values())} MB); "
+              f"python sample.py --out_dir={save_quantized} loads it", file=sys.stderr)
+        sys.exit(0)
     model, ckpt, device, precision = load_model_or_exit(out_dir, device, precision)
     mode = mode or mode_of(ckpt)
     if mode == "chat" and not can_chat(ckpt):

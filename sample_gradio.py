@@ -61,7 +61,7 @@ concurrency = 2             # generations at once (chat, arena sides and API sha
 queue_size = 64             # waiting requests beyond this are turned away with a message
 stream_every = 0.05         # seconds between streamed updates (0: one per piece); each costs the server time
 device = ""                 # "" = cuda, then mps, then cpu
-precision = ""              # fp32, bf16 or fp16; "" = the fastest on this device (engine.pick_precision)
+precision = ""              # fp32, bf16, fp16 or int8; "" = the fastest on this device (engine.pick_precision)
 # -----------------------------------------------------------------------------
 RENAMED_KEYS = {"dtype": RENAMED_DTYPE}  # --dtype is training's autocast type; generation has --precision
 

@@ -171,6 +171,9 @@ if __name__ == "__main__":
             fail("init_from=pretrained needs init_checkpoint=<the pretrained out_dir or ckpt.pt>")
         try:
             ckpt = checkpoint.read(source)
+            if "precision" in ckpt:
+                fail(f"{source} holds {ckpt['precision']} weights for generation (sample.py --save_quantized): "
+                     "train from the float checkpoint it was made from")
             check_same(checkpoint.tokenizer(ckpt), f"checkpoint {source}", tok, f"data_dir={data_dir}")
             model = checkpoint.build_model(ckpt, source)
         except (FileNotFoundError, ValueError) as e:

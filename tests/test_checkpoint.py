@@ -31,7 +31,7 @@ def test_save_writes_the_format_version_and_best_is_the_same_bytes(tmp_path):
     state = torch.load(FIXTURE / "ckpt.pt", weights_only=True)
     checkpoint.save(tmp_path, state, best=True)
     assert (tmp_path / "ckpt.pt").read_bytes() == (tmp_path / "ckpt_last.pt").read_bytes()
-    assert checkpoint.read(tmp_path)["format"] == checkpoint.FORMAT_VERSION
+    assert checkpoint.read(tmp_path)["format"] == checkpoint.TRAINING_FORMAT
     checkpoint.save(tmp_path, state | {"iter_num": 99}, best=False)
     assert checkpoint.read(tmp_path / "ckpt_last.pt")["iter_num"] == 99 and checkpoint.read(tmp_path)["iter_num"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "ckpt_last.pt"]  # no temp file left

@@ -249,7 +249,7 @@ def test_listening_without_a_login_warns(sft_model, tmp_path):
 
 def test_command_line_errors_are_clear(tmp_path):
     for arg, words in [("--auth=nopassword", "expected user:password"), ("--concurrency=0", "--concurrency"),
-                       ("--precision=int8", "--precision='int8': expected one of fp32, bf16, fp16"),
+                       ("--precision=int3", "--precision='int3': expected one of fp32, bf16, fp16, int8"),
                        ("--dtype=bf16", "precision"), ("--examples_path=nope.jsonl", "'nope.jsonl': no such file"),
                        ("--remotes=192.168.1.2:7860", "'192.168.1.2:7860' is not a URL")]:
         proc = run_script("sample_gradio.py", arg, f"--votes_path={tmp_path / 'v.jsonl'}", check=False)

@@ -29,7 +29,7 @@ def test_sample_cli_bad_input(data, tmp_path):
     proc = run_script("sample.py", f"--out_dir={tmp_path}", "--mode=poem", check=False)
     assert proc.returncode != 0 and "expected chat or generate" in proc.stderr
     proc = run_script("sample.py", f"--out_dir={tmp_path}", "--precision=int3", "--start=你好", check=False)
-    assert proc.returncode != 0 and "--precision='int3': expected one of fp32, bf16, fp16" in proc.stderr
+    assert proc.returncode != 0 and "--precision='int3': expected one of fp32, bf16, fp16, int8" in proc.stderr
     proc = run_script("sample.py", f"--out_dir={tmp_path}", "--dtype=float32", check=False)
     assert proc.returncode != 0 and "dtype was renamed: use --precision=fp32" in proc.stderr  # the value renamed too
     (tmp_path / "q.txt").write_text("床前\n\n明月\n", encoding="utf-8")
