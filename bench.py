@@ -22,8 +22,9 @@ Groups:
            new tokens, default sampling (engine.SAMPLING_DEFAULTS), CPU:
            sample_gradio.py in a subprocess called through its API (/generate, gradio_client):
            time to the first streamed text and tokens/s end to end, median of 5 after a warm-up,
-           against the same app sending an update per piece (--stream_every=0), called in turn;
-           sample.py's own tokens/s in the default precision and in fp32, in the same run.
+           then the same app sending an update per piece (--stream_every=0), each app started,
+           measured and stopped alone; sample.py's own tokens/s in the default precision (the
+           app's), run between the shipped app's replies (a busier minute slows both), and in fp32.
   precision the quantization table: per precision (fp32, bf16, int8), the 45M SFT checkpoint of the
            ui group and every out_dir in --precision_models (e.g. the demo's out-cpu,out-cpu-sft):
            checkpoint size (int8: sample.py --save_quantized's file), resident memory of a fresh
@@ -48,10 +49,12 @@ across machines. --corpus is relative to the current directory.
 """
 import json
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import wait
 from pathlib import Path
 
 from configurator import configure
@@ -207,9 +210,32 @@ def random_sft_checkpoint(out_dir: Path) -> None:
                               "data_meta": meta, "config": {}}, best=True)
 
 
-def bench_ui(reps: int = 5) -> None:
-    import statistics
+def api_reply(client, *args, tick: float = 0.005) -> tuple[float, float, dict]:
+    """(seconds to the first text, seconds to the whole reply, its stats) of one call of the app's
+    /generate with args, streamed. The updates are looked at every tick seconds (job.outputs()):
+    gradio_client's own Job iterator sleeps 1 ms at a time holding the lock its reader thread needs
+    to add an update, and with the app's two threads busy on both cores updates reached it up to a
+    second late. Its reader itself looks for messages every 50 ms: the first text counts that wait."""
+    t0, first = time.perf_counter(), None
+    job = client.submit(*args, api_name="/generate")
+    while not wait([job.future], timeout=tick).done:
+        if first is None and any(text for text, _ in job.outputs()):
+            first = time.perf_counter() - t0
+    total = time.perf_counter() - t0
+    _, stats = job.result()
+    return total if first is None else first, total, stats
 
+
+def sample_py_speed(model_dir: Path, question: str, new: int, precision: str, runs: int = 1) -> tuple[float, str]:
+    """(sample.py's own tokens/s, the median of runs answers after a warm-up one; its precision)."""
+    out = subprocess.run([sys.executable, "sample.py", f"--out_dir={model_dir}", f"--start={question}",
+                          f"--max_new_tokens={new}", f"--precision={precision}", f"--num_samples={runs + 1}"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stderr
+    _, *speeds = (float(s) for s in re.findall(r"\[\d+ tokens, ([\d.]+) tokens/s", out))
+    return statistics.median(speeds), re.search(r", (\w+)\]", out).group(1)
+
+
+def bench_ui(reps: int = 5) -> None:
     from gradio_client import Client
 
     from engine import SAMPLING_DEFAULTS
@@ -219,45 +245,38 @@ def bench_ui(reps: int = 5) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "m"
         random_sft_checkpoint(model_dir)
-        # the app as shipped, and one that sends an update per piece, called in turn in the same run
-        apps = {name: start_app(Path(tmp) / f"app{name}.log", f"--models={model_dir}",
-                                f"--votes_path={tmp}/votes.jsonl", *extra)
-                for name, extra in (("", ()), ("_every_piece", ("--stream_every=0",)))}
-        clients = {name: Client(url, verbose=False, download_files=False, analytics_enabled=False)
-                   for name, (_, url) in apps.items()}
-        runs = {name: [] for name in apps}
-        try:
-            for client in clients.values():
+        cli = []  # sample.py in the app's precision (both ""), between the shipped app's replies
+        # the app as shipped, then one that sends an update per piece: each started, measured and stopped
+        # alone; sample.py runs while the app waits, so that a slower minute of this shared machine slows both
+        for name, extra in (("", ()), ("_every_piece", ("--stream_every=0",))):
+            app, url = start_app(Path(tmp) / f"app{name}.log", f"--models={model_dir}",
+                                 f"--votes_path={tmp}/votes.jsonl", *extra)
+            try:
+                client = Client(url, verbose=False, download_files=False, analytics_enabled=False)
                 client.predict(question, "", 8, api_name="/generate")  # warm-up
-            for seed in range(reps):
-                for name, client in clients.items():
-                    t0, first = time.perf_counter(), None
-                    for text, stats in client.submit(question, "", new, *sampling, "", seed,
-                                                     api_name="/generate"):
-                        if text and first is None:
-                            first = time.perf_counter() - t0
-                    total = time.perf_counter() - t0
-                    runs[name].append((first, stats["new_tokens"] / total, total, stats["new_tokens"]))
-        finally:
-            for app, _ in apps.values():
+                rows = []
+                for seed in range(reps):
+                    rows.append(api_reply(client, question, "", new, *sampling, "", seed))
+                    if not name:
+                        cli.append(sample_py_speed(model_dir, question, new, ""))
+                client.close()
+            finally:
                 app.terminate()
                 app.wait(timeout=30)
-        for name, rows in runs.items():
-            first, tps, total, tokens = (statistics.median(r[i] for r in rows) for i in range(4))
-            unit = f"(API, batch 1, 45M, CPU, median of {reps}, {tokens:.0f} new tokens)"
+            tokens = statistics.median(r[2]["new_tokens"] for r in rows)
+            unit = (f"(API, batch 1, 45M, CPU, the app alone, median of {reps} after a warm-up, {tokens:.0f} new tokens"
+                    + (", --stream_every=0)" if name else ")"))
             if not name:
-                metric("ui_first_token_s", first, unit)
-            metric("ui_tokens_per_s{variant}", tps, unit + (", --stream_every=0" if name else ""), variant=name)
-            metric("ui_reply_s{variant}", total, f"for the whole reply {unit}" + (", --stream_every=0" if name else ""),
+                metric("ui_first_token_s", statistics.median(r[0] for r in rows), unit)
+            metric("ui_tokens_per_s{variant}", statistics.median(r[2]["new_tokens"] / r[1] for r in rows), unit,
                    variant=name)
-        for precision in ("", "fp32"):
-            out = subprocess.run([sys.executable, "sample.py", f"--out_dir={model_dir}", f"--start={question}",
-                                  f"--max_new_tokens={new}", f"--precision={precision}"], cwd=ROOT,
-                                 capture_output=True, text=True, check=True).stderr
-            n, speed = re.search(r"\[(\d+) tokens, ([\d.]+) tokens/s", out).groups()
-            label = re.search(r", (\w+)\]", out).group(1)
-            metric("cli_tokens_per_s{variant}", float(speed), f"(sample.py, {label}, {n} new tokens, batch 1, 45M, CPU)",
-                   variant=f"_{precision}" if precision else "")
+            metric("ui_reply_s{variant}", statistics.median(r[1] for r in rows), f"for the whole reply {unit}", variant=name)
+        speed, label = statistics.median(s for s, _ in cli), cli[0][1]
+        metric("cli_tokens_per_s{variant}", speed, f"(sample.py, {label}, batch 1, 45M, CPU, median of {reps} runs "
+               f"between the app's replies, each its second answer, up to {new} new tokens)", variant="")
+        speed, label = sample_py_speed(model_dir, question, new, "fp32", reps)
+        metric("cli_tokens_per_s{variant}", speed, f"(sample.py, {label}, batch 1, 45M, CPU, median of {reps} after a "
+               f"warm-up, up to {new} new tokens)", variant="_fp32")
 
 
 def bench_packing() -> None:
@@ -330,8 +349,6 @@ def bench_tokenizer() -> None:
 
 
 def bench_precision(precisions=("fp32", "bf16", "int8"), rounds: int = 3) -> None:
-    import statistics
-
     import checkpoint
     from engine import load_model
     prompt = "成语“画蛇添足”是什么意思？"

@@ -44,6 +44,7 @@ from serving import (VOTES, ModelError, ModelStore, VoteBook, check_params, clea
 # has them wherever the app is started.
 DEMO_QUESTIONS = Path(__file__).resolve().parent / "config" / "demo_questions.txt"
 SFT_TEST = "data/raw/sft_test.jsonl"
+QUEUE_POLL = 0.01  # seconds between the queue's looks for a new request (queue_app)
 
 # ----------------------------------------------------------------------------- defaults
 models = ""                 # out dirs, comma-separated; "" = every out*/ folder here (or below) with a ckpt.pt
@@ -311,6 +312,17 @@ def api_endpoints(store: ModelStore, names: list, limit: int, queued: dict) -> N
     gr.api(list_models, api_name="models")
 
 
+def queue_app(app: gr.Blocks, concurrency: int, max_size: int | None = None) -> gr.Blocks:
+    """app with its queue: concurrency generations at a time, at most max_size waiting. Gradio's
+    queue looks for a new request every millisecond (Queue.sleep_when_free; 50 ms on Windows), a
+    thousand wakeups a second of the event loop, each taking a core from the reply's OpenMP
+    threads and the GIL from its thread: 6% of the app's speed (issue 13). Every QUEUE_POLL
+    seconds instead: a new request waits at most that long to be noticed."""
+    app.queue(default_concurrency_limit=concurrency, max_size=max_size)
+    app._queue.sleep_when_free = QUEUE_POLL
+    return app
+
+
 def build_app(store: ModelStore, votes: VoteBook, examples: list, limit: int = 200, concurrency: int = 2,
               url: str = "http://127.0.0.1:7860") -> gr.Blocks:
     """The Gradio app: tabs 对话 (chat), 竞技场 (arena), API, the sampling sliders both tabs share;
@@ -368,7 +380,7 @@ if __name__ == "__main__":
     print(f"arena votes: {Path(votes_path).resolve()}", file=sys.stderr)
     app = build_app(store, VoteBook(votes_path), load_examples(examples_path), max_input_chars, concurrency,
                     url=f"http://{'<你的局域网 IP>' if listen else host}:{port}")
-    app.queue(default_concurrency_limit=concurrency, max_size=queue_size)
+    queue_app(app, concurrency, queue_size)
     lan = f"（同学用 http://<你的局域网 IP>:{port} 访问；ip addr 或 ipconfig 查看 IP）" if listen else ""
     print(f"MiniGLM 网页版：http://{host}:{port}{lan}", file=sys.stderr)
     print(f"arena remotes: {'any URL (--any_remote=True)' if any_remote else ', '.join(allowed) or 'none'}",

@@ -22,7 +22,7 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
-from concurrent.futures import CancelledError, wait
+from concurrent.futures import CancelledError, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.error import URLError
@@ -91,7 +91,15 @@ class ModelStore:
     model and a zh model can face each other in the arena) and shared by all requests, and classmates'
     apps by URL: only those in remotes (base URLs) unless any_remote, one gradio_client each, kept
     for the max_clients used last (a client still streaming is never closed); connecting, and each
-    streamed piece, may take at most timeout seconds."""
+    streamed piece, may take at most timeout seconds.
+
+    Each load and each local stream runs on a thread of its own that ends with it, whichever
+    threads ask (Gradio's worker threads take turns on a stream): PyTorch's OpenMP threads belong
+    to the thread that first runs a parallel op and live as long as it, and while the process
+    holds more of them than there are cores, libgomp makes them sleep between parallel regions
+    instead of spinning. With the default model loaded on the main thread (the page is built
+    there) and replies generated on a worker thread, every matmul had to wake its threads: 25%
+    slower than sample.py (issue 13). Two streams at once (the arena) still run side by side."""
 
     def __init__(self, paths: dict, device: str = "cpu", precision: str = "fp32", stream_every: float = 0.05,
                  remotes=(), any_remote: bool = False, max_clients: int = 8, timeout: float = 60.0):
@@ -106,6 +114,11 @@ class ModelStore:
         return sorted(self.paths, key=lambda name: peek_mode(self.paths[name]) != "chat")
 
     def local(self, name: str):
+        """(model, ckpt) of a local model, loaded on first use on a thread of its own."""
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="load") as own:
+            return own.submit(self._load, name).result()
+
+    def _load(self, name: str):
         with self.lock:
             if name not in self.loaded:
                 if name not in self.paths:
@@ -125,7 +138,17 @@ class ModelStore:
         if name.startswith(("http://", "https://")):
             yield from self._remote(name, question, mode, p)
             return
-        model, ckpt = self.local(name)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate") as own:
+            updates = self._local(name, question, mode, p)
+            try:
+                while (update := own.submit(next, updates, None).result()) is not None:
+                    yield update
+            finally:
+                updates.close()
+
+    def _local(self, name: str, question: str, mode: str, p: dict) -> Iterator[tuple[str, dict]]:
+        """stream's updates for a local model, each computed on the stream's own thread."""
+        model, ckpt = self._load(name)
         mode = mode or mode_of(ckpt)
         if mode == "chat" and not can_chat(ckpt):
             raise ModelError(f"{name} 是预训练模型，没有学过问答模板，只会接着文字往下写：请改用“续写”模式，"

@@ -4,6 +4,7 @@ its paths. serving.py's parts without a running app: test_serving.py."""
 import json
 import shutil
 import socket
+import threading
 import time
 
 import httpx
@@ -17,7 +18,7 @@ from test_serving import GREEDY
 import serving
 from data.tokenizer import load_tokenizer
 from engine import load_model, stream_reply
-from sample_gradio import DEMO_QUESTIONS, build_app, load_examples
+from sample_gradio import DEMO_QUESTIONS, QUEUE_POLL, build_app, load_examples, queue_app
 from serving import ModelError, ModelStore, VoteBook, discover_models, start_app, stream_together
 
 GPT2 = load_tokenizer("gpt2")
@@ -87,6 +88,30 @@ def test_store_loads_each_model_once_and_explains_failures(sft_model, tmp_path):
     assert texts == [PAIRS[1]["answer"][0], PAIRS[1]["answer"]]
 
 
+def test_loads_and_streams_run_on_threads_of_their_own_that_end_with_them(sft_model, monkeypatch):
+    """A load (the page loads the default model on the main thread) and a stream (Gradio asks for
+    each update from one of its worker threads) each run on a thread of their own, gone when they
+    end: no OpenMP pool outlives its work to make the next one's threads sleep (ModelStore)."""
+    loaded_on, ran_on = [], []
+    monkeypatch.setattr(serving, "load_model", lambda *a: loaded_on.append(threading.get_native_id()) or load_model(*a))
+    store = ModelStore({"sft": sft_model}, stream_every=0)
+    model, _ = store.local("sft")
+    model.transformer.h[0].register_forward_pre_hook(lambda *_: ran_on.append(threading.get_native_id()))
+    stream, updates, askers = store.stream("sft", PAIRS[2]["question"], "", GREEDY), [], [threading.get_native_id()]
+
+    def ask():
+        askers.append(threading.get_native_id())
+        updates.append(next(stream, None))
+    while not updates or updates[-1] is not None:
+        asker = threading.Thread(target=ask)
+        asker.start()
+        asker.join()
+    assert updates[-2][0] == PAIRS[2]["answer"] and len(updates) > 3
+    assert len(loaded_on) == 1 and len(ran_on) > 3 and len(set(ran_on)) == 1
+    alive = {t.native_id for t in threading.enumerate()}
+    assert not set(loaded_on + ran_on) & (set(askers) | alive)
+
+
 class WatchedStore(ModelStore):
     """A store that records when each local generation starts and ends, and waits pause seconds after each piece."""
 
@@ -114,7 +139,7 @@ def app(watched, tmp_path_factory):
     """The app in this process on a free loopback port, one generation at a time."""
     votes = VoteBook(tmp_path_factory.mktemp("votes") / "votes.jsonl")
     demo = build_app(watched, votes, [PAIRS[0]["question"]], limit=30, concurrency=1)
-    demo.queue(default_concurrency_limit=1, max_size=16)
+    queue_app(demo, 1, 16)
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, ssr_mode=False)
     yield f"http://127.0.0.1:{port}"
@@ -220,6 +245,14 @@ def test_two_models_stream_side_by_side_through_the_store(sft_model, tmp_path):
     q = PAIRS[6]["question"]
     last = list(stream_together([store.stream("a", q, "", GREEDY), store.stream("b", q, "", GREEDY)]))[-1]
     assert [text for text, _ in last] == [PAIRS[6]["answer"]] * 2
+
+
+def test_the_queue_looks_for_new_requests_every_queue_poll_seconds(sft_model, tmp_path):
+    """Not Gradio's every millisecond, which woke the event loop a thousand times a second to take
+    a core and the GIL from the reply being generated (sample_gradio.queue_app)."""
+    demo = build_app(ModelStore({"sft": sft_model}), VoteBook(tmp_path / "v.jsonl"), [])
+    assert demo.queue()._queue.sleep_when_free < QUEUE_POLL  # Gradio's own, under the name queue_app sets
+    assert queue_app(demo, 2)._queue.sleep_when_free == QUEUE_POLL
 
 
 def test_login_is_required_when_auth_is_set(sft_model, tmp_path):
