@@ -48,17 +48,16 @@ Figures are measured on the machine that runs this; compare ratios from one run,
 across machines. --corpus is relative to the current directory.
 """
 import json
-import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import wait
 from pathlib import Path
 
 from configurator import configure
 from measure import (
+    api_reply,
     cpu_description,
     decode_speed,
     demo_model_speeds,
@@ -66,6 +65,7 @@ from measure import (
     nanogpt_generate,
     plain_loop_positions_per_s,
     run_sampled,
+    sample_py_speed,
     serving_rss_mb,
 )
 from metrics import BENCH
@@ -208,31 +208,6 @@ def random_sft_checkpoint(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint.save(out_dir, {"model": model.state_dict(), "model_args": dataclasses.asdict(model.config),
                               "data_meta": meta, "config": {}}, best=True)
-
-
-def api_reply(client, *args, tick: float = 0.005) -> tuple[float, float, dict]:
-    """(seconds to the first text, seconds to the whole reply, its stats) of one call of the app's
-    /generate with args, streamed. The updates are looked at every tick seconds (job.outputs()):
-    gradio_client's own Job iterator sleeps 1 ms at a time holding the lock its reader thread needs
-    to add an update, and with the app's two threads busy on both cores updates reached it up to a
-    second late. Its reader itself looks for messages every 50 ms: the first text counts that wait."""
-    t0, first = time.perf_counter(), None
-    job = client.submit(*args, api_name="/generate")
-    while not wait([job.future], timeout=tick).done:
-        if first is None and any(text for text, _ in job.outputs()):
-            first = time.perf_counter() - t0
-    total = time.perf_counter() - t0
-    _, stats = job.result()
-    return total if first is None else first, total, stats
-
-
-def sample_py_speed(model_dir: Path, question: str, new: int, precision: str, runs: int = 1) -> tuple[float, str]:
-    """(sample.py's own tokens/s, the median of runs answers after a warm-up one; its precision)."""
-    out = subprocess.run([sys.executable, "sample.py", f"--out_dir={model_dir}", f"--start={question}",
-                          f"--max_new_tokens={new}", f"--precision={precision}", f"--num_samples={runs + 1}"],
-                         cwd=ROOT, capture_output=True, text=True, check=True).stderr
-    _, *speeds = (float(s) for s in re.findall(r"\[\d+ tokens, ([\d.]+) tokens/s", out))
-    return statistics.median(speeds), re.search(r", (\w+)\]", out).group(1)
 
 
 def bench_ui(reps: int = 5) -> None:

@@ -2,11 +2,14 @@
 generate, held-out NLL per document, and the demo model's speed at several vocabulary sizes.
 Each returns numbers; bench.py decides what they are compared against and prints them.
 """
+import re
 import runpy
 import statistics
 import subprocess
+import sys
 import threading
 import time
+from concurrent.futures import wait
 from pathlib import Path
 
 import torch
@@ -168,3 +171,28 @@ def serving_rss_mb(python: str, out_dir, precision: str) -> float:
            "--start=床前明月光", "--max_new_tokens=8", "--device=cpu"]
     err = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stderr
     return int(err.rsplit("VmRSS", 1)[1].split()[0]) / 1024
+
+
+def api_reply(client, *args, tick: float = 0.005) -> tuple[float, float, dict]:
+    """(seconds to the first text, seconds to the whole reply, its stats) of one call of the app's
+    /generate with args, streamed. The updates are looked at every tick seconds (job.outputs()):
+    gradio_client's own Job iterator sleeps 1 ms at a time holding the lock its reader thread needs
+    to add an update, and with the app's two threads busy on both cores updates reached it up to a
+    second late. Its reader itself looks for messages every 50 ms: the first text counts that wait."""
+    t0, first = time.perf_counter(), None
+    job = client.submit(*args, api_name="/generate")
+    while not wait([job.future], timeout=tick).done:
+        if first is None and any(text for text, _ in job.outputs()):
+            first = time.perf_counter() - t0
+    total = time.perf_counter() - t0
+    _, stats = job.result()
+    return total if first is None else first, total, stats
+
+
+def sample_py_speed(model_dir: Path, question: str, new: int, precision: str, runs: int = 1) -> tuple[float, str]:
+    """(sample.py's own tokens/s, the median of runs answers after a warm-up one; its precision)."""
+    out = subprocess.run([sys.executable, "sample.py", f"--out_dir={model_dir}", f"--start={question}",
+                          f"--max_new_tokens={new}", f"--precision={precision}", f"--num_samples={runs + 1}"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stderr
+    _, *speeds = (float(s) for s in re.findall(r"\[\d+ tokens, ([\d.]+) tokens/s", out))
+    return statistics.median(speeds), re.search(r", (\w+)\]", out).group(1)

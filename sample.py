@@ -12,9 +12,8 @@ needs an SFT checkpoint: a pretrained one has no question template and is refuse
 A prompt longer than the model's context is cut to fit (engine.fit_prompt: the template stays whole, the
 answer keeps its room) and stderr says so. Sampling settings out of engine.SAMPLING's ranges are refused.
 Tokens stream to the terminal as they come. --save_path writes the results as JSONL.
---precision is the weights' type while generating ("" = the fastest here: int8 on a CPU; README
-"Precision"). --save_quantized=PATH writes the model with int8 weights (PATH a folder: its ckpt.pt,
-or a .pt file) and exits; every script loads it (--out_dir=PATH), in int8 or dequantized.
+--precision: "" = the fastest here (int8 on a CPU; README "Precision"). --save_quantized=PATH writes
+the model with int8 weights (a folder's ckpt.pt or a .pt file) that every script loads, and exits.
 The interactive chat (like ChatGLM's cli_demo): type a question, the answer streams; "clear"
 starts over, "stop" or Ctrl-D quits, Ctrl-C cuts an answer short. It is single-turn by default,
 as the SFT data is; --history_turns=N puts the last N exchanges before the question.
@@ -24,8 +23,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import can_chat, checkpoint_file, mode_of, tokenizer
-from checkpoint import save_quantized as save_quantized_file
+from checkpoint import can_chat, checkpoint_file, mode_of, save_quantized as save_quantized_file, tokenizer
 from configurator import configure
 from data.records import write_jsonl_atomic
 from engine import MODES, RENAMED_DTYPE, SAMPLING_DEFAULTS, exit_on_bad_flags, fit_prompt, load_model_or_exit, stream_reply
@@ -64,9 +62,8 @@ if __name__ == "__main__":
         if precision not in ("", "int8") or device not in ("", "cpu"):
             sys.exit(f"--save_quantized writes int8 weights on the CPU: drop --precision={precision} / --device={device}")
         model, ckpt, device, precision = load_model_or_exit(out_dir, "cpu", "int8")
-        path = save_quantized_file(ckpt, model, save_quantized)
-        size = {p: p.stat().st_size / 2**20 for p in (checkpoint_file(out_dir), path)}
-        print(f"wrote {path} ({' -> '.join(f'{s:.1f}' for s in size.values())} MB); "
+        size = [p.stat().st_size / 2**20 for p in (checkpoint_file(out_dir), save_quantized_file(ckpt, model, save_quantized))]
+        print(f"wrote {save_quantized} ({size[0]:.1f} -> {size[1]:.1f} MB); "
               f"python sample.py --out_dir={save_quantized} loads it", file=sys.stderr)
         sys.exit(0)
     model, ckpt, device, precision = load_model_or_exit(out_dir, device, precision)
