@@ -72,8 +72,8 @@ def exit_on_bad_flags(config: dict) -> None:
 
 def pick_precision(device: str, precision: str = "") -> str:
     """The precision to generate in; ValueError for an unknown one or one device cannot run.
-    "": on a CPU int8, the fastest measured with and without AVX-512 (README "Precision": about
-    5x fp32 and 2.5x bf16 for the 45M model, perplexity within 1%), else bf16 (decoding is bound
+    "": on a CPU int8, the fastest measured with and without AVX-512 (README "Precision": 4.3-4.8x
+    fp32 and 1.3-2.4x bf16 for the 45M model, perplexity within 0.02% of fp32), else bf16 (decoding is bound
     by reading the weights: half the bytes, about twice fp32's speed, even without native bf16
     dot products); on CUDA GPUs training's choice, bf16 where supported, else fp16; fp32 elsewhere."""
     if precision:

@@ -1,5 +1,6 @@
 """int8 weights for generation (--precision=int8): a model four times smaller than float32 that
-decodes about five times faster on a CPU, where a token's time is mostly the time to read the weights.
+decoded 4-5x faster on this project's 2-core CPUs (README), where a token's time is mostly reading
+the weights.
 
     import quant
     model = quant.quantize_int8(model)     # in place: every Linear's weight int8, the rest bfloat16

@@ -64,6 +64,8 @@ def test_int8_model_is_close_to_float32_and_stays_tied():
 
 def test_int8_checkpoint_round_trips_and_every_script_loads_it(sft_model, tmp_path):
     out = tmp_path / "int8"
+    proc = run_script("sample.py", f"--out_dir={sft_model}", f"--save_quantized={out}", "--precision=bf16", check=False)
+    assert proc.returncode != 0 and "--save_quantized writes int8 weights" in proc.stderr and not out.exists()
     proc = run_script("sample.py", f"--out_dir={sft_model}", f"--save_quantized={out}")
     assert "MB" in proc.stderr and (out / "ckpt.pt").exists()
     assert (out / "ckpt.pt").stat().st_size < (sft_model / "ckpt.pt").stat().st_size / 3  # no optimizer, int8
