@@ -20,7 +20,7 @@ import torch
 
 import checkpoint
 import quant
-from data.tokenizer import UTF8_STATES, StreamDecoder, Tokenizer, utf8_scan
+from data.tokenizer import SYSTEM_TEMPLATE, UTF8_STATES, StreamDecoder, Tokenizer, conversation_ids, utf8_scan
 from model import GPT, select_device
 
 # The sampling settings: name -> (default, low, high, whole number?). sample.py's flags, the web
@@ -153,16 +153,19 @@ def utf8_constraint(tok: Tokenizer, size: int) -> Utf8Constraint:
     return Utf8Constraint(tok, size)
 
 
-def render_prompt(ckpt: dict, text: str, mode: str, history: tuple = ()) -> str:
-    """The text the model sees: the checkpoint's own SFT template in chat mode (after the given
-    earlier (question, answer) exchanges, one a line), else the text itself."""
+def prompt_ids(ckpt: dict, text: str, mode: str, history: tuple = (), system: str = "") -> list:
+    """The tokens the model sees: in chat mode the conversation in the checkpoint's own chat template
+    (data.tokenizer.conversation_ids: system text if any, the earlier (question, answer) exchanges
+    each ending with EOT as in training, then the question's template); else the text itself."""
+    tok = checkpoint.tokenizer(ckpt)
     if mode != "chat":
-        return text
+        return tok.encode(text)
     if not checkpoint.can_chat(ckpt):
         raise ValueError("chat mode needs an SFT checkpoint; this one is pretrained and has no question "
                          "template (it only continues text: use mode generate)")
-    template = ckpt["data_meta"]["sft_template"]
-    return "".join(template.format(question=q) + a + "\n" for q, a in history) + template.format(question=text)
+    meta = ckpt["data_meta"]
+    return conversation_ids(tok, history, text, system, meta["sft_template"],
+                            meta.get("system_template", SYSTEM_TEMPLATE))[0]
 
 
 @dataclass
@@ -175,6 +178,7 @@ class Prompt:
     room: int        # tokens kept free for the answer
     block_size: int
     mode: str
+    system: str = ""  # the system text in them ("" if none was given, or it did not fit)
 
     @property
     def shortened(self) -> bool:
@@ -182,25 +186,27 @@ class Prompt:
 
 
 def fit_prompt(ckpt: dict, text: str, mode: str, block_size: int, max_new_tokens: int,
-               history: tuple = ()) -> Prompt:
+               history: tuple = (), system: str = "") -> Prompt:
     """The prompt in at most block_size - room tokens, room = min(max_new_tokens, block_size //
-    ANSWER_SHARE): the oldest exchanges go first, then the text is cut in characters (chat keeps
-    the question's beginning, as the web app's character limit does; generate keeps the text's
-    end, which is what gets continued). The template stays whole and the kept text is tokenized
-    exactly as training tokenized it (the checkpoint's tokenizer). ValueError if not even the
-    template fits."""
-    tok = checkpoint.tokenizer(ckpt)
-    history = tuple(history) if mode == "chat" else ()  # earlier exchanges are a chat's only
+    ANSWER_SHARE): the oldest exchanges go first (whole: never a cut answer), then the system
+    text, then the text is cut in characters (chat keeps the question's beginning, as the web
+    app's character limit does; generate keeps the text's end, which is what gets continued).
+    The template stays whole and the kept text is tokenized exactly as training tokenized it
+    (the checkpoint's tokenizer). ValueError if not even the template fits."""
+    history = tuple(tuple(h) for h in history) if mode == "chat" else ()  # earlier exchanges are a chat's only
+    system = system if mode == "chat" else ""
     room = max(1, min(max_new_tokens, block_size // ANSWER_SHARE))
     budget = block_size - room
-    while history and len(tok.encode(render_prompt(ckpt, text, mode, history))) > budget:
+    while history and len(prompt_ids(ckpt, text, mode, history, system)) > budget:
         history = history[1:]
+    if system and len(prompt_ids(ckpt, text, mode, history, system)) > budget:
+        system = ""
 
     def cut(n: int) -> str:
         return text[:n] if mode == "chat" else text[len(text) - n:]
 
     def fits(n: int) -> list | None:
-        ids = tok.encode(render_prompt(ckpt, cut(n), mode, history))
+        ids = prompt_ids(ckpt, cut(n), mode, history, system)
         return ids if len(ids) <= budget else None
 
     n = len(text)
@@ -212,7 +218,7 @@ def fit_prompt(ckpt: dict, text: str, mode: str, block_size: int, max_new_tokens
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if fits(mid) is not None else (lo, mid)
         n = lo
-    return Prompt(fits(n), cut(n), history, len(text), room, block_size, mode)
+    return Prompt(fits(n), cut(n), history, len(text), room, block_size, mode, system)
 
 
 def prompt_stats(prompt: Prompt) -> dict:
@@ -224,14 +230,16 @@ def stream_reply(model: GPT, ckpt: dict, text: str, mode: str, max_new_tokens: i
                  top_p: float | None = SAMPLING_DEFAULTS["top_p"],
                  repetition_penalty: float = SAMPLING_DEFAULTS["repetition_penalty"],
                  generator: torch.Generator | None = None, stats: dict | None = None, utf8_only: bool = True,
-                 stop: tuple = (), history: tuple = (), prompt: Prompt | None = None):
+                 stop: tuple = (), history: tuple = (), system: str = "", prompt: Prompt | None = None):
     """Yield the reply as text pieces that are whole characters; it ends at EOT, after
-    max_new_tokens, or before the first of the stop strings. The prompt is cut to fit the model
-    (fit_prompt; pass prompt= when the caller already fitted it). stats (if given) gets
-    prompt_tokens, input_chars and kept_chars at once, then new_tokens, stopped_at_eot and seconds."""
+    max_new_tokens, or before the first of the stop strings. history: earlier (question, answer)
+    exchanges, system: system text (chat mode). The prompt is cut to fit the model (fit_prompt;
+    pass prompt= when the caller already fitted it). stats (if given) gets prompt_tokens,
+    input_chars and kept_chars at once, then new_tokens, stopped_at_eot, stopped_at_stop (a stop
+    string ended it) and seconds."""
     device = next(model.parameters()).device
     if prompt is None:
-        prompt = fit_prompt(ckpt, text, mode, model.config.block_size, max_new_tokens, history)
+        prompt = fit_prompt(ckpt, text, mode, model.config.block_size, max_new_tokens, history, system)
     if stats is not None:
         stats.update(prompt_stats(prompt))
     idx = torch.tensor([prompt.ids], dtype=torch.long, device=device)
@@ -260,7 +268,7 @@ def stream_reply(model: GPT, ckpt: dict, text: str, mode: str, max_new_tokens: i
     if held:
         yield held
     if stats is not None:
-        stats.update(new_tokens=n, stopped_at_eot=eot, seconds=time.perf_counter() - t0)
+        stats.update(new_tokens=n, stopped_at_eot=eot, stopped_at_stop=stopped, seconds=time.perf_counter() - t0)
 
 
 def reply(model: GPT, ckpt: dict, text: str, mode: str, **kwargs) -> str:

@@ -130,23 +130,28 @@ class ModelStore:
                 utf8_constraint(checkpoint.tokenizer(ckpt), model.config.vocab_size)  # its sampling table, built now
             return self.loaded[name]
 
-    def stream(self, name: str, question: str, mode: str, p: dict) -> Iterator[tuple[str, dict]]:
+    def stream(self, name: str, question: str, mode: str, p: dict, history: tuple = (),
+               system: str = "") -> Iterator[tuple[str, dict]]:
         """Yield (reply so far, stats), at most one update every stream_every seconds and then the
-        whole reply; the last stats have new_tokens, seconds, tokens_per_s, first_token_s and
-        stopped_at_eot (every one has model, mode and, for a local model, its tokenizer). mode "" =
-        the model's own."""
+        whole reply; the last stats have new_tokens, seconds, tokens_per_s, first_token_s,
+        stopped_at_eot and stopped_at_stop (every one has model, mode and, for a local model, its
+        tokenizer). mode "" = the model's own; p: the sampling settings (check_params), seed, and
+        optionally stop (a tuple of strings); history: earlier (question, answer) exchanges and
+        system: system text, both for chat mode (the oldest exchanges are left out when the
+        context is full)."""
         if name.startswith(("http://", "https://")):
             yield from self._remote(name, question, mode, p)
             return
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate") as own:
-            updates = self._local(name, question, mode, p)
+            updates = self._local(name, question, mode, p, history, system)
             try:
                 while (update := own.submit(next, updates, None).result()) is not None:
                     yield update
             finally:
                 updates.close()
 
-    def _local(self, name: str, question: str, mode: str, p: dict) -> Iterator[tuple[str, dict]]:
+    def _local(self, name: str, question: str, mode: str, p: dict, history: tuple = (),
+               system: str = "") -> Iterator[tuple[str, dict]]:
         """stream's updates for a local model, each computed on the stream's own thread."""
         model, ckpt = self._load(name)
         mode = mode or mode_of(ckpt)
@@ -154,7 +159,7 @@ class ModelStore:
             raise ModelError(f"{name} 是预训练模型，没有学过问答模板，只会接着文字往下写：请改用“续写”模式，"
                              "或换一个 SFT（问答）模型。")
         try:  # fitted once here: the notice and the generation use the same prompt
-            prompt = fit_prompt(ckpt, question, mode, model.config.block_size, p["max_new_tokens"])
+            prompt = fit_prompt(ckpt, question, mode, model.config.block_size, p["max_new_tokens"], history, system)
         except ValueError as e:
             raise ModelError(f"{name}：{e}") from e
         seed = p["seed"] if p.get("seed", -1) >= 0 else random.randrange(2**31)
@@ -165,7 +170,7 @@ class ModelStore:
         if notice:
             stats["notice"] = notice
         for piece in stream_reply(model, ckpt, question, mode, generator=gen, stats=stats, prompt=prompt,
-                                  **{k: p[k] for k in SAMPLING}):
+                                  stop=tuple(p.get("stop", ())), **{k: p[k] for k in SAMPLING}):
             text += piece
             now = time.perf_counter()
             stats.setdefault("first_token_s", round(now - t0, 3))

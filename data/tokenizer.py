@@ -28,6 +28,9 @@ EOT_TOKEN = "<|endoftext|>"  # ends every document and every SFT answer (Tokeniz
 # and records it in meta.json as "sft_template"; the sampler renders with the template that the
 # checkpoint carries there, so a checkpoint keeps its own template if this one ever changes.
 SFT_TEMPLATE = "问：{question}\n答："
+# Optional system text, once before the first question (an OpenAI "system" message); meta.json
+# records it as "system_template" (checkpoints made before it have this one).
+SYSTEM_TEMPLATE = "系统：{system}\n"
 
 # sha256 of the two files, as tiktoken_ext/openai_public.py's gpt2() checks them.
 _VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
@@ -254,16 +257,39 @@ def sft_prompt(question: str) -> str:
     return SFT_TEMPLATE.format(question=question)
 
 
+def conversation_ids(tok: Tokenizer, turns, question: str | None = None, system: str = "",
+                     template: str = SFT_TEMPLATE, system_template: str = SYSTEM_TEMPLATE) -> tuple[list, list]:
+    """(ids, mask) of a conversation in the one chat template of training and inference:
+
+        [system_template(system)]  template(q1) a1 EOT  template(q2) a2 EOT ... [template(question)]
+
+    turns are (question, answer) pairs; every piece is tokenized alone (so user text never merges
+    with the template's tokens or becomes a special token), each answer ends with the EOT token as
+    in training; mask is 1 on the answers and their EOTs (the loss), 0 elsewhere. question (if
+    given) is the open question the model answers next: the prompt ends with its template. One
+    pair without system text gives exactly encode_pair's tokens."""
+    ids, mask = [], []
+
+    def add(piece: list, trained: int) -> None:
+        ids.extend(piece)
+        mask.extend([trained] * len(piece))
+
+    if system:
+        add(tok.encode(system_template.format(system=system)), 0)
+    for q, a in turns:
+        add(tok.encode(template.format(question=q)), 0)
+        add(tok.encode(a) + [tok.eot_id], 1)
+    if question is not None:
+        add(tok.encode(template.format(question=question)), 0)
+    return ids, mask
+
+
 def encode_pair(tok: Tokenizer, question: str, answer: str) -> tuple[np.ndarray, np.ndarray]:
     """(tokens, mask) of one SFT pair as prepare_sft.py writes it, unpadded: the prompt and the
     answer tokenized separately (as the sampler tokenizes a question), then EOT; mask marks the
     answer tokens and the final EOT."""
-    prompt = tok.encode(sft_prompt(question))
-    reply = tok.encode(answer) + [tok.eot_id]
-    tokens = np.array(prompt + reply, dtype=np.uint16)
-    mask = np.zeros(len(tokens), dtype=np.uint8)
-    mask[len(prompt):] = 1
-    return tokens, mask
+    ids, mask = conversation_ids(tok, [(question, answer)])
+    return np.array(ids, dtype=np.uint16), np.array(mask, dtype=np.uint8)
 
 
 # States of a UTF-8 decoder between tokens: (continuation bytes owed, range of the next byte).

@@ -8,7 +8,8 @@ from conftest import run_script, write_jsonl
 from test_prepare import corpus
 
 from data import tokenizer as tokenizer_module
-from data.tokenizer import SFT_TEMPLATE, StreamDecoder, load_tokenizer, open_tokenizer, sft_prompt
+from data.tokenizer import (SFT_TEMPLATE, StreamDecoder, conversation_ids, encode_pair, load_tokenizer, open_tokenizer,
+                            sft_prompt)
 
 MIXED = ("成语“守株待兔”出自《韩非子》。English words, digits 2026 3.14, emoji 😀🀄👍🏽, 𠀀𪚥 ～ "
          "<|endoftext|><|pad|> \u3000\n\t末")
@@ -49,6 +50,19 @@ def test_loads_offline(monkeypatch, tmp_path):
 def test_sft_prompt_template():
     assert SFT_TEMPLATE == "问：{question}\n答："
     assert sft_prompt("李白是谁？") == "问：李白是谁？\n答："
+
+
+def test_one_chat_template_renders_a_conversation_with_eot_after_each_answer():
+    tok = load_tokenizer("gpt2")
+    q1, a1, q2 = "成语“画蛇添足”是什么意思？", "比喻做了多余的事。", "它出自哪里？"
+    tokens, mask = encode_pair(tok, q1, a1)  # a single pair: the prompt and the answer encoded alone, then EOT
+    assert tokens.tolist() == tok.encode(sft_prompt(q1)) + tok.encode(a1) + [tok.eot_id]
+    assert mask.tolist() == [0] * len(tok.encode(sft_prompt(q1))) + [1] * (len(tok.encode(a1)) + 1)
+    ids, mask = conversation_ids(tok, [(q1, a1)], q2, system="你是老师。")
+    system, first = tok.encode("系统：你是老师。\n"), tokens.tolist()
+    assert ids == system + first + tok.encode(sft_prompt(q2))  # the earlier answer ends with EOT, as in training
+    assert mask == [0] * len(system) + encode_pair(tok, q1, a1)[1].tolist() + [0] * len(tok.encode(sft_prompt(q2)))
+    assert tok.eot_id not in conversation_ids(tok, [], "<|endoftext|>", system="<|endoftext|>")[0]  # text stays text
 
 
 def _ends_one_and_begins_another(raw: bytes) -> bool:
