@@ -238,8 +238,10 @@ DIALOGUES = [  # the three record shapes of a conversation, and a pair next to t
     {"messages": [{"role": "system", "content": "你是语文老师。"},
                   {"role": "user", "content": "成语“画蛇添足”是什么意思？"}, {"role": "assistant", "content": "比喻多此一举。"},
                   {"role": "user", "content": "它出自哪里？"}, {"role": "assistant", "content": "《战国策·齐策二》。"}]},
-    {"conversations": [{"role": "user", "content": "“床前明月光”出自哪首诗？"}, {"role": "assistant", "content": "李白《静夜思》。"},
-                       {"role": "user", "content": "请背诵这首诗。"}, {"role": "assistant", "content": "床前明月光，\r\n疑是地上霜。"}],
+    {"conversations": [{"role": "user", "content": "“床前明月光”出自哪首诗？"},
+                       {"role": "assistant", "content": "李白《静夜思》。"},
+                       {"role": "user", "content": "请背诵这首诗。"},
+                       {"role": "assistant", "content": "床前明月光，\r\n疑是地上霜。"}],
      "entity": "李白《静夜思》"},
     {"conversations": [{"from": "human", "value": "你好"}, {"from": "gpt", "value": "你好！"},
                        {"from": "user", "value": "再见"}, {"from": "assistant", "value": "再见。"}]},
@@ -252,7 +254,8 @@ RENDERED = [("你是语文老师。", [("成语“画蛇添足”是什么意思
 
 
 def blocks_of(out, split, block):
-    return (read_bin(out / f"{split}.bin").reshape(-1, block), read_bin(out / f"{split}_mask.bin", np.uint8).reshape(-1, block))
+    return (read_bin(out / f"{split}.bin").reshape(-1, block),
+            read_bin(out / f"{split}_mask.bin", np.uint8).reshape(-1, block))
 
 
 def test_multi_turn_records_render_with_the_one_chat_template(tmp_path):
@@ -329,7 +332,8 @@ def test_too_long_conversations_keep_their_last_turns_whole(tmp_path):
 
 def test_a_conversation_is_held_out_by_its_entity(tmp_path):
     """The "entity" field, else the first question's subject, decides the split of the whole conversation."""
-    records = [{"messages": [{"role": "user", "content": f"成语“词{i}”是什么意思？"}, {"role": "assistant", "content": f"释义{i}。"},
+    records = [{"messages": [{"role": "user", "content": f"成语“词{i}”是什么意思？"},
+                             {"role": "assistant", "content": f"释义{i}。"},
                              {"role": "user", "content": "它出自哪里？"}, {"role": "assistant", "content": f"出处{i}。"}],
                 **({"entity": f"诗{i}"} if i % 2 else {})} for i in range(30)]
     prepare_sft(tmp_path, write_jsonl(tmp_path / "in.jsonl", records), True, "--pack=False", "--val_fraction=0.3",
@@ -340,4 +344,5 @@ def test_a_conversation_is_held_out_by_its_entity(tmp_path):
             i = int(GPT2.decode(t[:int(np.argmax(t == GPT2.eot_id))].tolist()).split("词")[1].split("”")[0])
             assert (split_hash(f"诗{i}" if i % 2 else f"词{i}") < 0.3) == (split == "val")
     meta = read_meta(tmp_path / "sft")
-    assert meta["splits"]["val"]["conversations"] and meta["splits"]["train"]["turns"] == 2 * meta["splits"]["train"]["conversations"]
+    train = meta["splits"]["train"]
+    assert meta["splits"]["val"]["conversations"] and train["turns"] == 2 * train["conversations"]
