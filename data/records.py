@@ -224,6 +224,8 @@ SPEAKERS = {"role": {"system": "system", "user": "user", "assistant": "assistant
             "from": {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}}
 CONVERSATION_KEYS = ("messages", "conversations")
 EXPECTED_TURNS = "an optional system message, then user and assistant in turn, ending with assistant"
+JSON_TYPES = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
+              dict: "an object"}
 
 
 def conversation_of(obj: dict, where: str, report: Report):
@@ -247,12 +249,15 @@ def conversation_of(obj: dict, where: str, report: Report):
     for i, item in enumerate(items):
         share_gpt = key == "conversations" and isinstance(item, dict) and "from" in item
         speaker, text_key = ("from", "value") if share_gpt else ("role", "content")
-        if not isinstance(item, dict) or item.get(speaker) not in SPEAKERS[speaker]:
-            got = json.dumps(item.get(speaker), ensure_ascii=False) if isinstance(item, dict) else type(item).__name__
+        if not isinstance(item, dict):
+            got = JSON_TYPES.get(type(item), "null")
+            return bad(f'{key}[{i}] is {got}, not an object with "{speaker}" and "{text_key}"')
+        if item.get(speaker) not in SPEAKERS[speaker]:
+            got = json.dumps(item.get(speaker), ensure_ascii=False)
             return bad(f'{key}[{i}]: "{speaker}" is {got}, not one of {", ".join(SPEAKERS[speaker])}')
         text = item.get(text_key)
         if not isinstance(text, str) or not text.strip():
-            got = "missing" if text is None else "empty" if isinstance(text, str) else f"a {type(text).__name__}"
+            got = "missing" if text is None else "empty" if isinstance(text, str) else JSON_TYPES[type(text)]
             return bad(f'{key}[{i}]: "{text_key}" is {got}, expected a non-empty string')
         roles.append(SPEAKERS[speaker][item[speaker]])
         texts.append(text.replace("\r\n", "\n").strip())

@@ -284,7 +284,7 @@ def test_bad_conversations_are_named_and_skipped(tmp_path):
     bad = [{"messages": [{"role": "assistant", "content": "先回答。"}, {"role": "user", "content": "再问？"}]},
            {"messages": [{"role": "user", "content": "只问不答？"}]},
            {"messages": [{"role": "user", "content": "问？"}, {"role": "assistant", "content": "  "}]},
-           {"messages": [{"role": "user", "content": "问？"}, {"role": "assistant", "content": 3}]},
+           {"conversations": [{"role": "user", "content": "问？"}, {"role": "assistant", "content": 3}]},
            {"messages": [{"role": "human", "content": "问？"}, {"role": "assistant", "content": "答。"}]},
            {"conversations": "你好"},
            {"conversations": []},
@@ -295,13 +295,14 @@ def test_bad_conversations_are_named_and_skipped(tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", DIALOGUES + bad)
     proc = prepare_sft(tmp_path, src, True, "--val_fraction=0", f"--block_size={4 * BLOCK}")
     meta = read_meta(tmp_path / "sft")
-    assert meta["problems"] == {"bad_messages": 6, "bad_conversations": 3, "ambiguous_record": 2}
+    assert meta["problems"] == {"bad_messages": 5, "bad_conversations": 4, "ambiguous_record": 2}
     assert meta["splits"]["train"]["conversations"] == 3 and meta["splits"]["train"]["pairs"] == 1
     err = proc.stderr
     assert f"{src}:5: " in err and "messages[0] is assistant where user comes" in err
     assert f"{src}:6: " in err and "messages ends without an assistant answer" in err
-    assert 'messages[1]: "content" is empty' in err and 'messages[1]: "content" is a int' in err
+    assert 'messages[1]: "content" is empty' in err and 'conversations[1]: "content" is a number' in err
     assert 'messages[0]: "role" is "human", not one of system, user, assistant' in err
+    assert f'{src}:15: ' in err and 'messages[1] is a string, not an object with "role" and "content"' in err
     assert "an optional system message, then user and assistant in turn, ending with assistant" in err
 
 
