@@ -252,7 +252,7 @@ def conversation_of(obj: dict, where: str, report: Report):
         if not isinstance(item, dict):
             got = JSON_TYPES.get(type(item), "null")
             return bad(f'{key}[{i}] is {got}, not an object with "{speaker}" and "{text_key}"')
-        if item.get(speaker) not in SPEAKERS[speaker]:
+        if not isinstance(item.get(speaker), str) or item[speaker] not in SPEAKERS[speaker]:
             got = json.dumps(item.get(speaker), ensure_ascii=False)
             return bad(f'{key}[{i}]: "{speaker}" is {got}, not one of {", ".join(SPEAKERS[speaker])}')
         text = item.get(text_key)

@@ -291,18 +291,19 @@ def test_bad_conversations_are_named_and_skipped(tmp_path):
            {"conversations": good, "messages": good},
            {"conversations": good, "question": "问？", "answer": "答。"},
            {"conversations": [*good[:2], {"from": "system", "value": "迟到的系统"}, *good[2:]]},
+           {"conversations": [{"from": ["human"], "value": "问？"}, {"from": "gpt", "value": "答。"}]},
            {"messages": [{"role": "user", "content": "问？"}, "答。"]}]
     src = write_jsonl(tmp_path / "in.jsonl", DIALOGUES + bad)
     proc = prepare_sft(tmp_path, src, True, "--val_fraction=0", f"--block_size={4 * BLOCK}")
     meta = read_meta(tmp_path / "sft")
-    assert meta["problems"] == {"bad_messages": 5, "bad_conversations": 4, "ambiguous_record": 2}
+    assert meta["problems"] == {"bad_messages": 5, "bad_conversations": 5, "ambiguous_record": 2}
     assert meta["splits"]["train"]["conversations"] == 3 and meta["splits"]["train"]["pairs"] == 1
     err = proc.stderr
     assert f"{src}:5: " in err and "messages[0] is assistant where user comes" in err
     assert f"{src}:6: " in err and "messages ends without an assistant answer" in err
     assert 'messages[1]: "content" is empty' in err and 'conversations[1]: "content" is a number' in err
     assert 'messages[0]: "role" is "human", not one of system, user, assistant' in err
-    assert f'{src}:15: ' in err and 'messages[1] is a string, not an object with "role" and "content"' in err
+    assert f'{src}:16: ' in err and 'messages[1] is a string, not an object with "role" and "content"' in err
     assert "an optional system message, then user and assistant in turn, ending with assistant" in err
 
 
