@@ -48,8 +48,8 @@ from tqdm import tqdm
 
 import checkpoint
 from configurator import configure
-from data.records import (SENTENCE_END, Report, clean_text, expand_inputs, pair_entity, read_records, split_hash,
-                          split_of, string_field, write_json_atomic, write_jsonl_atomic)
+from data.records import (CONVERSATION_KEYS, SENTENCE_END, Report, clean_text, expand_inputs, pair_entity, read_records,
+                          split_hash, split_of, string_field, write_json_atomic, write_jsonl_atomic)
 from data.splits import source_paths
 from data.tokenizer import Tokenizer, check_same, complete_prefix, encode_pair, tokenizer_of
 from data_utils import batch_at, load_dataset
@@ -203,6 +203,8 @@ def load_cases(mode: str, source: str, data_meta: dict, report: Report, referenc
     for path in paths:
         for where, obj in read_records(path, report):
             if mode == "chat":
+                if seen and any(k in obj for k in CONVERSATION_KEYS):  # a dialogue of the sources: no single question
+                    continue
                 q, a = string_field(obj, "question", where, report), string_field(obj, "answer", where, report)
                 if q and a and (not seen or trained_pair(tok, obj, q, a, data_meta)):
                     cases.append({"prompt": q, "reference": a})

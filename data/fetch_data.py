@@ -14,7 +14,12 @@ the repository root):
   sft_train.jsonl  {"kind", "entity", "question", "answer"} pairs made by template, each true to
                    its source
   sft_test.jsonl   held-out pairs: held out by entity, not by question (see split_pairs)
-  manifest.json    sources, hashes, counts and the measured test/train answer overlap (0)
+  sft_dialogues_train.jsonl, sft_dialogues_test.jsonl
+                   {"kind", "entity", "messages"} multi-turn dialogues (OpenAI's messages shape)
+                   made of the pairs of one idiom or poem, whose follow-up questions ("它出自哪里？")
+                   need the turn before (see sft_dialogues); on the side of their entity's pairs
+  manifest.json    sources, hashes, counts and the measured test/train answer overlap (0), of the
+                   pairs and of the dialogues' answers
 
 Held-out split. Every pair names its entity, the thing it is about: the idiom (its word) for the
 idiom pairs, the poem ("author《title》") for recite, source and next-line pairs, the poet for
@@ -26,8 +31,11 @@ one entity for a poet and the poems would put up to 467 pairs of one famous poet
 Entities whose pairs share an answer (idioms with one explanation) are one group. A test entity
 whose answer a training answer still repeats (identical, contained in it, or, for a next line,
 the same two clauses in a row) moves to train; the overlap of the final split is measured
-again, printed and kept in the manifest, and is 0. Pretraining keeps every idiom and poem: the
-held-out questions measure whether SFT taught the model to answer about things it only read.
+again, printed and kept in the manifest, and is 0. A dialogue goes where its entity's pairs went
+(its answers are theirs), so nothing about a test entity is in train; the overlap of the test
+dialogues' answers with every training answer (pairs and dialogues) is measured the same way.
+Pretraining keeps every idiom and poem: the held-out questions measure whether SFT taught the
+model to answer about things it only read.
 """
 import hashlib
 import json
@@ -41,8 +49,9 @@ if find_spec("configurator") is None:  # python data/x.py finds the shared modul
     sys.exit("MiniGLM's modules are not installed in this Python: run pip install -r requirements.txt in its folder")
 
 from configurator import configure
-from data.records import atomic_path, write_json_atomic
+from data.records import atomic_path, split_hash, write_json_atomic
 from data.sources import IDIOMS, POETRY, T2S, download, idiom_entries, poetry_records
+from data.tokenizer import sft_prompt
 
 # ----------------------------------------------------------------------------- defaults
 out_dir = "data/raw"
@@ -50,9 +59,13 @@ force = False
 include_song_shi = True      # 254k Song poems: most of the corpus; False for a quicker build
 sft_test_fraction = 0.01     # per question template, at least sft_test_min of each
 sft_test_min = 5
+sft_dialogue_fraction = 0.2  # idioms and poems (a fixed hash of each) that also get a multi-turn dialogue:
+# on the default data 4.4k dialogues, 8% of the SFT answers: make demo's 800 steps (17% of an epoch) meet
+# about 750 of them, while the single-turn pairs, which evaluations.py scores, keep nine tenths of the mix
+sft_dialogue_max_chars = 110  # a dialogue's rendered length (问：…\n答：… of every turn): see sft_dialogues
 # -----------------------------------------------------------------------------
 
-BUILDER_VERSION = 2  # 2: entity split
+BUILDER_VERSION = 3  # 2: entity split; 3: multi-turn dialogues
 CLAUSE_SPLIT = re.compile(r"[，。！？；、：]")
 # Clauses of any answer for the overlap check: quotes, brackets and white space end a clause too.
 ANY_CLAUSE_SPLIT = re.compile(r"[，。！？；、：,.!?;:\s“”‘’「」『』《》()（）]+")
@@ -137,6 +150,22 @@ def build(poetry_tgz: Path, idiom_whl: Path, out: Path) -> dict:
             stats[f"sft_test_overlap_{kind}_{how}"] = overlap[f"sft_test_overlap_{kind}_{how}"]
     print(f"[build] SFT test/train answer overlap (test answers a training answer repeats): "
           f"{sum(overlap.values())} of {len(test)}", file=sys.stderr)
+
+    test_entities = {p["entity"] for p in test}
+    dialogues = {"train": [], "test": []}
+    for d in sft_dialogues(pairs):
+        dialogues["test" if d["entity"] in test_entities else "train"].append(d)
+    for split, ds in dialogues.items():
+        stats[f"sft_dialogues_{split}"] = write_jsonl(out / f"sft_dialogues_{split}.jsonl", ds)
+        stats[f"sft_dialogue_turns_{split}"] = sum(len(d["messages"]) // 2 for d in ds)
+        stats.update(Counter(f"sft_{split}_{d['kind']}" for d in ds))
+    answers = {s: [{"kind": d["kind"], "answer": m["content"]} for d in ds for m in d["messages"]
+                   if m["role"] == "assistant"] for s, ds in dialogues.items()}
+    found = Counter(how for _, how in answer_overlap(train + answers["train"], answers["test"]))
+    for how in ("identical", "contained"):
+        stats[f"sft_dialogue_test_overlap_{how}"] = found[how]
+    print(f"[build] {len(dialogues['train']):,} + {len(dialogues['test']):,} SFT dialogues; test/train answer "
+          f"overlap: {sum(found.values())} of {len(answers['test'])}", file=sys.stderr)
     return dict(stats)
 
 
@@ -196,6 +225,42 @@ def sft_pairs(poems, idioms, authors) -> list:
     for p in pairs:  # a question asked twice keeps its first answer
         first.setdefault(p["question"], p)
     return list(first.values())
+
+
+# Dialogues: the pairs of one entity in this order; the first question names the idiom or the
+# poem's line, every later one refers back to it and needs the turn before.
+DIALOGUE_KINDS = {"idiom_dialogue": ("idiom_meaning", "idiom_source", "idiom_example"),
+                  "poem_dialogue": ("poem_source", "poem_recite")}
+FOLLOW_UP = {"idiom_meaning": "它是什么意思？", "idiom_source": "它出自哪里？", "idiom_example": "请用它造一个句子。",
+             "poem_recite": "请背诵这首诗词。"}
+
+
+def sft_dialogues(pairs) -> list:
+    """{"kind", "entity", "messages"} dialogues made of the pairs of one entity (so each answer is
+    true to its source exactly as the pair's is): an idiom's meaning, then "它出自哪里？", then
+    "请用它造一个句子。" (the turns whose field exists); a famous poem's source by its first line,
+    then its recitation. A turn is left out where it would make the dialogue longer than
+    sft_dialogue_max_chars: so a dialogue fits a block whole and prepare_sft.py does not drop its
+    first turn, the one the follow-ups refer to (dialogues run 2.16 GPT-2 or 0.90 zh tokens a
+    character; on the default data all 4,424 fit 128 zh tokens, all but one 256 GPT-2). Entities with 2 turns or more, sft_dialogue_fraction of them, picked by a
+    fixed hash of the entity (its own, not the one that picks the test split)."""
+    by_entity = defaultdict(dict)
+    for p in pairs:
+        by_entity[p["entity"]].setdefault(p["kind"], p)
+    dialogues = []
+    for entity, kinds in by_entity.items():
+        for name, order in DIALOGUE_KINDS.items():
+            if split_hash(f"dialogue:{entity}") >= sft_dialogue_fraction:
+                continue
+            messages, size = [], 0
+            for p in (kinds[k] for k in order if k in kinds):
+                question = FOLLOW_UP[p["kind"]] if messages else p["question"]
+                if size + len(sft_prompt(question)) + len(p["answer"]) <= sft_dialogue_max_chars:
+                    size += len(sft_prompt(question)) + len(p["answer"])
+                    messages += [{"role": "user", "content": question}, {"role": "assistant", "content": p["answer"]}]
+            if len(messages) >= 4:
+                dialogues.append({"kind": name, "entity": entity, "messages": messages})
+    return dialogues
 
 
 def entity_groups(pairs) -> dict:
@@ -279,12 +344,14 @@ if __name__ == "__main__":
     want = {"builder_version": BUILDER_VERSION, "sources": {s["name"]: s["sha256"] for s in (POETRY, IDIOMS)},
             "config": {k: v for k, v in config.items() if k not in ("out_dir", "force")}}
     manifest_path = out / "manifest.json"
-    outputs = [out / f for f in ("pretrain.jsonl", "sft_train.jsonl", "sft_test.jsonl")]
+    outputs = [out / f for f in ("pretrain.jsonl", "sft_train.jsonl", "sft_test.jsonl", "sft_dialogues_train.jsonl",
+                                 "sft_dialogues_test.jsonl")]
     if not force and manifest_path.exists() and all(p.exists() for p in outputs):
         have = json.loads(manifest_path.read_text(encoding="utf-8"))
         if all(have.get(k) == v for k, v in want.items()):
             print(f"[build] {out}/ is up to date ({have['counts']['pretrain_documents']:,} documents, "
-                  f"{have['counts']['sft_train']:,} + {have['counts']['sft_test']:,} SFT pairs); "
+                  f"{have['counts']['sft_train']:,} + {have['counts']['sft_test']:,} SFT pairs, "
+                  f"{have['counts']['sft_dialogues_train']:,} + {have['counts']['sft_dialogues_test']:,} dialogues); "
                   "--force=True rebuilds")
             sys.exit(0)
     manifest_path.unlink(missing_ok=True)  # outputs without a manifest are never taken as done

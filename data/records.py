@@ -5,6 +5,7 @@
         for where, obj in read_records(path, report):
             ...   # where is "file:line", obj a dict; bad lines were reported and skipped
 
+conversation_of(obj, where, report) reads a multi-turn record ("messages" or "conversations").
 Also the rules every reader and writer of the data shares: the hash that picks the validation
 split (split_hash, split_of), the entity of a question (entity_of, what an SFT split holds out),
 the one sentence-end rule (SENTENCE_END) and the one atomic writer (atomic_path: temp file, then
@@ -216,6 +217,58 @@ def string_field(obj: dict, key: str, where: str, report: Report, required: bool
     else:
         report.add(f"bad_{key}", where, f"\"{key}\" must be a string, got {type(value).__name__}; skipped")
     return None
+
+
+# Multi-turn records: who may speak, under OpenAI's "role" and ShareGPT's "from" (mapped to OpenAI's names).
+SPEAKERS = {"role": {"system": "system", "user": "user", "assistant": "assistant"},
+            "from": {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}}
+CONVERSATION_KEYS = ("messages", "conversations")
+EXPECTED_TURNS = "an optional system message, then user and assistant in turn, ending with assistant"
+JSON_TYPES = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
+              dict: "an object"}
+
+
+def conversation_of(obj: dict, where: str, report: Report):
+    """(system text or "", [(question, answer), ...]) of a multi-turn record, or None after
+    reporting why it is unusable: {"messages": [{"role", "content"}, ...]} (OpenAI's shape) or
+    {"conversations": [...]} of those items or of ShareGPT's {"from", "value"}; EXPECTED_TURNS,
+    every text a non-empty string (CRLF read as LF, outer white space stripped)."""
+    keys = [k for k in (*CONVERSATION_KEYS, "question", "answer") if k in obj]
+    if len(keys) != 1:
+        report.add("ambiguous_record", where, f"record has {', '.join(map(repr, keys))}: expected one of "
+                   '"messages", "conversations" or a "question"/"answer" pair; skipped')
+        return None
+    key, items = keys[0], obj[keys[0]]
+
+    def bad(problem: str) -> None:
+        report.add(f"bad_{key}", where, f"{problem}; expected {EXPECTED_TURNS}; skipped")
+
+    if not isinstance(items, list) or not items:
+        return bad(f'"{key}" is {"empty" if items == [] else "not a list"}')
+    roles, texts = [], []
+    for i, item in enumerate(items):
+        share_gpt = key == "conversations" and isinstance(item, dict) and "from" in item
+        speaker, text_key = ("from", "value") if share_gpt else ("role", "content")
+        if not isinstance(item, dict):
+            got = JSON_TYPES.get(type(item), "null")
+            return bad(f'{key}[{i}] is {got}, not an object with "{speaker}" and "{text_key}"')
+        if not isinstance(item.get(speaker), str) or item[speaker] not in SPEAKERS[speaker]:
+            got = json.dumps(item.get(speaker), ensure_ascii=False)
+            return bad(f'{key}[{i}]: "{speaker}" is {got}, not one of {", ".join(SPEAKERS[speaker])}')
+        text = item.get(text_key)
+        if not isinstance(text, str) or not text.strip():
+            got = "missing" if text is None else "empty" if isinstance(text, str) else JSON_TYPES[type(text)]
+            return bad(f'{key}[{i}]: "{text_key}" is {got}, expected a non-empty string')
+        roles.append(SPEAKERS[speaker][item[speaker]])
+        texts.append(text.replace("\r\n", "\n").strip())
+    first = int(roles[0] == "system")
+    for i in range(first, len(roles)):
+        want = ("user", "assistant")[(i - first) % 2]
+        if roles[i] != want:
+            return bad(f"{key}[{i}] is {roles[i]} where {want} comes")
+    if roles[-1] != "assistant":
+        return bad(f"{key} ends without an assistant answer")
+    return (texts[0] if first else ""), list(zip(texts[first::2], texts[first + 1::2]))
 
 
 _EMPTY_BRACKETS = re.compile(r"（[\s，,；;、]*）|\([\s，,；;、]*\)|\[[\s，,；;、]*\]|【\s*】")

