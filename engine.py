@@ -278,14 +278,19 @@ def reply(model: GPT, ckpt: dict, text: str, mode: str, **kwargs) -> str:
 def reply_batch(model: GPT, ckpt: dict, texts: list, mode: str, generators: list | None = None, utf8_only: bool = True,
                 max_new_tokens: int = SAMPLING_DEFAULTS["max_new_tokens"], temperature: float = SAMPLING_DEFAULTS["temperature"],
                 top_k: int | None = SAMPLING_DEFAULTS["top_k"], top_p: float | None = SAMPLING_DEFAULTS["top_p"],
-                repetition_penalty: float = SAMPLING_DEFAULTS["repetition_penalty"]) -> list:
+                repetition_penalty: float = SAMPLING_DEFAULTS["repetition_penalty"], histories: list | None = None,
+                systems: list | None = None) -> list:
     """The replies to several texts generated together (model.generate_batch), as [(text, stats)]:
-    each text what reply() gives with the same settings and generators[i] (in float32; in bfloat16
-    a batch's matmuls can round differently and a near tie can go the other way), each stats what
-    stream_reply's holds, seconds counted from the batch's start to the row's last token."""
+    each text what reply() gives with the same settings, generators[i], histories[i] and systems[i]
+    (in float32; in bfloat16 a batch's matmuls can round differently and a near tie can go the
+    other way), each stats what stream_reply's holds, seconds counted from the batch's start to the
+    row's last token."""
     tok = checkpoint.tokenizer(ckpt)
-    prompts = [fit_prompt(ckpt, text, mode, model.config.block_size, max_new_tokens) for text in texts]
-    stats = [prompt_stats(p) | {"new_tokens": 0, "stopped_at_eot": False} for p in prompts]
+    histories, systems = histories or [()] * len(texts), systems or [""] * len(texts)
+    prompts = [fit_prompt(ckpt, text, mode, model.config.block_size, max_new_tokens, history, system)
+               for text, history, system in zip(texts, histories, systems, strict=True)]
+    stats = [prompt_stats(p) | {"new_tokens": 0, "stopped_at_eot": False, "stopped_at_stop": False}
+             for p in prompts]
     decoders, pieces, t0 = [StreamDecoder(tok) for _ in texts], [[] for _ in texts], time.perf_counter()
     for step in model.generate_batch([p.ids for p in prompts], max_new_tokens, temperature, top_k, top_p,
                                      repetition_penalty, tok.eot_id, tok.vocab_size, generators=generators,

@@ -7,8 +7,10 @@ writes the report to hand in.
     python evaluations.py --out_dir=out-sft --input=my_test.json --max_samples=200 --report=True
 
 SFT checkpoints answer each question of data/raw/sft_test.jsonl (or --input: a JSON array or
-JSONL of {"question", "answer"}). Pretrained checkpoints continue the first sentence of held-out
-documents (the val documents of the sources the checkpoint's data was prepared from, chosen by
+JSONL of {"question", "answer"}), and every turn after the first of the held-out dialogues
+(data/raw/sft_dialogues_test.jsonl, or multi-turn records of --input), each given the dialogue's
+earlier turns: scored apart, under "followup" in eval.json (eval_cases.py). Pretrained
+checkpoints continue the first sentence of held-out documents (the val documents of the sources the checkpoint's data was prepared from, chosen by
 the same hash as prepare.py; or --input: JSON/JSONL of {"text"}), scored against the rest of the
 document (its first max_reference_chars characters). Perplexity: exp of the summed NLL over the
 counted tokens of ppl_split (masked positions excluded) divided once by their number. Bits per
@@ -48,12 +50,11 @@ from tqdm import tqdm
 
 import checkpoint
 from configurator import configure
-from data.records import (CONVERSATION_KEYS, SENTENCE_END, Report, clean_text, expand_inputs, pair_entity, read_records,
-                          split_hash, split_of, string_field, write_json_atomic, write_jsonl_atomic)
-from data.splits import source_paths
-from data.tokenizer import Tokenizer, check_same, complete_prefix, encode_pair, tokenizer_of
+from data.records import Report, write_json_atomic, write_jsonl_atomic
+from data.tokenizer import Tokenizer, check_same, complete_prefix
 from data_utils import batch_at, load_dataset
 from engine import RENAMED_DTYPE, SAMPLING_DEFAULTS, exit_on_bad_flags, load_model_or_exit, reply_batch
+from eval_cases import load_cases
 from metrics import (COMMON_SHARE, FLAGS, HAN, HAN_RANGES, SPLIT_ONLY, bleu_4, char_counts, common_chars,
                      distinct_2, flags_of, rare_chars, rouge, table_rows)
 from report import write_report
@@ -88,9 +89,6 @@ precision = "fp32"          # the model as trained, the same figures on every CP
                             # (what sample.py and the web app pick here) measure what they serve
 # -----------------------------------------------------------------------------
 RENAMED_KEYS = {"dtype": RENAMED_DTYPE}  # --dtype is training's autocast type; generation has --precision
-
-SFT_TEST = "data/raw/sft_test.jsonl"
-
 
 def lead_bytes(tok: Tokenizer, size: int) -> np.ndarray:
     """The characters each token id begins, (max(size, PAD + 1),): the UTF-8 lead bytes (bytes
@@ -158,82 +156,6 @@ def parent_data_dir(ckpt: dict) -> Path | None:
         return None
 
 
-def split_document(text: str) -> tuple[str, str]:
-    """(first sentence, the rest): up to the first sentence end (data.records.SENTENCE_END: 。！？!?
-    and any closing quotes after it, before a letter, a space or the end), else up to the first
-    line break; white space after it belongs to the prompt. A trained tokenizer has tokens such as
-    "。\n": a prompt cut before the "\n" ends in a token the model saw mostly at the end of a
-    document, and a model with that tokenizer then ends at once (99% empty continuations)."""
-    end = SENTENCE_END.search(text)
-    cut = end.end() if end else text.find("\n") + 1
-    if cut > 0:  # the line break after it stays in the prompt, where the document's own tokens have it
-        cut = len(text) - len(text[cut:].lstrip())
-    return (text[:cut], text[cut:].strip()) if cut > 0 else (text, "")
-
-
-def load_cases(mode: str, source: str, data_meta: dict, report: Report, reference_chars: int = 200,
-               seen: bool = False) -> list:
-    """[{"prompt", "reference"}]: held out (the user's file, the SFT test split, or the val
-    documents of the checkpoint's sources), or with seen=True what the model was trained on (the
-    records of the checkpoint's sources that the prepare scripts wrote to train: by their own
-    split rule (the document's hash, or the pair's entity; split_of) and, for pairs, only those
-    that fit a block; [] when those files are not here)."""
-    sources = source_paths(data_meta.get("sources", []))  # repository-relative or absolute (source_names)
-    tok = tokenizer_of(data_meta)
-    if seen:
-        if not sources or not all(p.exists() for p in sources):
-            return []
-        paths = sources
-    elif source:
-        paths = expand_inputs(source, report)
-        if not paths:
-            sys.exit(f"--input={source}: no .json or .jsonl file there")
-    elif mode == "chat":
-        paths = [Path(SFT_TEST)]
-        if not paths[0].exists():
-            sys.exit(f"{SFT_TEST} not found in {Path.cwd()}: run from the repository's folder after "
-                     "python data/fetch_data.py, or pass --input=your_test.jsonl")
-    else:
-        paths = sources
-        if not paths or not all(p.exists() for p in paths):
-            sys.exit(f"the checkpoint's source documents ({', '.join(map(str, paths)) or 'none recorded'}) are "
-                     "missing: put them back (python data/fetch_data.py for the default data), or pass --input= a "
-                     "JSONL of {\"text\"} documents")
-    cases = []
-    for path in paths:
-        for where, obj in read_records(path, report):
-            if mode == "chat":
-                if seen and any(k in obj for k in CONVERSATION_KEYS):  # a dialogue of the sources: no single question
-                    continue
-                q, a = string_field(obj, "question", where, report), string_field(obj, "answer", where, report)
-                if q and a and (not seen or trained_pair(tok, obj, q, a, data_meta)):
-                    cases.append({"prompt": q, "reference": a})
-                continue
-            text = string_field(obj, "text", where, report)
-            if text is None:
-                continue
-            text = clean_text(text, obj.get("title") if isinstance(obj.get("title"), str) else None)
-            split = split_of(split_hash(text), data_meta)
-            if split == "train" if seen else (source or split == "val"):
-                prompt, rest = split_document(text)
-                if rest:
-                    cases.append({"prompt": prompt, "reference": rest[:reference_chars]})
-                else:
-                    report.add("one_sentence", where, "document has no text after its first sentence; skipped")
-    return cases
-
-
-def trained_pair(tok: Tokenizer, obj: dict, question: str, answer: str, data_meta: dict) -> bool:
-    """Whether prepare_sft.py wrote this pair to train.bin (tokenized with tok, the checkpoint's
-    tokenizer): its entity's split, and it fits a block."""
-    q, a = (s.replace("\r\n", "\n").strip() for s in (question, answer))
-    entity = obj.get("entity")
-    if not (q and a) or not (entity is None or isinstance(entity, str)):
-        return False
-    return (split_of(split_hash(pair_entity(obj, q)), data_meta) == "train"
-            and len(encode_pair(tok, q, a)[0]) <= data_meta["block_size"])
-
-
 def evaluate(model, ckpt: dict, mode: str, cases: list, settings: dict, label: str = "",
              common: frozenset | None = None) -> tuple[list, dict]:
     """Answer every case; (samples with scores and flags, the summary written to eval.json).
@@ -247,7 +169,8 @@ def evaluate(model, ckpt: dict, mode: str, cases: list, settings: dict, label: s
     for start in range(0, len(cases), size):  # question i samples with its own generator, seeded seed + i
         chunk, t0 = cases[start:start + size], time.perf_counter()
         gens = [torch.Generator().manual_seed(settings["seed"] + start + j) for j in range(len(chunk))]
-        answers = reply_batch(model, ckpt, [c["prompt"] for c in chunk], mode, gens, **{k: settings[k] for k in keys})
+        answers = reply_batch(model, ckpt, [c["prompt"] for c in chunk], mode, gens, **{k: settings[k] for k in keys},
+                              histories=[c.get("history", ()) for c in chunk], systems=[c.get("system", "") for c in chunk])
         seconds += time.perf_counter() - t0
         bar.update(len(chunk))
         for case, (prediction, stats) in zip(chunk, answers):
@@ -366,7 +289,9 @@ if __name__ == "__main__":
         return [cases[i] for i in sorted(random.Random(seed).sample(range(len(cases)), n))]
 
     bad = Report()
-    cases = subset(load_cases(mode, input, ckpt["data_meta"], bad, max_reference_chars), max_samples)
+    cases = load_cases(mode, input, ckpt["data_meta"], bad, max_reference_chars)
+    follow = [c for c in cases if "history" in c]  # dialogue turns after the first: scored apart
+    cases = subset([c for c in cases if "history" not in c], max_samples)
     if bad.counts:
         print(f"test cases: {bad.summary()}", file=sys.stderr)
     if not cases:
@@ -374,6 +299,9 @@ if __name__ == "__main__":
     samples, summary = evaluate(model, ckpt, mode, cases, settings, common=common)
     samples = [s | {"set": "held_out"} for s in samples]
     results |= summary | {"settings": settings, "skipped_cases": dict(bad.counts), "seen": None}
+    if follow:
+        more, results["followup"] = evaluate(model, ckpt, mode, follow, settings, " (follow-ups)", common)
+        samples += [s | {"set": "followup", "history_turns": len(c["history"])} for s, c in zip(more, follow)]
     if seen_samples:
         quiet = Report(max_shown=0)  # the training files' problems were shown when they were prepared
         seen = load_cases(mode, "", ckpt["data_meta"], quiet, max_reference_chars, seen=True)
@@ -387,6 +315,10 @@ if __name__ == "__main__":
     write_json_atomic(out / "eval.json", results)
     write_jsonl_atomic(out / "eval_samples.jsonl", samples)
     print_table(results)
+    if follow:
+        f = results["followup"]
+        print(f"follow-up turns of held-out dialogues (each given the dialogue so far): {f['samples']}, "
+              f"Rouge-L {f['rouge_l']:.4f}, repetitive {f['repetition_rate']:.1%}, truncated {f['truncation_rate']:.1%}")
     print(f"wrote {out / 'eval.json'} and {out / 'eval_samples.jsonl'}", file=sys.stderr)
     if report:
         print(f"wrote {write_report(out)}", file=sys.stderr)

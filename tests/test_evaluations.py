@@ -11,12 +11,12 @@ import torch
 from conftest import PAIRS, ROOT, read_bin, run_script, write_jsonl
 from test_prepare import corpus
 
-from data.records import clean_text, in_val
+from data.records import Report, clean_text, in_val
 from data.tokenizer import load_tokenizer
 from data_utils import load_dataset
 from engine import load_model, reply, reply_batch
-from data.records import Report
-from evaluations import load_cases, perplexity, split_document
+from eval_cases import load_cases, split_document
+from evaluations import perplexity
 from metrics import BENCH, EVAL, distinct_2, is_garbled, is_repetitive, repeated_share, rouge, table_rows
 from model import GPT, GPTConfig
 from report import plot_losses
@@ -240,6 +240,27 @@ def test_answers_generated_together_are_the_answers_one_at_a_time(sft_model, tem
         assert [t for t, _ in together[:5]] == [p["answer"] for p in PAIRS[:5]]
     # rows leave the batch at different steps (finished rows drop out while others go on), some at EOT
     assert len({s["new_tokens"] for _, s in together}) > 2 and any(s["stopped_at_eot"] for _, s in together)
+
+
+def test_follow_up_turns_of_dialogues_are_answered_with_the_dialogue_so_far_and_scored_apart(sft_model, tmp_path):
+    a, b = {"question": "天", "answer": "地"}, {"question": "人", "answer": "和"}  # the tiny model's context: 48 tokens
+    dialogue = {"messages": [{"role": "user", "content": a["question"]}, {"role": "assistant", "content": a["answer"]},
+                             {"role": "user", "content": b["question"]}, {"role": "assistant", "content": b["answer"]}]}
+    src = write_jsonl(tmp_path / "test.jsonl", PAIRS[:3] + [dialogue])
+    proc = run_script("evaluations.py", f"--out_dir={sft_model}", f"--input={src}", "--seen_samples=0")
+    results = json.loads((sft_model / "eval.json").read_text(encoding="utf-8"))
+    assert results["samples"] == 3 and results["followup"]["samples"] == 1  # the first turn is no follow-up
+    samples = [json.loads(line) for line in (sft_model / "eval_samples.jsonl").read_text(encoding="utf-8").splitlines()]
+    follow = [s for s in samples if s["set"] == "followup"]
+    assert [(s["question"], s["reference"], s["history_turns"]) for s in follow] == [(b["question"], b["answer"], 1)]
+    model, ckpt = load_model(sft_model, "cpu", "fp32")  # answered after the first exchange, as reply() would
+    history = ((a["question"], a["answer"]),)
+    assert follow[0]["prediction"] == reply(model, ckpt, b["question"], "chat", history=history, temperature=0,
+                                            max_new_tokens=128, repetition_penalty=1.5)
+    together = reply_batch(model, ckpt, [b["question"], b["question"]], "chat", temperature=0, max_new_tokens=16,
+                           histories=[history, ()], systems=["", ""])
+    assert together[0][1]["prompt_tokens"] > together[1][1]["prompt_tokens"]  # the history is in the first prompt
+    assert "follow-up turns of held-out dialogues" in proc.stdout
 
 
 def test_sampling_is_deterministic_under_seed_and_cut_by_max_samples(sft_model, tmp_path):
