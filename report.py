@@ -203,6 +203,12 @@ def write_report(out: Path) -> Path:
             lines += [f"![评测]({eval_png.name})", ""]
         lines += ["留出集：模型没有训练过的问题（或文档）；训练过的问题：从它的训练数据里抽取的样本，同样打分。"
                   "两列相差越大，模型越是在背诵训练数据，而不是举一反三。", ""]
+        f = r.get("followup")
+        if f:
+            lines += [f"多轮对话：留出的对话里第二轮起的 {f['samples']} 个追问（如“它出自哪里？”），每个都带着前面的对话作答："
+                      + "，".join(f"{EVAL[k].label_zh} {EVAL[k].show(f.get(k))}"
+                                 for k in ("rouge_l", "repetition_rate", "truncation_rate"))
+                      + "（与上表的单轮问题分开计算）。", ""]
         samples = held_out_samples(out)
         ranked = sorted(samples, key=lambda s: (-len(s.get("flags", [])), s.get("rouge_l", 0)))
         good = sorted((s for s in samples if not s.get("flags")), key=lambda s: -s.get("rouge_l", 0))[:3]

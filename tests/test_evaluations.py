@@ -247,9 +247,10 @@ def test_follow_up_turns_of_dialogues_are_answered_with_the_dialogue_so_far_and_
     dialogue = {"messages": [{"role": "user", "content": a["question"]}, {"role": "assistant", "content": a["answer"]},
                              {"role": "user", "content": b["question"]}, {"role": "assistant", "content": b["answer"]}]}
     src = write_jsonl(tmp_path / "test.jsonl", PAIRS[:3] + [dialogue])
-    proc = run_script("evaluations.py", f"--out_dir={sft_model}", f"--input={src}", "--seen_samples=0")
+    proc = run_script("evaluations.py", f"--out_dir={sft_model}", f"--input={src}", "--seen_samples=0", "--report=True")
     results = json.loads((sft_model / "eval.json").read_text(encoding="utf-8"))
     assert results["samples"] == 3 and results["followup"]["samples"] == 1  # the first turn is no follow-up
+    assert "多轮对话：留出的对话里第二轮起的 1 个追问" in (sft_model / "report.md").read_text(encoding="utf-8")
     samples = [json.loads(line) for line in (sft_model / "eval_samples.jsonl").read_text(encoding="utf-8").splitlines()]
     follow = [s for s in samples if s["set"] == "followup"]
     assert [(s["question"], s["reference"], s["history_turns"]) for s in follow] == [(b["question"], b["answer"], 1)]
