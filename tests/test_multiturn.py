@@ -1,14 +1,23 @@
-"""Multi-turn chat end to end: a tiny model trained (in this process) on a few two-turn dialogues in
-the one chat template (data.tokenizer.conversation_ids) answers a follow-up question that only the
-previous turn makes answerable: "它出自哪里？" gets the source of the idiom asked about before."""
+"""Multi-turn chat: a tiny model trained (in this process) on a few two-turn dialogues in the one
+chat template (data.tokenizer.conversation_ids) answers a follow-up question that only the previous
+turn makes answerable ("它出自哪里？" gets the source of the idiom asked about before); the web page's
+chat tab and arena pass the conversation they show as history. (The API's history: test_gradio.py;
+the terminal chat's: test_sample.py; the prompt's: test_model.py.)"""
 import base64
 
+import gradio as gr
 import pytest
 import torch
+from conftest import PAIRS
+from test_gradio import WatchedStore
+from test_serving import GREEDY
 
 from data.tokenizer import SFT_TEMPLATE, conversation_ids, load_tokenizer
-from engine import reply
+from engine import SAMPLING, reply
 from model import GPT, GPTConfig
+from sample_gradio import build_app
+from serving import VoteBook
+from webpage import EMPTY_REPLY
 
 FOLLOW_UP = "它出自哪里？"
 # (idiom, meaning, source): every follow-up is the same question, every source a different book
@@ -60,3 +69,66 @@ def test_a_follow_up_question_is_answered_from_the_previous_turn(memorised):
     # the same follow-up after another idiom's first turn gets that idiom's source: the answer comes from the history
     sources = {reply(model, ckpt, FOLLOW_UP, "chat", history=[(first_question(i), m)], **greedy) for i, m, _ in IDIOMS}
     assert sources == {s for _, _, s in IDIOMS}
+
+
+def page_events(demo) -> tuple[dict, dict]:
+    """({function name: function} of the page's events, {elem_id: component}): a test calls a tab's
+    function as Gradio does, with the components' values."""
+    return ({f.name: f.fn for f in demo.fns.values()},
+            {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)})
+
+
+def outcome(updates) -> list:
+    """The outputs an event function leaves on the page: each one's last value that is not gr.skip()."""
+    last = {}
+    for update in updates:
+        last |= {i: v for i, v in enumerate(update) if v != gr.skip()}
+    return [last[i] for i in sorted(last)]
+
+
+def as_sent(chatbot, messages) -> list:
+    """A gr.Chatbot's value as the page sends it back to a function (content as a list of parts)."""
+    return chatbot.preprocess(chatbot.postprocess(messages))
+
+
+def test_the_chat_tab_passes_the_conversation_shown_as_history(sft_model, tmp_path):
+    """Each question goes to the model after the exchanges the chat shows, in 问答 mode only; error
+    replies, empty replies and unanswered questions are left out."""
+    store = WatchedStore({"sft": sft_model}, stream_every=0)
+    fns, parts = page_events(build_app(store, VoteBook(tmp_path / "v.jsonl"), [], limit=30))
+    greedy = [GREEDY[k] for k in SAMPLING]
+
+    def ask(question, shown, label="问答"):
+        *_, (messages, box, status) = fns["chat"](question, shown, "sft", label, *greedy)
+        assert box == "" and "tokens/s" in status
+        return as_sent(parts["chatbot"], messages)
+
+    shown = ask(PAIRS[0]["question"], [])
+    shown = ask(PAIRS[1]["question"], shown)
+    assert [call[4] for call in store.calls] == [(), ((PAIRS[0]["question"], PAIRS[0]["answer"]),)]
+    shown = as_sent(parts["chatbot"], shown + [
+        {"role": "user", "content": "坏了"}, {"role": "assistant", "content": "【出错】没有名为 'x' 的模型"},
+        {"role": "user", "content": "空的"}, {"role": "assistant", "content": EMPTY_REPLY},
+        {"role": "user", "content": "停了"}])
+    shown = ask(PAIRS[2]["question"], shown)
+    assert store.calls[-1][4] == tuple((p["question"], p["answer"]) for p in PAIRS[:2])
+    assert parts["chatbot"].postprocess(shown).model_dump()[-1]["content"][0]["text"] == PAIRS[2]["answer"]
+    ask("床前", shown, "续写")
+    assert store.calls[-1][2:] == ("generate", {k: GREEDY[k] for k in SAMPLING}, ())
+
+
+def test_each_arena_side_keeps_its_own_history(sft_model, tmp_path):
+    """Each side's question comes after its own earlier answers (its chat); a side's error is not
+    history; the vote record has each side's history."""
+    store = WatchedStore({"a": sft_model, "b": sft_model}, stream_every=0)
+    fns, parts = page_events(build_app(store, VoteBook(tmp_path / "v.jsonl"), [], limit=30))
+    greedy = [GREEDY[k] for k in SAMPLING]
+    shown_a, shown_b, round_, status = outcome(fns["arena"](PAIRS[0]["question"], [], [], "a", "nope", *greedy))
+    assert round_ is None and "不能投票" in status
+    shown_a, shown_b = as_sent(parts["answer-a"], shown_a), as_sent(parts["answer-b"], shown_b)
+    _, last_b, round_, status = outcome(fns["arena"](PAIRS[1]["question"], shown_a, shown_b, "a", "b", *greedy))
+    first = (PAIRS[0]["question"], PAIRS[0]["answer"])
+    assert {call[0]: call[4] for call in store.calls[-2:]} == {"a": (first,), "b": ()}
+    assert "请投票" in status and round_["history_a"] == [list(first)] and round_["history_b"] == []
+    assert (round_["answer_a"], round_["answer_b"]) == (PAIRS[1]["answer"],) * 2
+    assert last_b[-1] == {"role": "assistant", "content": PAIRS[1]["answer"]} and len(last_b) == 4
