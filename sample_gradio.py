@@ -112,7 +112,7 @@ def sampling_sliders() -> list:
 def chat_tab(store: ModelStore, names: list, examples: list, sampling: list, limit: int, queued: dict) -> None:
     """The 对话 tab: pick a model and a mode, ask, the answer streams in; stop and clear. In 问答 mode
     the conversation shown is the history: each question comes after the earlier exchanges (as many
-    as fit the model's context, serving.chat_history); 清空 starts a new conversation."""
+    as fit the model's context, webpage.chat_history); 清空 starts a new conversation."""
     default = names[0] if names else None
 
     def mode_label(name):
@@ -166,7 +166,7 @@ def chat_tab(store: ModelStore, names: list, examples: list, sampling: list, lim
 def arena_tab(demo: gr.Blocks, store: ModelStore, votes: VoteBook, names: list, sampling: list, limit: int,
               queued: dict) -> None:
     """The 竞技场 tab: two models (local, or a classmate's app by URL) answer the same question side
-    by side, each after its own earlier answers (its chat is its history, serving.chat_history);
+    by side, each after its own earlier answers (its chat is its history, webpage.chat_history);
     when both are done the round can get one vote (votes_panel); 清空 starts a new conversation."""
 
     def arena(message, shown_a, shown_b, a, b, *settings):
@@ -273,8 +273,9 @@ def api_endpoints(store: ModelStore, names: list, limit: int, queued: dict) -> N
             raise gr.Error("model 应为本应用的模型名（见 /models）")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise gr.Error(f"seed={seed!r}：应为整数（-1 为随机）")
-        if not isinstance(history or [], list) or not all(isinstance(h, list) and len(h) == 2 and all(
-                isinstance(s, str) for s in h) for h in history or []):
+        history = [] if history is None else history
+        if not isinstance(history, list) or not all(isinstance(h, list) and len(h) == 2 and all(
+                isinstance(s, str) for s in h) for h in history):
             raise gr.Error('history 应为 [问题, 回答] 对的列表，最早的在前，如 [["问题1", "回答1"], ["问题2", "回答2"]]'
                            f"（可省略：单轮问答）；收到 {str(history)[:80]}")
         question, notice = clean_question(question, limit)
@@ -287,7 +288,7 @@ def api_endpoints(store: ModelStore, names: list, limit: int, queued: dict) -> N
             if not (model or default):
                 raise ModelError("这个应用里没有模型")
             for text, stats in store.stream(model or default, question, MODES.get(mode, mode), p,
-                                            newest_exchanges(history or [])):
+                                            newest_exchanges(history)):
                 notices = " ".join(n for n in (notice, stats.get("notice")) if n)
                 yield text, stats | ({"notice": notices} if notices else {})
         except (ModelError, ValueError) as e:

@@ -17,7 +17,7 @@ from engine import SAMPLING, reply
 from model import GPT, GPTConfig
 from sample_gradio import build_app
 from serving import VoteBook
-from webpage import EMPTY_REPLY
+from webpage import EMPTY_REPLY, HISTORY_CHARS, newest_exchanges
 
 FOLLOW_UP = "它出自哪里？"
 # (idiom, meaning, source): every follow-up is the same question, every source a different book
@@ -132,3 +132,13 @@ def test_each_arena_side_keeps_its_own_history(sft_model, tmp_path):
     assert "请投票" in status and round_["history_a"] == [list(first)] and round_["history_b"] == []
     assert (round_["answer_a"], round_["answer_b"]) == (PAIRS[1]["answer"],) * 2
     assert last_b[-1] == {"role": "assistant", "content": PAIRS[1]["answer"]} and len(last_b) == 4
+
+
+def test_a_request_keeps_the_newest_whole_exchanges_up_to_a_bound():
+    """The page and the API pass on at most HISTORY_CHARS characters of history, newest exchanges
+    whole (fit_prompt then keeps what fits the model), so no request makes the app tokenize megabytes."""
+    pairs = [["问" * 5, "答" * 5], ["问二", "答二"], ["问三", "答三"]]
+    assert newest_exchanges(pairs) == tuple(map(tuple, pairs))
+    assert newest_exchanges(pairs, 8) == (("问二", "答二"), ("问三", "答三"))
+    assert newest_exchanges(pairs, 7) == (("问三", "答三"),) and newest_exchanges(pairs, 3) == ()
+    assert newest_exchanges([("问" * HISTORY_CHARS, "答"), ("问", "答")]) == (("问", "答"),)

@@ -35,6 +35,8 @@ def test_sample_cli_bad_input(data, tmp_path):
     assert proc.returncode != 0 and "cannot read the file" in proc.stderr
     proc = run_script("sample.py", f"--out_dir={tmp_path}", "--mode=poem", check=False)
     assert proc.returncode != 0 and "expected chat or generate" in proc.stderr
+    proc = run_script("sample.py", f"--out_dir={tmp_path}", "--history_turns=-2", check=False)
+    assert proc.returncode != 0 and "--history_turns=-2: expected -1 (as many as fit), 0 (none)" in proc.stderr
     proc = run_script("sample.py", f"--out_dir={tmp_path}", "--precision=int3", "--start=你好", check=False)
     assert proc.returncode != 0 and "--precision='int3': expected one of fp32, bf16, fp16, int8" in proc.stderr
     proc = run_script("sample.py", f"--out_dir={tmp_path}", "--dtype=float32", check=False)
