@@ -15,8 +15,9 @@ Tokens stream to the terminal as they come. --save_path writes the results as JS
 --precision: "" = the fastest here (int8 on a CPU; README "Precision"). --save_quantized=PATH writes
 the model with int8 weights (a folder's ckpt.pt or a .pt file) that every script loads, and exits.
 The interactive chat (like ChatGLM's cli_demo): type a question, the answer streams; "clear"
-starts over, "stop" or Ctrl-D quits, Ctrl-C cuts an answer short. It is single-turn by default,
-as the SFT data is; --history_turns=N puts the last N exchanges before the question.
+starts over, "stop" or Ctrl-D quits, Ctrl-C cuts an answer short. In chat mode each question comes
+after the earlier exchanges (--history_turns: -1 = as many whole ones as fit the context, the oldest
+left out first; N = at most the last N; 0 = none); an empty answer is not kept.
 """
 import sys
 from pathlib import Path
@@ -40,7 +41,7 @@ top_p = SAMPLING_DEFAULTS["top_p"]
 repetition_penalty = SAMPLING_DEFAULTS["repetition_penalty"]
 utf8_only = True            # sample only tokens that keep the text valid UTF-8 (no "\ufffd")
 stop = ""                   # also stop at these strings ("|" between several), besides EOT
-history_turns = 0           # interactive chat: earlier exchanges to include (0: single-turn)
+history_turns = -1          # interactive chat: earlier exchanges to include (-1: as many as fit, 0: none)
 seed = 1337
 device = ""                 # "" = cuda, then mps, then cpu
 precision = ""              # fp32, bf16, fp16 or int8; "" = the fastest on this device (engine.pick_precision)
@@ -56,8 +57,8 @@ if __name__ == "__main__":
     exit_on_bad_flags(config)
     if num_samples < 1:
         sys.exit(f"--num_samples={num_samples}: expected a whole number >= 1")
-    if history_turns < 0:
-        sys.exit(f"--history_turns={history_turns}: expected a whole number >= 0")
+    if history_turns < -1:
+        sys.exit(f"--history_turns={history_turns}: expected -1 (as many as fit), 0 (none) or a whole number N")
     if save_quantized:
         if precision not in ("", "int8") or device not in ("", "cpu"):
             sys.exit(f"--save_quantized writes int8 weights on the CPU: drop --precision={precision} / --device={device}")
@@ -139,9 +140,9 @@ if __name__ == "__main__":
             if not text:
                 continue
             print("MiniGLM：", end="", flush=True)
-            record = answer(text, tuple(history[-history_turns:]) if history_turns and mode == "chat" else ())
-            history.append((text, record["output"]))
-            results.append(record)
+            results.append(record := answer(text, tuple(history[-history_turns:] if history_turns > 0 else history)))
+            if record["output"] and history_turns and mode == "chat":
+                history.append((text, record["output"]))
     else:
         sys.exit("give a prompt with --start=\"...\" or --start=FILE:path (or run in a terminal to chat)")
     if save_path:

@@ -19,6 +19,7 @@ repository root as above, where make demo puts its out*/ folders. The API, with 
     from gradio_client import Client
     client = Client("http://127.0.0.1:7860")
     text, stats = client.predict("成语“画蛇添足”是什么意思？", api_name="/generate")
+    client.predict("它出自哪里？", history=[["成语“画蛇添足”是什么意思？", text]], api_name="/generate")
     for text, stats in client.submit("床前明月光", "generate", 64, api_name="/generate"):
         print(text)                                           # the text so far, as it streams
     client.predict(api_name="/models")                        # the names /generate's model= takes
@@ -34,16 +35,12 @@ import gradio as gr  # noqa: E402
 
 from checkpoint import mode_of  # noqa: E402
 from configurator import configure  # noqa: E402
-from data.records import Report, read_records, string_field  # noqa: E402
 from engine import RENAMED_DTYPE, SAMPLING, SAMPLING_DEFAULTS, exit_on_bad_flags, pick_precision  # noqa: E402
 from model import select_device  # noqa: E402
-from serving import (VOTES, ModelError, ModelStore, VoteBook, check_params, clean_question,  # noqa: E402
+from serving import (ERROR_MARK, VOTES, ModelError, ModelStore, VoteBook, check_params, clean_question,  # noqa: E402
                      discover_models, leaderboard, stream_together)
+from webpage import EMPTY_REPLY, chat_history, load_examples, newest_exchanges, stats_line  # noqa: E402
 
-# The example questions that come with the code (not user data): found from this file, so the page
-# has them wherever the app is started.
-DEMO_QUESTIONS = Path(__file__).resolve().parent / "config" / "demo_questions.txt"
-SFT_TEST = "data/raw/sft_test.jsonl"
 QUEUE_POLL = 0.01  # seconds between the queue's looks for a new request (queue_app)
 
 # ----------------------------------------------------------------------------- defaults
@@ -79,37 +76,10 @@ SLIDERS = {"max_new_tokens": ("最多生成 token 数（max_new_tokens）", 1, 5
            "repetition_penalty": ("重复惩罚（repetition_penalty）", 0.05, None)}
 
 
-def stats_line(stats: dict) -> str:
-    if "new_tokens" not in stats:
-        return f"{stats.get('model', '')} 生成中……"
-    first = stats.get("first_token_s")
-    return (f"{stats.get('model', '')} · {'问答' if stats.get('mode') == 'chat' else '续写'} · "
-            + (f"分词器 {stats['tokenizer']} · " if stats.get("tokenizer") else "") +
-            f"{stats['new_tokens']} tokens · 首字 {'-' if first is None else f'{first:.2f} s'} · "
-            f"{stats['tokens_per_s']} tokens/s" + ("" if stats.get("stopped_at_eot") else " · 到达长度上限")
-            + (f"  \n{stats['notice']}" if stats.get("notice") else ""))
-
-
-def load_examples(path: str = "", n: int = 8) -> list:
-    """Up to n example questions from path: a .txt file, one a line; or JSONL records with a
-    "question" (the SFT test split: one of each "kind" first, then the next ones). path "": the
-    SFT test split if it is here, else the bundled demo questions."""
-    path = Path(path or (SFT_TEST if Path(SFT_TEST).exists() else DEMO_QUESTIONS))
-    if path.suffix == ".txt":
-        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()][:n]
-    first, rest, report = {}, [], Report()
-    for where, obj in read_records(path, report):
-        q = string_field(obj, "question", where, report)
-        if q and obj.get("kind") not in first:
-            first[obj.get("kind")] = q
-        elif q and len(rest) < n:
-            rest.append(q)
-    return (list(first.values()) + rest)[:n]
-
-
 INTRO = """# MiniGLM 小型中文对话模型
-**对话**：和一个模型聊天，回答逐字显示。**竞技场**：同一个问题让两个模型同时作答，投票选出更好的一个，票数计入排行榜。
-**API**：同学可以用 gradio_client 调用本应用的模型（见“API”页）。每个问题单独回答（训练数据是单轮问答）。"""
+**对话**：和一个模型多轮聊天，回答逐字显示；模型会看到前面的问答（放不下时略去最早的几轮），“清空”开始新对话。
+**竞技场**：同一个问题让两个模型同时作答（各自接着自己前面的回答），投票选出更好的一个，票数计入排行榜。
+**API**：同学可以用 gradio_client 调用本应用的模型（见“API”页）。"""
 
 API_HELP = """### 用 gradio_client 调用本应用
 ```python
@@ -119,10 +89,13 @@ text, stats = client.predict("成语“画蛇添足”是什么意思？", api_n
 # 逐字流式：
 for text, stats in client.submit("床前明月光", "generate", 64, api_name="/generate"):
     print(text)
+# 多轮对话：history 是之前的 [问题, 回答] 列表，最早的在前
+text, stats = client.predict("它出自哪里？", history=[["成语“画蛇添足”是什么意思？", text]], api_name="/generate")
 client.predict(api_name="/models")    # 可用的模型名
 ```
 `/generate` 的参数依次为：question，mode（"chat" 问答 / "generate" 续写 / "" 按模型自己的模式），
-max_new_tokens，temperature，top_k，top_p，repetition_penalty，model（"" 为第一个模型），seed（-1 为随机）。
+max_new_tokens，temperature，top_k，top_p，repetition_penalty，model（"" 为第一个模型），seed（-1 为随机），
+history（问答模式下之前的对话，默认为空即单轮；放不进模型上下文的最早几轮会被略去）。
 返回 (目前的文字, 统计信息)。问题最多 {limit} 字，超出部分会被截掉；超过模型上下文的问题只用能放下的部分，
 统计信息里的 notice 会说明。
 在竞技场里填 `http://同学的IP:端口`（或 `http://同学的IP:端口#模型名`）就能让同学的模型参赛，
@@ -137,8 +110,9 @@ def sampling_sliders() -> list:
 
 
 def chat_tab(store: ModelStore, names: list, examples: list, sampling: list, limit: int, queued: dict) -> None:
-    """The 对话 tab: pick a model and a mode, ask, the answer streams in; stop and clear. Each
-    question is answered alone (the SFT data is single-turn); the chat shows them all."""
+    """The 对话 tab: pick a model and a mode, ask, the answer streams in; stop and clear. In 问答 mode
+    the conversation shown is the history: each question comes after the earlier exchanges (as many
+    as fit the model's context, webpage.chat_history); 清空 starts a new conversation."""
     default = names[0] if names else None
 
     def mode_label(name):
@@ -148,25 +122,26 @@ def chat_tab(store: ModelStore, names: list, examples: list, sampling: list, lim
             gr.Warning(str(e))
             return gr.skip()
 
-    def chat(message, history, name, label, *settings):
+    def chat(message, shown, name, label, *settings):
         question, notice = clean_question(message, limit)
         if not question:
             yield gr.skip(), gr.skip(), gr.skip()
             return
         if notice:
             gr.Warning(notice)
-        history = (history or []) + [{"role": "user", "content": question}]
-        yield history, "", "生成中……"
+        history = chat_history(shown) if MODES[label] == "chat" else ()
+        shown = (shown or []) + [{"role": "user", "content": question}]
+        yield shown, "", "生成中……"
         try:
             if not name:
                 raise ModelError("没有可用的模型：先训练一个（make demo），再重新启动本应用。")
             p = check_params(dict(zip(SAMPLING, settings, strict=True)))
-            for text, stats in store.stream(name, question, MODES[label], p):
+            for text, stats in store.stream(name, question, MODES[label], p, history):
                 if not text and "new_tokens" in stats:
-                    text = "（空回答：模型一开始就结束了）"
-                yield history + [{"role": "assistant", "content": text}], "", stats_line(stats)
+                    text = EMPTY_REPLY
+                yield shown + [{"role": "assistant", "content": text}], "", stats_line(stats)
         except (ModelError, ValueError) as e:
-            yield history + [{"role": "assistant", "content": f"【出错】{e}"}], "", ""
+            yield shown + [{"role": "assistant", "content": f"{ERROR_MARK}{e}"}], "", ""
 
     with gr.Row():
         model_box = gr.Dropdown(names, value=default, label="模型", scale=3)
@@ -191,9 +166,10 @@ def chat_tab(store: ModelStore, names: list, examples: list, sampling: list, lim
 def arena_tab(demo: gr.Blocks, store: ModelStore, votes: VoteBook, names: list, sampling: list, limit: int,
               queued: dict) -> None:
     """The 竞技场 tab: two models (local, or a classmate's app by URL) answer the same question side
-    by side; when both are done the round can get one vote (votes_panel)."""
+    by side, each after its own earlier answers (its chat is its history, webpage.chat_history);
+    when both are done the round can get one vote (votes_panel); 清空 starts a new conversation."""
 
-    def arena(message, a, b, *settings):
+    def arena(message, shown_a, shown_b, a, b, *settings):
         question, notice = clean_question(message, limit)
         if not question:
             yield gr.skip(), gr.skip(), None, gr.skip()
@@ -201,20 +177,25 @@ def arena_tab(demo: gr.Blocks, store: ModelStore, votes: VoteBook, names: list, 
         if notice:
             gr.Warning(notice)
         if not a or not b:
-            yield "", "", None, "请先选好模型 A 和模型 B。"
+            yield gr.skip(), gr.skip(), None, "请先选好模型 A 和模型 B。"
             return
         try:
             p = check_params(dict(zip(SAMPLING, settings, strict=True)))
         except ValueError as e:
-            yield "", "", None, f"【出错】{e}"
+            yield gr.skip(), gr.skip(), None, f"{ERROR_MARK}{e}"
             return
+        histories = [chat_history(shown) for shown in (shown_a, shown_b)]
+        asked = [(shown or []) + [{"role": "user", "content": question}] for shown in (shown_a, shown_b)]
         sides = [("", {}), ("", {})]
-        yield "", "", None, "生成中……"
-        for sides in stream_together([store.stream(a, question, "", p), store.stream(b, question, "", p)]):
-            yield sides[0][0], sides[1][0], None, f"A：{stats_line(sides[0][1])}  \nB：{stats_line(sides[1][1])}"
+        yield *asked, None, "生成中……"
+        for sides in stream_together([store.stream(m, question, "", p, h) for m, h in zip((a, b), histories)]):
+            shown = [chat + [{"role": "assistant", "content": EMPTY_REPLY if not text and "new_tokens" in stats
+                              else text}] for chat, (text, stats) in zip(asked, sides)]
+            yield *shown, None, f"A：{stats_line(sides[0][1])}  \nB：{stats_line(sides[1][1])}"
         done = all("new_tokens" in s for _, s in sides)
         round_ = {"question": question, "model_a": a, "model_b": b, "answer_a": sides[0][0],
-                  "answer_b": sides[1][0], "settings": p} if done else None
+                  "answer_b": sides[1][0], "history_a": [list(h) for h in histories[0]],
+                  "history_b": [list(h) for h in histories[1]], "settings": p} if done else None
         note = "两个回答都好了，请投票。" if done else "有模型没能作答，这一轮不能投票。"
         yield (gr.skip(), gr.skip(), round_,
                f"A：{stats_line(sides[0][1])}  \nB：{stats_line(sides[1][1])}  \n{note}")
@@ -229,16 +210,18 @@ def arena_tab(demo: gr.Blocks, store: ModelStore, votes: VoteBook, names: list, 
     with gr.Row():
         send = gr.Button("开始对战", variant="primary", elem_id="arena-send")
         stop = gr.Button("停止", elem_id="arena-stop")
+        clear = gr.Button("清空", elem_id="arena-clear")
     with gr.Row():
-        answer_a = gr.Textbox(label="模型 A 的回答", lines=8, interactive=False, elem_id="answer-a")
-        answer_b = gr.Textbox(label="模型 B 的回答", lines=8, interactive=False, elem_id="answer-b")
+        chat_a = gr.Chatbot(label="模型 A", height=300, elem_id="answer-a")
+        chat_b = gr.Chatbot(label="模型 B", height=300, elem_id="answer-b")
     status = gr.Markdown(elem_id="arena-status")
     round_state = gr.State(None)  # the finished round waiting for its vote; None: nothing to vote on
     votes_panel(demo, votes, round_state)
-    outputs = [answer_a, answer_b, round_state, status]
-    fights = [ev(arena, [box, a_box, b_box, *sampling], outputs, **queued, **PRIVATE)
+    outputs = [chat_a, chat_b, round_state, status]
+    fights = [ev(arena, [box, chat_a, chat_b, a_box, b_box, *sampling], outputs, **queued, **PRIVATE)
               for ev in (box.submit, send.click)]
     stop.click(None, cancels=fights, **PRIVATE)
+    clear.click(lambda: ([], [], None, ""), None, outputs, cancels=fights, **PRIVATE)
 
 
 def votes_panel(demo: gr.Blocks, votes: VoteBook, round_state: gr.State) -> None:
@@ -278,17 +261,23 @@ def api_endpoints(store: ModelStore, names: list, limit: int, queued: dict) -> N
                  temperature: float = SAMPLING_DEFAULTS["temperature"], top_k: int = SAMPLING_DEFAULTS["top_k"],
                  top_p: float = SAMPLING_DEFAULTS["top_p"],
                  repetition_penalty: float = SAMPLING_DEFAULTS["repetition_penalty"], model: str = "",
-                 seed: int = -1) -> Iterator[tuple[str, dict]]:
+                 seed: int = -1, history: list[list[str]] | None = None) -> Iterator[tuple[str, dict]]:
         """Stream a reply: yields (text so far, stats). mode: "chat" (问答), "generate" (续写) or "" (the
-        model's own); model: one of /models ("" = the first); seed: -1 = random. Questions over the
-        app's limit or the model's context are cut (stats["notice"] says so); an empty question
-        gives ("", notice)."""
+        model's own); model: one of /models ("" = the first); seed: -1 = random; history: the earlier
+        [question, answer] exchanges, oldest first (chat mode: the oldest that do not fit the context
+        are left out, webpage.newest_exchanges). Questions over the app's limit or the model's context
+        are cut (stats["notice"] says so); an empty question gives ("", notice)."""
         if not isinstance(question, str) or mode not in ("", *MODES.values(), *MODES):
             raise gr.Error("question 应为字符串；mode 应为 chat、generate 或空")
         if not isinstance(model, str) or model.startswith(("http://", "https://")):
             raise gr.Error("model 应为本应用的模型名（见 /models）")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise gr.Error(f"seed={seed!r}：应为整数（-1 为随机）")
+        history = [] if history is None else history
+        if not isinstance(history, list) or not all(isinstance(h, list) and len(h) == 2 and all(
+                isinstance(s, str) for s in h) for h in history):
+            raise gr.Error('history 应为 [问题, 回答] 对的列表，最早的在前，如 [["问题1", "回答1"], ["问题2", "回答2"]]'
+                           f"（可省略：单轮问答）；收到 {str(history)[:80]}")
         question, notice = clean_question(question, limit)
         if not question:
             yield "", {"notice": "输入为空，已忽略。"}
@@ -298,7 +287,8 @@ def api_endpoints(store: ModelStore, names: list, limit: int, queued: dict) -> N
                                   repetition_penalty=repetition_penalty, seed=seed))
             if not (model or default):
                 raise ModelError("这个应用里没有模型")
-            for text, stats in store.stream(model or default, question, MODES.get(mode, mode), p):
+            for text, stats in store.stream(model or default, question, MODES.get(mode, mode), p,
+                                            newest_exchanges(history)):
                 notices = " ".join(n for n in (notice, stats.get("notice")) if n)
                 yield text, stats | ({"notice": notices} if notices else {})
         except (ModelError, ValueError) as e:

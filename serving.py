@@ -39,6 +39,7 @@ from engine import SAMPLING, Prompt, fit_prompt, load_model, sampling_error, str
 
 APP = Path(__file__).resolve().parent / "sample_gradio.py"
 VOTES = {"a": "A 更好", "b": "B 更好", "tie": "平局", "both_bad": "都不好"}
+ERROR_MARK = "【出错】"  # begins a reply that is an error message, not the model's words
 ELO_K, ELO_START = 32, 1000
 # A remote reply is watched by waiting on its job, which wakes us the moment it ends; between, new
 # pieces are looked for every REMOTE_TICK seconds. gradio_client has no blocking wait for the next
@@ -140,7 +141,7 @@ class ModelStore:
         system: system text, both for chat mode (the oldest exchanges are left out when the
         context is full)."""
         if name.startswith(("http://", "https://")):
-            yield from self._remote(name, question, mode, p)
+            yield from self._remote(name, question, mode, p, history)
             return
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate") as own:
             updates = self._local(name, question, mode, p, history, system)
@@ -219,14 +220,21 @@ class ModelStore:
             self.clients.pop(url).close()
             del self.busy[url]
 
-    def _remote(self, target: str, question: str, mode: str, p: dict):
+    def _remote(self, target: str, question: str, mode: str, p: dict, history: tuple = ()):
+        """stream's updates from a classmate's app, through its /generate; the history (if any) goes
+        as its history= argument, which apps made before multi-turn chat do not take."""
         url, _, name = target.partition("#")
         job = None
         late = f"{target} 超过 {self.timeout:g} 秒没有回应或连接中断，已停止等待（对方可能太忙或已经关闭）。"
         try:
             with self.client(url) as client:
-                job = client.submit(question, mode, *(p[k] for k in SAMPLING), name, p.get("seed", -1),
-                                    api_name="/generate")
+                turns = {"history": [list(h) for h in history]} if history else {}
+                try:
+                    job = client.submit(question, mode, *(p[k] for k in SAMPLING), name, p.get("seed", -1),
+                                        **turns, api_name="/generate")
+                except TypeError as e:  # gradio_client checks the arguments against the app's API
+                    raise ModelError(f"{target} 的 /generate 不接受 history（对方的应用版本较旧，没有多轮对话）："
+                                     "请对方更新 MiniGLM，或点“清空”后单轮提问。") from e
                 out, seen, last = None, 0, time.monotonic()
                 while not wait([job.future], timeout=REMOTE_TICK).done:  # job's own iterator has no deadline
                     outputs = job.outputs()
@@ -262,7 +270,7 @@ def stream_together(streams: list) -> Iterator[list]:
                     break
                 updates.put((i, value))
         except ModelError as e:
-            updates.put((i, (f"【出错】{e}", {})))
+            updates.put((i, (f"{ERROR_MARK}{e}", {})))
         finally:
             stream.close()
             updates.put((i, None))

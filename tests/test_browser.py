@@ -74,20 +74,23 @@ def test_chat_and_arena_in_a_real_browser(server, browser):
     expect(chat).not_to_contain_text(question)
     assert "\ufffd" not in chat.inner_text()
 
-    # arena: both answers stream side by side; a vote lands in the file and on the leaderboard
+    # arena: both answers stream side by side, each in its side's chat; a vote lands in the file and on the leaderboard
     page.get_by_role("tab", name="竞技场").click()
     question, answer = PAIRS[8]["question"], PAIRS[8]["answer"]
+    side_a, side_b = page.locator("#answer-a"), page.locator("#answer-b")
     page.locator("#arena-input textarea").fill(question)
     page.locator("#arena-send").click()
     expect(page.locator("#arena-status")).to_contain_text("请投票", timeout=30_000)
-    expect(page.locator("#answer-a textarea")).to_have_value(answer)
-    expect(page.locator("#answer-b textarea")).to_have_value(answer)
+    for side in (side_a, side_b):
+        expect(side).to_contain_text(question)
+        expect(side).to_contain_text(answer)
     page.locator("#vote-b").click()
     expect(page.locator("#leaderboard")).to_contain_text(name_b)
     expect(page.locator("#leaderboard")).to_contain_text("1016")
     page.screenshot(path=ARTIFACTS / "arena.png", full_page=True)
     record = json.loads(Path(votes).read_text(encoding="utf-8"))
     assert (record["model_a"], record["model_b"], record["vote"], record["answer_b"]) == (name_a, name_b, "b", answer)
+    assert record["history_a"] == record["history_b"] == []  # the conversation's first round
     # a second vote on the same round is refused
     page.locator("#vote-a").click()
     expect(page.get_by_text("每轮一票")).to_be_visible()
@@ -98,14 +101,17 @@ def test_chat_and_arena_in_a_real_browser(server, browser):
     b_input.fill("out-nowhere")
     b_input.press("Enter")
     page.locator("#arena-send").click()
-    expect(page.locator("#answer-b textarea")).to_have_value("【出错】没有名为 'out-nowhere' 的模型" +
-                                                             f"（可选：{name_a}, {name_b}）", timeout=30_000)
-    expect(page.locator("#answer-a textarea")).to_have_value(answer)
+    expect(side_b).to_contain_text(f"【出错】没有名为 'out-nowhere' 的模型（可选：{name_a}, {name_b}）", timeout=30_000)
     expect(page.locator("#arena-status")).to_contain_text("这一轮不能投票")
+    expect(side_a).to_contain_text(re.compile(f"{answer}[\\s\\S]*{question}[\\s\\S]*{answer}"))  # A answered again
     # a classmate's URL that was not allowed at start is refused, not connected to
     b_input.fill("http://127.0.0.1:9")
     b_input.press("Enter")
     page.locator("#arena-send").click()
-    expect(page.locator("#answer-b textarea")).to_have_value(
-        re.compile(r"^【出错】http://127\.0\.0\.1:9 不在允许的远程模型地址里，没有连接它"), timeout=30_000)
+    expect(side_b).to_contain_text(re.compile(r"【出错】http://127\.0\.0\.1:9 不在允许的远程模型地址里，没有连接它"),
+                                   timeout=30_000)
+    # 清空 starts a new conversation on both sides
+    page.locator("#arena-clear").click()
+    for side in (side_a, side_b):
+        expect(side).not_to_contain_text(question)
     assert hosts == {url.split("/")[2]}, hosts  # nothing fetched from anywhere else

@@ -8,6 +8,7 @@ import threading
 import time
 
 import httpx
+import gradio as gr
 import pytest
 import torch
 from conftest import PAIRS, read_bin, run_script
@@ -18,8 +19,9 @@ from test_serving import GREEDY
 import serving
 from data.tokenizer import load_tokenizer
 from engine import load_model, stream_reply
-from sample_gradio import DEMO_QUESTIONS, QUEUE_POLL, build_app, load_examples, queue_app
+from sample_gradio import QUEUE_POLL, build_app, queue_app
 from serving import ModelError, ModelStore, VoteBook, discover_models, start_app, stream_together
+from webpage import DEMO_QUESTIONS, load_examples
 
 GPT2 = load_tokenizer("gpt2")
 
@@ -117,9 +119,10 @@ class WatchedStore(ModelStore):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.runs, self.pause = [], 0.0
+        self.runs, self.calls, self.pause = [], [], 0.0
 
     def stream(self, *args):
+        self.calls.append(args)  # (name, question, mode, p[, history])
         start = time.monotonic()
         try:
             for value in super().stream(*args):
@@ -191,6 +194,19 @@ def test_api_input_limits_and_errors(app):
             c.predict(*args, api_name="/generate")
 
 
+def test_api_takes_the_conversation_as_history(app, watched):
+    """/generate's trailing history= goes to the store as (question, answer) pairs; older callers
+    (positional, without it) get single-turn answers; a history of another shape is refused, naming it."""
+    c, earlier = client(app), [[PAIRS[0]["question"], PAIRS[0]["answer"]], [PAIRS[1]["question"], "是守株待兔。"]]
+    text, _ = c.predict(PAIRS[2]["question"], "chat", 20, 0.0, history=earlier, api_name="/generate")
+    assert watched.calls[-1][4] == tuple(map(tuple, earlier)) and text
+    assert c.predict(PAIRS[2]["question"], "chat", 20, 0.0, api_name="/generate")[0] == PAIRS[2]["answer"]
+    assert watched.calls[-1][4] == ()
+    for bad in ([["只有问题"]], [["问", 1]], "问"):
+        with pytest.raises(AppError, match=r"history 应为 \[问题, 回答\] 对的列表"):
+            c.predict("问", "chat", 5, history=bad, api_name="/generate")
+
+
 def test_arena_reaches_a_classmate_app_by_url(app):
     """Another app's store streams from this app's API, as the arena does with a URL."""
     nobody = f"http://127.0.0.1:{free_port()}"
@@ -200,6 +216,30 @@ def test_arena_reaches_a_classmate_app_by_url(app):
     assert list(store.stream(app, PAIRS[5]["question"], "chat", GREEDY))[-1][0] == PAIRS[5]["answer"]
     with pytest.raises(ModelError, match=f"无法使用 {nobody}"):
         list(store.stream(nobody, "问", "", GREEDY))
+
+
+def test_a_classmate_app_gets_the_history_and_an_older_one_says_it_takes_none(app, watched):
+    earlier = ((PAIRS[0]["question"], PAIRS[0]["answer"]),)
+    store = ModelStore({}, remotes=[app])
+    assert list(store.stream(app, PAIRS[5]["question"], "chat", GREEDY, earlier))[-1][0]
+    assert watched.calls[-1][1:] == (PAIRS[5]["question"], "chat", GREEDY | {"seed": 0}, earlier)
+
+    def generate(question: str, mode: str = "", max_new_tokens: int = 5, temperature: float = 0.8, top_k: int = 50,
+                 top_p: float = 0.95, repetition_penalty: float = 1.1, model: str = "",
+                 seed: int = -1) -> tuple[str, dict]:
+        return "单轮的回答", {}  # an app made before multi-turn chat: its /generate has no history
+
+    with gr.Blocks() as old:
+        gr.api(generate, api_name="generate")
+    port = free_port()
+    old.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, ssr_mode=False)
+    try:
+        store = ModelStore({}, remotes=[f"http://127.0.0.1:{port}"])
+        assert list(store.stream(f"http://127.0.0.1:{port}", "问", "chat", GREEDY))[-1][0] == "单轮的回答"
+        with pytest.raises(ModelError, match="的 /generate 不接受 history（对方的应用版本较旧"):
+            list(store.stream(f"http://127.0.0.1:{port}", "问", "chat", GREEDY, earlier))
+    finally:
+        old.close()
 
 
 def test_a_request_fits_its_prompt_once(sft_model, monkeypatch):

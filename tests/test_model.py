@@ -285,6 +285,32 @@ def test_long_prompts_are_cut_to_fit_keeping_the_template_and_room_for_the_answe
     assert fit_prompt(ckpt, "你好", "generate", 64, 16, history).history == ()  # a continuation has no exchanges
 
 
+def test_a_conversation_is_prompted_as_training_renders_it_and_cut_from_its_oldest_end():
+    """prompt_ids: each earlier answer ends with EOT, then the open question's template, exactly the
+    tokens of the training row before the next answer; one question alone is the single-turn prompt.
+    fit_prompt leaves out whole exchanges, oldest first, then the system text, then cuts the question."""
+    from data.tokenizer import conversation_ids, sft_prompt
+    from engine import fit_prompt, prompt_ids
+    ckpt = {"data_meta": {"sft_template": "问：{question}\n答：", "tokenizer": GPT2.meta()}}
+    history = (("成语“画蛇添足”是什么意思？", "比喻做了多余的事。"), ("它出自哪里？", "出自《战国策》。"))
+    ids = prompt_ids(ckpt, "造个句子？", "chat", history)
+    pieces = [GPT2.encode(sft_prompt(q)) + GPT2.encode(a) + [EOT_ID] for q, a in history]
+    assert ids == pieces[0] + pieces[1] + GPT2.encode(sft_prompt("造个句子？"))
+    row, mask = conversation_ids(GPT2, [*history, ("造个句子？", "他画蛇添足。")])
+    assert row[:len(ids)] == ids and mask[len(ids)] == 1 and not any(mask[len(pieces[0]) + len(pieces[1]):len(ids)])
+    assert prompt_ids(ckpt, "你好", "chat") == GPT2.encode(sft_prompt("你好"))  # single turn: as before
+    newest = len(prompt_ids(ckpt, "造个句子？", "chat", history[1:]))
+    fit = fit_prompt(ckpt, "造个句子？", "chat", newest + 4, 4, history)  # room for the newest exchange only
+    assert fit.history == history[1:] and fit.ids == prompt_ids(ckpt, "造个句子？", "chat", history[1:])
+    assert not fit.shortened and len(fit_prompt(ckpt, "造个句子？", "chat", newest + 3, 4, history).history) == 0
+    system = "你是一个乐于助人的中文助手，回答要简短。"
+    with_system = len(prompt_ids(ckpt, "你好", "chat", (), system))
+    fit = fit_prompt(ckpt, "你好", "chat", with_system + 4, 4, history, system)  # the exchanges go first
+    assert (fit.history, fit.system, fit.text) == ((), system, "你好")
+    fit = fit_prompt(ckpt, "你好", "chat", with_system + 3, 4, history, system)  # then the system text
+    assert (fit.history, fit.system, fit.text) == ((), "", "你好") and fit.ids == GPT2.encode(sft_prompt("你好"))
+
+
 def test_chat_mode_without_a_question_template_is_refused(monkeypatch):
     from engine import stream_reply
     model = tiny()

@@ -1,12 +1,19 @@
 """sample.py, the command line over engine.py: answers, bad input, the interactive chat."""
+import dataclasses
 import json
+import os
+import select
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import torch
 from conftest import PAIRS, ROOT, TINY, run_script, train
 
-from engine import load_model, reply
+from data.tokenizer import SFT_TEMPLATE, load_tokenizer
+from engine import load_model, prompt_ids, reply
+from model import GPT, GPTConfig
 
 
 def test_sft_model_answers_its_training_pairs_through_sample(sft_model):
@@ -28,6 +35,8 @@ def test_sample_cli_bad_input(data, tmp_path):
     assert proc.returncode != 0 and "cannot read the file" in proc.stderr
     proc = run_script("sample.py", f"--out_dir={tmp_path}", "--mode=poem", check=False)
     assert proc.returncode != 0 and "expected chat or generate" in proc.stderr
+    proc = run_script("sample.py", f"--out_dir={tmp_path}", "--history_turns=-2", check=False)
+    assert proc.returncode != 0 and "--history_turns=-2: expected -1 (as many as fit), 0 (none)" in proc.stderr
     proc = run_script("sample.py", f"--out_dir={tmp_path}", "--precision=int3", "--start=你好", check=False)
     assert proc.returncode != 0 and "--precision='int3': expected one of fp32, bf16, fp16, int8" in proc.stderr
     proc = run_script("sample.py", f"--out_dir={tmp_path}", "--dtype=float32", check=False)
@@ -40,14 +49,13 @@ def test_sample_cli_bad_input(data, tmp_path):
     assert [r["prompt"] for r in rows] == ["床前", "明月"] and all(r["new_tokens"] <= 5 for r in rows)
 
 
-def test_interactive_chat_in_a_terminal(data, tmp_path):
-    """No --start in a terminal: ChatGLM-style chat; clear starts over, stop quits."""
-    import os
-    import select
-    run_script("train.py", *TINY, f"--data_dir={data / 'sft'}", f"--out_dir={tmp_path}", "--max_iters=1",
-               "--eval_interval=1")
+def chat_in_a_terminal(out_dir, lines: list, *flags) -> list:
+    """Run sample.py's interactive chat in a pseudo-terminal (it chats only when stdin is a tty), type
+    lines one per prompt, then stop; the records it saved (--save_path), one per answer."""
     master, slave = os.openpty()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), f"--out_dir={tmp_path}", "--max_new_tokens=5"],
+    saved = Path(out_dir) / f"chat{''.join(flags)}.jsonl"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), f"--out_dir={out_dir}", "--max_new_tokens=5",
+                             "--temperature=0", f"--save_path={saved}", *flags],
                             cwd=ROOT, stdin=slave, stdout=slave, stderr=slave, close_fds=True)
     os.close(slave)
 
@@ -63,16 +71,39 @@ def test_interactive_chat_in_a_terminal(data, tmp_path):
 
     try:
         assert "欢迎使用 MiniGLM" in read_until("用户：")
-        os.write(master, "第一个成语是什么？\n".encode())
-        reply_screen = read_until("用户：")
-        assert "MiniGLM：" in reply_screen and "tokens/s" in reply_screen
-        os.write(master, b"clear\n")
-        assert "对话历史已清空" in read_until("用户：")
+        for line in lines:
+            os.write(master, f"{line}\n".encode())
+            screen = read_until("用户：")
+            assert "对话历史已清空" in screen if line == "clear" else "MiniGLM：" in screen and "tokens/s" in screen
         os.write(master, b"stop\n")
         assert proc.wait(timeout=30) == 0
     finally:
         proc.kill()
         os.close(master)
+    return [json.loads(line) for line in saved.read_text(encoding="utf-8").splitlines()]
+
+
+def test_interactive_chat_keeps_the_conversation_until_clear(tmp_path):
+    """No --start in a terminal: ChatGLM-style chat. Each question comes after the earlier exchanges
+    in the training template (as many as fit by default, --history_turns=N at most N, 0 none); clear
+    starts over, stop quits."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=256, n_layer=1, n_head=2, n_embd=32))
+    ckpt = {"model": model.state_dict(), "model_args": dataclasses.asdict(model.config), "config": {},
+            "data_meta": {"tokenizer": load_tokenizer("gpt2").meta(), "kind": "sft", "block_size": 256,
+                          "sft_template": SFT_TEMPLATE}}
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    questions = [p["question"] for p in PAIRS[:3]]
+    rows = chat_in_a_terminal(tmp_path, [*questions, "clear", questions[0]])
+    said = [(q, r["output"]) for q, r in zip(questions, rows, strict=False)]
+    assert all(out for _, out in said)
+    want = [prompt_ids(ckpt, q, "chat", said[:i]) for i, q in enumerate(questions)]
+    assert [r["prompt_tokens"] for r in rows] == [len(ids) for ids in want] + [len(want[0])]
+    rows = chat_in_a_terminal(tmp_path, questions, "--history_turns=1")
+    said = [(q, r["output"]) for q, r in zip(questions, rows, strict=True)]
+    assert rows[2]["prompt_tokens"] == len(prompt_ids(ckpt, questions[2], "chat", said[1:2]))
+    rows = chat_in_a_terminal(tmp_path, questions[:2], "--history_turns=0")
+    assert rows[1]["prompt_tokens"] == len(prompt_ids(ckpt, questions[1], "chat"))
 
 
 def test_paths_are_relative_to_the_working_directory(data, tmp_path):
