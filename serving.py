@@ -78,12 +78,19 @@ def check_params(p: dict) -> dict:
     return p | {"max_new_tokens": int(p["max_new_tokens"]), "top_k": int(p["top_k"])}
 
 
-def cut_notice(prompt: Prompt) -> str:
-    """The page's notice when the question did not fit the model's context (engine.fit_prompt), else ""."""
-    if not prompt.shortened:
+def cut_notice(prompt: Prompt, turns: int = 0, system: str = "") -> str:
+    """The page's notice when the conversation (turns earlier exchanges, the system text) or the
+    question did not fit the model's context (engine.fit_prompt), else ""."""
+    notes = []
+    if len(prompt.history) < turns:
+        notes.append(f"较早的 {turns - len(prompt.history)} 轮对话放不下，已略去")
+    if system and not prompt.system:
+        notes.append("系统提示放不下，已略去")
+    if prompt.shortened:
+        notes.append(f"只用了{'前' if prompt.mode == 'chat' else '最后'} {len(prompt.text)} 字（共 {prompt.chars} 字）")
+    if not notes:
         return ""
-    return (f"输入过长：模型一次只能看 {prompt.block_size} 个 token，还要给回答留 {prompt.room} 个，"
-            f"所以只用了{'前' if prompt.mode == 'chat' else '最后'} {len(prompt.text)} 字（共 {prompt.chars} 字）。")
+    return f"输入过长：模型一次只能看 {prompt.block_size} 个 token，还要给回答留 {prompt.room} 个，所以{'；'.join(notes)}。"
 
 
 class ModelStore:
@@ -167,7 +174,7 @@ class ModelStore:
         gen = torch.Generator(device=self.device).manual_seed(seed)
         stats = {"model": name, "mode": mode, "tokenizer": checkpoint.tokenizer(ckpt).describe()}
         text, t0, sent = "", time.perf_counter(), -math.inf
-        notice = cut_notice(prompt)
+        notice = cut_notice(prompt, len(history) if mode == "chat" else 0, system if mode == "chat" else "")
         if notice:
             stats["notice"] = notice
         for piece in stream_reply(model, ckpt, question, mode, generator=gen, stats=stats, prompt=prompt,
