@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from concurrent.futures import CancelledError, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from pathlib import Path
-from urllib.error import URLError
+from urllib.error import HTTPError, URLError
 from urllib.request import urlopen
 
 import httpx
@@ -34,6 +34,7 @@ from gradio_client import Client
 
 import checkpoint
 from checkpoint import can_chat, mode_of, peek_mode
+from model import GPT, GPTConfig
 from data.records import Report, read_records
 from engine import SAMPLING, Prompt, fit_prompt, load_model, sampling_error, stream_reply, utf8_constraint
 
@@ -99,15 +100,36 @@ class ModelStore:
     holds more of them than there are cores, libgomp makes them sleep between parallel regions
     instead of spinning. With the default model loaded on the main thread (the page is built
     there) and replies generated on a worker thread, every matmul had to wake its threads: 25%
-    slower than sample.py (issue 13). Two streams at once (the arena) still run side by side."""
+    slower than sample.py (issue 13). Two streams at once (the arena) still run side by side.
+
+    At most concurrency local streams generate at a time, whoever asks (the page, /generate, the
+    OpenAI API: Gradio's queue does not cover routes mounted beside it); waiting: how many wait."""
 
     def __init__(self, paths: dict, device: str = "cpu", precision: str = "fp32", stream_every: float = 0.05,
-                 remotes=(), any_remote: bool = False, max_clients: int = 8, timeout: float = 60.0):
+                 remotes=(), any_remote: bool = False, max_clients: int = 8, timeout: float = 60.0,
+                 concurrency: int = 2):
         self.paths, self.device, self.precision, self.stream_every = paths, device, precision, stream_every
         self.remotes, self.any_remote = [u.rstrip("/") for u in remotes], any_remote
         self.max_clients, self.timeout = max_clients, timeout
         self.loaded, self.clients, self.busy = {}, OrderedDict(), Counter()  # busy: url -> streams using it
-        self.lock, self.clients_lock = threading.Lock(), threading.Lock()
+        self.lock, self.clients_lock, self.slots_lock = threading.Lock(), threading.Lock(), threading.Lock()
+        self.slots, self.waiting, self._facts = threading.BoundedSemaphore(concurrency), 0, None
+
+    @contextmanager
+    def slot(self):
+        """with store.slot(): one of the concurrency generation slots, waited for (counted in waiting)."""
+        with self.slots_lock:
+            self.waiting += 1
+        with self.slots:
+            with self.slots_lock:
+                self.waiting -= 1
+            yield
+
+    def facts(self) -> dict:
+        """{name: model_facts | precision} of the local models, read once (without their weights)."""
+        if self._facts is None:
+            self._facts = {name: model_facts(path) | {"precision": self.precision} for name, path in self.paths.items()}
+        return self._facts
 
     def names(self) -> list:
         """The local model names, chat (SFT) models first: the first is the default."""
@@ -142,7 +164,7 @@ class ModelStore:
         if name.startswith(("http://", "https://")):
             yield from self._remote(name, question, mode, p)
             return
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate") as own:
+        with self.slot(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate") as own:
             updates = self._local(name, question, mode, p, history, system)
             try:
                 while (update := own.submit(next, updates, None).result()) is not None:
@@ -248,6 +270,21 @@ class ModelStore:
                 job.cancel()  # stopped here: stop it on the classmate's app too
 
 
+def model_facts(path) -> dict:
+    """A checkpoint's facts, its weights not read (mmap): kind ("chat": SFT, answers questions;
+    "pretrained": continues text), parameters, tokenizer, context_length (block_size) and
+    lora_base (None: no LoRA adapters yet); for one that cannot be read, kind None and the error."""
+    try:
+        ckpt = checkpoint.read(path, mmap=True)
+    except (FileNotFoundError, ValueError) as e:
+        return {"kind": None, "error": str(e), "lora_base": None}
+    with torch.device("meta"):  # shapes only: no memory, no time
+        params = GPT(GPTConfig(**ckpt["model_args"])).num_params()
+    return {"kind": "chat" if can_chat(ckpt) else "pretrained", "parameters": params,
+            "tokenizer": checkpoint.tokenizer(ckpt).describe(), "context_length": ckpt["model_args"]["block_size"],
+            "lora_base": None}
+
+
 def stream_together(streams: list) -> Iterator[list]:
     """Run several (text, stats) streams at once, one thread each; yield the list of their latest
     values whenever one changes. A stream that fails ends with "【出错】message" and the others go on.
@@ -340,7 +377,7 @@ def leaderboard(votes: list) -> list:
 def start_app(log, *args, cwd=None) -> tuple[subprocess.Popen, str]:
     """sample_gradio.py with args in a subprocess on a free loopback port, run in cwd (None: this
     process's), its output going to the file log (a pipe nobody reads could fill and stall it):
-    (process, url) once the page answers; a RuntimeError with the log's tail if it exits or does
+    (process, url) once "/" answers (any HTTP status: with --ui=False it is a 404); a RuntimeError with the log's tail if it exits or does
     not answer within 120 s."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -352,6 +389,8 @@ def start_app(log, *args, cwd=None) -> tuple[subprocess.Popen, str]:
     while True:
         try:
             urlopen(url, timeout=2)
+            return app, url
+        except HTTPError:
             return app, url
         except URLError:
             if app.poll() is not None or time.time() > deadline:
