@@ -37,7 +37,7 @@ NEUTRAL = {"frequency_penalty": [0, None], "presence_penalty": [0, None], "logpr
            "parallel_tool_calls": [False, True, None], "response_format": [{"type": "text"}, None],
            "store": [False, None], "echo": [False, None], "best_of": [1, None], "suffix": [None, ""],
            "service_tier": ["auto", "default", None], "reasoning_effort": [None]}
-ANY_STRING = {"user", "metadata"}  # accepted whatever they say: they do not change the reply
+ANY_STRING = {"user", "metadata"}  # accepted as they are (a string, an object): they do not change the reply
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOP = 4
 
@@ -142,8 +142,12 @@ def sampling(body: dict) -> dict:
 def check_fields(body: dict, own: set) -> None:
     """400 naming the first field the API does not take (or takes only at its neutral value)."""
     for key, value in body.items():
-        if key in own or key in OURS or key in ANY_STRING and (value is None or isinstance(value, (str, dict))):
+        if key in own or key in OURS:
             continue
+        if key in ANY_STRING:
+            if value is None or isinstance(value, (str, dict)):
+                continue
+            raise bad(key, "a string")
         if key in NEUTRAL:
             if any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in NEUTRAL[key]):
                 continue
@@ -170,7 +174,7 @@ def conversation(messages, limit: int) -> tuple[str, tuple, str, str]:
         raise bad("messages", "a non-empty list of {\"role\", \"content\"}")
     system, turns, notices = [], [], []
     for i, m in enumerate(messages):
-        role = ROLES.get(m.get("role")) if isinstance(m, dict) else None
+        role = ROLES.get(m.get("role")) if isinstance(m, dict) and isinstance(m.get("role"), str) else None
         if role is None:
             raise bad(f"messages[{i}].role", f"one of {', '.join(ROLES)}")
         text, notice = clean_question(text_of(m.get("content"), f"messages[{i}].content"), limit)
@@ -196,6 +200,7 @@ class OpenAIRoutes:
 
     def __init__(self, store: ModelStore, limit: int, queue_size: int, api_key: str = ""):
         self.store, self.limit, self.queue_size, self.api_key = store, limit, queue_size, api_key
+        self.facts, self.names = store.facts(), store.names()  # read once, at start
         # the threads that wait for a generation's pieces: every request in the queue or generating has one
         self.threads = anyio.CapacityLimiter(queue_size + 64)
 
@@ -225,10 +230,9 @@ class OpenAIRoutes:
                            "--api_key>", None, "invalid_api_key")
 
     async def models(self, request: Request) -> JSONResponse:
-        facts = self.store.facts()
         return JSONResponse({"object": "list", "data": [
-            {"id": name, "object": "model", "created": 0, "owned_by": "miniglm"} | facts[name]
-            for name in self.store.names()]})
+            {"id": name, "object": "model", "created": 0, "owned_by": "miniglm"} | self.facts[name]
+            for name in self.names]})
 
     async def chat(self, request: Request):
         body = await self.body(request)
@@ -262,7 +266,7 @@ class OpenAIRoutes:
 
     def model(self, body: dict, kind: str) -> str:
         """The model asked for, of the endpoint's kind; omitted: the app's first model of that kind."""
-        facts, names = self.store.facts(), self.store.names()
+        facts, names = self.facts, self.names
         name = body.get("model")
         if name is None:
             name = next((n for n in names if facts[n]["kind"] == kind), None)

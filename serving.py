@@ -377,8 +377,8 @@ def leaderboard(votes: list) -> list:
 def start_app(log, *args, cwd=None) -> tuple[subprocess.Popen, str]:
     """sample_gradio.py with args in a subprocess on a free loopback port, run in cwd (None: this
     process's), its output going to the file log (a pipe nobody reads could fill and stall it):
-    (process, url) once "/" answers (any HTTP status: with --ui=False it is a 404); a RuntimeError with the log's tail if it exits or does
-    not answer within 120 s."""
+    (process, url) once "/" answers (any HTTP status: with --ui=False it is a 404); a RuntimeError
+    with the log's tail if it exits or does not answer within 120 s."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

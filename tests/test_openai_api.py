@@ -40,7 +40,7 @@ def app(sft_model, tmp_path_factory):
     shutil.copytree(sft_model, tmp / "out-sft")
     pretrained_copy(sft_model, tmp / "out-pre")
     proc, url = start_app(tmp / "app.log", "--models=out-sft,out-pre", f"--api_key={KEY}", "--precision=fp32",
-                          "--concurrency=2", "--votes_path=votes.jsonl", cwd=tmp)
+                          "--concurrency=2", "--votes_path=votes.jsonl", "--auth=同学:secret", cwd=tmp)
     yield f"{url}/v1", tmp / "app.log", tmp
     proc.terminate()
     proc.wait(timeout=30)
@@ -93,7 +93,8 @@ def test_history_and_system_text_reach_the_model(app):
                 {"role": "assistant", "content": "丙"}, {"role": "user", "content": "丁"}]  # short: all fit 48 tokens
     reply = client(app).chat.completions.create(model="out-sft", messages=messages, temperature=0, max_tokens=4)
     assert reply.usage.prompt_tokens == len(prompt_ids(ckpt, "丁", "chat", (("乙", "丙"),), "甲"))
-    assert reply.usage.prompt_tokens > len(prompt_ids(ckpt, "丁", "chat", (("乙", "丙"),))) > len(prompt_ids(ckpt, "丁", "chat"))
+    without_system = len(prompt_ids(ckpt, "丁", "chat", (("乙", "丙"),)))
+    assert reply.usage.prompt_tokens > without_system > len(prompt_ids(ckpt, "丁", "chat"))
 
 
 def test_models_list_each_models_facts(app):
@@ -142,9 +143,11 @@ def test_errors_have_openais_shape_and_status(app):
     missing = httpx.get(app[0] + "/models", timeout=30)
     assert missing.status_code == 401 and missing.json()["error"]["code"] == "invalid_api_key"
     ask(app, "你好", frequency_penalty=0, presence_penalty=0, user="s1", logprobs=False, max_tokens=2)  # neutral: taken
-    for body in (b"{not json", b"[1, 2]", json.dumps({"messages": "hi"}).encode()):
+    odd = [({"messages": "hi"}, 400), ({"messages": [{"role": ["user"], "content": "x"}]}, 400),
+           ({"model": ["x"], "messages": []}, 404), ({"messages": [{"role": "user", "content": "x"}], "user": 3}, 400)]
+    for body, status in [(b"{not json", 400), (b"[1, 2]", 400), *((json.dumps(o).encode(), st) for o, st in odd)]:
         r = httpx.post(app[0] + "/chat/completions", content=body, headers={"Authorization": f"Bearer {KEY}"})
-        assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+        assert r.status_code == status and set(r.json()["error"]) == {"message", "type", "param", "code"}, body
     assert "Traceback" not in app[1].read_text(encoding="utf-8")
 
 
@@ -209,6 +212,14 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(sft_model):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_one_port_the_login_covers_the_page_the_key_covers_v1(app, sft_model):
+    base = app[0].removesuffix("/v1")
+    assert httpx.get(f"{base}/config", timeout=10).status_code == 401  # the page's login (--auth)
+    assert httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).status_code == 200
+    taken = run_script("sample_gradio.py", f"--models={sft_model}", f"--port={base.rsplit(':', 1)[1]}", check=False)
+    assert taken.returncode != 0 and "cannot serve there" in taken.stderr and "pick another with --port=" in taken.stderr
 
 
 def test_ui_false_serves_the_api_without_the_page(sft_model, tmp_path):
