@@ -3,8 +3,9 @@ and an API that classmates' apps (and their arenas) call.
 
     python sample_gradio.py                                   # http://127.0.0.1:7860, every out*/ checkpoint
     python sample_gradio.py --models=out-cpu-sft,out-cpu --port=7861
-    python sample_gradio.py --listen=True --auth=user:pass    # classmates on the LAN: http://<your LAN IP>:7860
+    python sample_gradio.py --listen=True --auth=user:pass --api_key=SECRET   # classmates on the LAN: port 7860
     python sample_gradio.py --remotes=http://192.168.1.20:7860,http://192.168.1.21:7860   # their apps in the arena
+    python sample_gradio.py --ui=False --api_key=SECRET       # only the OpenAI API (/v1, openai_api.py), no page
 
 Each checkpoint is loaded once (the first at start, the others on first use) and shared by every
 user; requests queue, at most `concurrency` generations run at a time. In the arena a model is a
