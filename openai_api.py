@@ -23,7 +23,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from engine import SAMPLING, SAMPLING_DEFAULTS, sampling_error
+from engine import SAMPLING_DEFAULTS, sampling_error
 from serving import ModelError, ModelStore, clean_question
 
 # OpenAI's request fields -> engine.SAMPLING's names; top_k and repetition_penalty are ours (extra fields)
