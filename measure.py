@@ -203,8 +203,8 @@ def openai_reply(client, model: str, question: str, new: int, seed: int, **sampl
     the app's /v1/chat/completions with the openai client (usage asked for in the stream)."""
     t0, first, tokens = time.perf_counter(), None, 0
     for chunk in client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
-                                                max_tokens=new, seed=seed, stream=True, **sampling,
-                                                stream_options={"include_usage": True}):
+                                                max_tokens=new, seed=seed, stream=True, extra_body=sampling,
+                                                stream_options={"include_usage": True}):  # top_k: extra_body
         if first is None and chunk.choices and chunk.choices[0].delta.content:
             first = time.perf_counter() - t0
         tokens = chunk.usage.completion_tokens if chunk.usage else tokens
