@@ -97,6 +97,13 @@ def test_history_and_system_text_reach_the_model(app):
     assert reply.usage.prompt_tokens > without_system > len(prompt_ids(ckpt, "丁", "chat"))
 
 
+def test_messages_over_the_apps_limit_are_cut_with_a_notice(app):
+    reply = client(app).chat.completions.create(model="out-sft", max_tokens=2, messages=[
+        {"role": "system", "content": "系" * 250}, {"role": "user", "content": "问" * 201}])
+    notice = reply.model_extra["notice"]
+    assert "messages[0]: 输入过长（250 字），已截断为前 200 字" in notice and "messages[1]: 输入过长（201 字）" in notice
+
+
 def test_models_list_each_models_facts(app):
     models = client(app).models.list().data
     assert [m.id for m in models] == ["out-sft", "out-pre"]
