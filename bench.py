@@ -22,7 +22,9 @@ Groups:
            new tokens, default sampling (engine.SAMPLING_DEFAULTS), CPU:
            sample_gradio.py in a subprocess called through its API (/generate, gradio_client):
            time to the first streamed text and tokens/s end to end, median of 5 after a warm-up,
-           then the same app sending an update per piece (--stream_every=0), each app started,
+           against the OpenAI path (/v1/chat/completions streamed, the openai client) in the same
+           app, the two taking turns, same seeds; then the same app sending an update per piece
+           (--stream_every=0), each app started,
            measured and stopped alone; sample.py's own tokens/s in the default precision (the
            app's), run between the shipped app's replies (a busier minute slows both), and in fp32.
   precision the quantization table: per precision (fp32, bf16, int8), the 45M SFT checkpoint of the
@@ -63,6 +65,7 @@ from measure import (
     demo_model_speeds,
     document_nll,
     nanogpt_generate,
+    openai_reply,
     plain_loop_positions_per_s,
     run_sampled,
     sample_py_speed,
@@ -212,11 +215,13 @@ def random_sft_checkpoint(out_dir: Path) -> None:
 
 def bench_ui(reps: int = 5) -> None:
     from gradio_client import Client
+    from openai import OpenAI
 
     from engine import SAMPLING_DEFAULTS
     from serving import start_app
     question, new = "成语“画蛇添足”是什么意思？", 256
-    sampling = [SAMPLING_DEFAULTS[k] for k in ("temperature", "top_k", "top_p", "repetition_penalty")]  # /generate's order
+    defaults = {k: SAMPLING_DEFAULTS[k] for k in ("temperature", "top_k", "top_p", "repetition_penalty")}
+    sampling = list(defaults.values())  # /generate's order
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "m"
         random_sft_checkpoint(model_dir)
@@ -229,10 +234,12 @@ def bench_ui(reps: int = 5) -> None:
             try:
                 client = Client(url, verbose=False, download_files=False, analytics_enabled=False)
                 client.predict(question, "", 8, api_name="/generate")  # warm-up
-                rows = []
+                rows, via_openai, v1 = [], [], OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0)
+                openai_reply(v1, str(model_dir), question, 8, 0, **defaults)  # warm-up
                 for seed in range(reps):
                     rows.append(api_reply(client, question, "", new, *sampling, "", seed))
                     if not name:
+                        via_openai.append(openai_reply(v1, str(model_dir), question, new, seed, **defaults))
                         cli.append(sample_py_speed(model_dir, question, new, ""))
                 client.close()
             finally:
@@ -243,6 +250,11 @@ def bench_ui(reps: int = 5) -> None:
                     + (", --stream_every=0)" if name else ")"))
             if not name:
                 metric("ui_first_token_s", statistics.median(r[0] for r in rows), unit)
+                metric("ui_openai_first_token_s", statistics.median(r[0] for r in via_openai), unit)
+                speed = statistics.median(r[2] / r[1] for r in via_openai)
+                metric("ui_openai_tokens_per_s", speed, unit)
+                speed /= statistics.median(r[2]["new_tokens"] / r[1] for r in rows)
+                metric("ui_openai_speed_vs_generate", speed, f"(/v1/chat/completions against /generate, {unit[1:]}")
             metric("ui_tokens_per_s{variant}", statistics.median(r[2]["new_tokens"] / r[1] for r in rows), unit,
                    variant=name)
             metric("ui_reply_s{variant}", statistics.median(r[1] for r in rows), f"for the whole reply {unit}", variant=name)

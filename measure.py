@@ -196,3 +196,17 @@ def sample_py_speed(model_dir: Path, question: str, new: int, precision: str, ru
                          cwd=ROOT, capture_output=True, text=True, check=True).stderr
     _, *speeds = (float(s) for s in re.findall(r"\[\d+ tokens, ([\d.]+) tokens/s", out))
     return statistics.median(speeds), re.search(r", (\w+)\]", out).group(1)
+
+
+def openai_reply(client, model: str, question: str, new: int, seed: int, **sampling) -> tuple[float, float, int]:
+    """(seconds to the first text, seconds to the whole reply, its new tokens) of one streamed call of
+    the app's /v1/chat/completions with the openai client (usage asked for in the stream)."""
+    t0, first, tokens = time.perf_counter(), None, 0
+    for chunk in client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
+                                                max_tokens=new, seed=seed, stream=True, extra_body=sampling,
+                                                stream_options={"include_usage": True}):  # top_k: extra_body
+        if first is None and chunk.choices and chunk.choices[0].delta.content:
+            first = time.perf_counter() - t0
+        tokens = chunk.usage.completion_tokens if chunk.usage else tokens
+    total = time.perf_counter() - t0
+    return total if first is None else first, total, tokens

@@ -156,6 +156,12 @@ BENCH = {
     "ui_tokens_per_s{variant}": Metric("higher", "tokens/s", "new tokens / reply time through the app's API",
                                        digits=3),
     "ui_reply_s{variant}": Metric("lower", "s", "time for the whole reply through the app's API", digits=3),
+    "ui_openai_first_token_s": Metric("lower", "s", "time to the first streamed text through /v1/chat/completions",
+                                      digits=3),
+    "ui_openai_tokens_per_s": Metric("higher", "tokens/s", "new tokens / reply time through /v1/chat/completions",
+                                     digits=3),
+    "ui_openai_speed_vs_generate": Metric("higher", "x", "/v1/chat/completions' tokens/s over /generate's, the same "
+                                          "app and run, taking turns", digits=3),
     # {variant}: "" the default precision (engine.pick_precision), "_fp32" --precision=fp32
     "cli_tokens_per_s{variant}": Metric("higher", "tokens/s", "sample.py's own tokens/s", digits=3),
     # tokenizer: {vocab} a trained vocabulary size; {tokenizer} gpt2 or zh{vocab}

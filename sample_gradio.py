@@ -3,8 +3,9 @@ and an API that classmates' apps (and their arenas) call.
 
     python sample_gradio.py                                   # http://127.0.0.1:7860, every out*/ checkpoint
     python sample_gradio.py --models=out-cpu-sft,out-cpu --port=7861
-    python sample_gradio.py --listen=True --auth=user:pass    # classmates on the LAN: http://<your LAN IP>:7860
+    python sample_gradio.py --listen=True --auth=user:pass --api_key=SECRET   # classmates on the LAN: port 7860
     python sample_gradio.py --remotes=http://192.168.1.20:7860,http://192.168.1.21:7860   # their apps in the arena
+    python sample_gradio.py --ui=False --api_key=SECRET       # only the OpenAI API (/v1, openai_api.py), no page
 
 Each checkpoint is loaded once (the first at start, the others on first use) and shared by every
 user; requests queue, at most `concurrency` generations run at a time. In the arena a model is a
@@ -33,13 +34,16 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home: set before gradio loads
 import gradio as gr  # noqa: E402
 
+from arena import VOTES, VoteBook, leaderboard  # noqa: E402
 from checkpoint import mode_of  # noqa: E402
 from configurator import configure  # noqa: E402
 from engine import RENAMED_DTYPE, SAMPLING, SAMPLING_DEFAULTS, exit_on_bad_flags, pick_precision  # noqa: E402
 from model import select_device  # noqa: E402
-from serving import (ERROR_MARK, VOTES, ModelError, ModelStore, VoteBook, check_params, clean_question,  # noqa: E402
-                     discover_models, leaderboard, stream_together)
-from webpage import EMPTY_REPLY, chat_history, load_examples, newest_exchanges, stats_line  # noqa: E402
+from openai_api import OpenAIRoutes, serve  # noqa: E402
+from serving import (ERROR_MARK, ModelError, ModelStore, check_params, clean_question, discover_models,  # noqa: E402
+                     stream_together)
+from webpage import (EMPTY_REPLY, FACTS_HEADERS, api_help, chat_history, facts_rows, load_examples,  # noqa: E402
+                     newest_exchanges, stats_line)
 
 QUEUE_POLL = 0.01  # seconds between the queue's looks for a new request (queue_app)
 
@@ -55,8 +59,10 @@ votes_path = "out-arena/votes.jsonl"
 examples_path = ""          # a .jsonl with "question" fields, or a .txt with one a line; "" = data/raw/sft_test.jsonl
                             # if it is here, else the bundled config/demo_questions.txt
 max_input_chars = 200       # longer questions are cut to this many characters, with a notice
-concurrency = 2             # generations at once (chat, arena sides and API share it); the rest queue
-queue_size = 64             # waiting requests beyond this are turned away with a message
+concurrency = 2             # generations at once (chat, arena sides, /generate and /v1 share it); the rest queue
+queue_size = 64             # waiting requests beyond this are turned away with a message (/v1: status 429)
+ui = True                   # False: serve only the OpenAI API (/v1), no web page (a machine without a browser)
+api_key = ""                # /v1 requires "Authorization: Bearer <key>"; "" = the env var MINIGLM_API_KEY, if set
 stream_every = 0.05         # seconds between streamed updates (0: one per piece); each costs the server time
 device = ""                 # "" = cuda, then mps, then cpu
 precision = ""              # fp32, bf16, fp16 or int8; "" = the fastest on this device (engine.pick_precision)
@@ -80,27 +86,6 @@ INTRO = """# MiniGLM 小型中文对话模型
 **对话**：和一个模型多轮聊天，回答逐字显示；模型会看到前面的问答（放不下时略去最早的几轮），“清空”开始新对话。
 **竞技场**：同一个问题让两个模型同时作答（各自接着自己前面的回答），投票选出更好的一个，票数计入排行榜。
 **API**：同学可以用 gradio_client 调用本应用的模型（见“API”页）。"""
-
-API_HELP = """### 用 gradio_client 调用本应用
-```python
-from gradio_client import Client
-client = Client("{url}")
-text, stats = client.predict("成语“画蛇添足”是什么意思？", api_name="/generate")
-# 逐字流式：
-for text, stats in client.submit("床前明月光", "generate", 64, api_name="/generate"):
-    print(text)
-# 多轮对话：history 是之前的 [问题, 回答] 列表，最早的在前
-text, stats = client.predict("它出自哪里？", history=[["成语“画蛇添足”是什么意思？", text]], api_name="/generate")
-client.predict(api_name="/models")    # 可用的模型名
-```
-`/generate` 的参数依次为：question，mode（"chat" 问答 / "generate" 续写 / "" 按模型自己的模式），
-max_new_tokens，temperature，top_k，top_p，repetition_penalty，model（"" 为第一个模型），seed（-1 为随机），
-history（问答模式下之前的对话，默认为空即单轮；放不进模型上下文的最早几轮会被略去）。
-返回 (目前的文字, 统计信息)。问题最多 {limit} 字，超出部分会被截掉；超过模型上下文的问题只用能放下的部分，
-统计信息里的 notice 会说明。
-在竞技场里填 `http://同学的IP:端口`（或 `http://同学的IP:端口#模型名`）就能让同学的模型参赛，
-前提是启动本应用时用 `--remotes=http://同学的IP:端口` 允许了这个地址。"""
-
 
 def sampling_sliders() -> list:
     """The sliders in engine.SAMPLING's order, made but not yet shown: both tabs read them, the page
@@ -331,7 +316,8 @@ def build_app(store: ModelStore, votes: VoteBook, examples: list, limit: int = 2
         with gr.Tab("竞技场", elem_id="tab-arena"):
             arena_tab(demo, store, votes, names, sampling, limit, queued)
         with gr.Tab("API", elem_id="tab-api"):
-            gr.Markdown(API_HELP.format(url=url, limit=limit))
+            gr.Markdown(api_help(url, limit, names[0] if names else "out-cpu-sft"))
+            gr.Dataframe(facts_rows(store), headers=FACTS_HEADERS, interactive=False, elem_id="model-facts")
         with gr.Accordion("采样参数（对话和竞技场共用）", open=False):
             with gr.Row():
                 for slider in sampling:
@@ -343,48 +329,48 @@ def build_app(store: ModelStore, votes: VoteBook, examples: list, limit: int = 2
 if __name__ == "__main__":
     config = configure(globals())
     user, _, password = auth.partition(":")
+    api_key = api_key or os.environ.get("MINIGLM_API_KEY", "")
     if auth and not (user and password):
         sys.exit(f"--auth={auth!r}: expected user:password")
-    if not 1 <= concurrency <= 64 or max_input_chars < 1 or stream_every < 0 or remote_timeout <= 0:
+    if listen and auth and not api_key:
+        sys.exit("--listen=True with --auth but no --api_key: the login protects the page only, not the OpenAI API "
+                 "(/v1). Add --api_key=<a secret> (or set MINIGLM_API_KEY).")
+    if not 1 <= concurrency <= 64 or max_input_chars < 1 or stream_every < 0 or remote_timeout <= 0 or queue_size < 1:
         sys.exit("--concurrency: expected 1..64; --max_input_chars: expected >= 1; --stream_every: expected >= 0; "
-                 "--remote_timeout: expected > 0")
+                 "--remote_timeout: expected > 0; --queue_size: expected >= 1")
     exit_on_bad_flags(SAMPLING_DEFAULTS | config)  # checks --precision (the app has no sampling flags)
     allowed = [u for u in remotes.split(",") if u]
-    for u in allowed:
-        if not u.startswith(("http://", "https://")):
-            sys.exit(f"--remotes: {u!r} is not a URL; expected http://host:port, comma-separated")
+    if bad_url := next((u for u in allowed if not u.startswith(("http://", "https://"))), None):
+        sys.exit(f"--remotes: {bad_url!r} is not a URL; expected http://host:port, comma-separated")
     if examples_path and not Path(examples_path).is_file():
         sys.exit(f"--examples_path={examples_path!r}: no such file in {Path.cwd()} (a .jsonl with \"question\" "
                  "fields or a .txt with one question a line; empty: the SFT test split or the bundled examples)")
     device, _ = select_device(device)
     precision = pick_precision(device, precision)
     paths = {m: Path(m) for m in models.split(",") if m} if models else discover_models()
-    for name, path in paths.items():
-        if not (path / "ckpt.pt").exists():
-            print(f"warning: {path / 'ckpt.pt'} does not exist; the page will say so when {name} is used",
-                  file=sys.stderr)
+    for name, path in ((n, p) for n, p in paths.items() if not (p / "ckpt.pt").exists()):
+        print(f"warning: {path / 'ckpt.pt'} does not exist; the page will say so when {name} is used", file=sys.stderr)
     print(f"models: {', '.join(paths) or f'none found in {Path.cwd()} (train one first: make demo)'}; "
           f"{device}, {precision}", file=sys.stderr)
-    store = ModelStore(paths, device, precision, stream_every, allowed, any_remote, timeout=remote_timeout)
+    store = ModelStore(paths, device, precision, stream_every, allowed, any_remote, timeout=remote_timeout,
+                       concurrency=concurrency)
     host = "0.0.0.0" if listen else "127.0.0.1"
-    print(f"arena votes: {Path(votes_path).resolve()}", file=sys.stderr)
-    app = build_app(store, VoteBook(votes_path), load_examples(examples_path), max_input_chars, concurrency,
-                    url=f"http://{'<你的局域网 IP>' if listen else host}:{port}")
-    queue_app(app, concurrency, queue_size)
+    shown = f"http://{'<你的局域网 IP>' if listen else host}:{port}"
+    print(f"arena votes: {Path(votes_path).resolve()}" if ui else "no web page (--ui=False)", file=sys.stderr)
+    app = queue_app(build_app(store, VoteBook(votes_path), load_examples(examples_path), max_input_chars,
+                              concurrency, url=shown), concurrency, queue_size) if ui else None
     lan = f"（同学用 http://<你的局域网 IP>:{port} 访问；ip addr 或 ipconfig 查看 IP）" if listen else ""
-    print(f"MiniGLM 网页版：http://{host}:{port}{lan}", file=sys.stderr)
+    print(f"MiniGLM 网页版：http://{host}:{port}{lan}\n" if ui else "", f"OpenAI 兼容 API：http://{host}:{port}/v1"
+          f"{'（需要 API key）' if api_key else ''}", sep="", file=sys.stderr)
     print(f"arena remotes: {'any URL (--any_remote=True)' if any_remote else ', '.join(allowed) or 'none'}",
           file=sys.stderr)
-    if listen and not auth:
-        print("WARNING: --listen=True without --auth: anyone on your network can use this app and its API, "
-              "no password asked. Add --auth=user:password.\n"
-              "警告：局域网里的任何人都能不登录直接使用本应用和它的 API，请加上 --auth=用户名:密码。", file=sys.stderr)
+    if listen and not (auth and api_key):
+        print("WARNING: --listen=True without --auth and --api_key: anyone on your network can use this app or its "
+              "API, no password asked. Add --auth=user:password --api_key=<a secret>.\n"
+              "警告：局域网里的任何人都能不登录直接使用本应用或它的 API，请加上 --auth=用户名:密码 --api_key=密钥。",
+              file=sys.stderr)
     if listen and any_remote:
         print("WARNING: --any_remote=True with --listen=True: anyone who can open the page can make this "
               "machine connect to any address. Prefer --remotes=URL,URL.", file=sys.stderr)
-    try:
-        app.launch(server_name=host, server_port=port, auth=(user, password) if auth else None, ssr_mode=False,
-                   show_error=False, quiet=True)
-    except OSError as e:
-        sys.exit(f"--port={port}: cannot serve there ({e}); pick another with --port=")
-
+    serve(OpenAIRoutes(store, max_input_chars, queue_size, api_key), app, host, port,
+          (user, password) if auth else None)

@@ -1,7 +1,7 @@
 """The web app's engine, without its pages (sample_gradio.py builds those): the models, each
 loaded once and shared, or a classmate's MiniGLM app reached by URL through its API (only the URLs
 allowed at start, a bounded number of clients, a timeout on connecting and on every piece);
-streams run side by side for the arena; arena votes and the Elo leaderboard.
+streams run side by side for the arena; each model's facts (model_facts). The arena's votes: arena.py.
 
     from serving import ModelStore, stream_together
     store = ModelStore({"out-sft": Path("out-sft")}, remotes=["http://192.168.1.20:7860"])
@@ -10,9 +10,7 @@ streams run side by side for the arena; arena votes and the Elo leaderboard.
 start_app runs sample_gradio.py in a subprocess (the browser test, the API tests and bench.py use it).
 Paths are the command line's: relative to the working directory.
 """
-import json
 import math
-import os
 import queue
 import random
 import socket
@@ -25,7 +23,7 @@ from collections.abc import Iterator
 from concurrent.futures import CancelledError, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from pathlib import Path
-from urllib.error import URLError
+from urllib.error import HTTPError, URLError
 from urllib.request import urlopen
 
 import httpx
@@ -34,13 +32,11 @@ from gradio_client import Client
 
 import checkpoint
 from checkpoint import can_chat, mode_of, peek_mode
-from data.records import Report, read_records
 from engine import SAMPLING, Prompt, fit_prompt, load_model, sampling_error, stream_reply, utf8_constraint
+from model import GPT, GPTConfig
 
 APP = Path(__file__).resolve().parent / "sample_gradio.py"
-VOTES = {"a": "A 更好", "b": "B 更好", "tie": "平局", "both_bad": "都不好"}
 ERROR_MARK = "【出错】"  # begins a reply that is an error message, not the model's words
-ELO_K, ELO_START = 32, 1000
 # A remote reply is watched by waiting on its job, which wakes us the moment it ends; between, new
 # pieces are looked for every REMOTE_TICK seconds. gradio_client has no blocking wait for the next
 # piece: Job's own iterator spins on a 1 ms sleep, and its updates queue is an asyncio.Queue of the
@@ -107,15 +103,36 @@ class ModelStore:
     holds more of them than there are cores, libgomp makes them sleep between parallel regions
     instead of spinning. With the default model loaded on the main thread (the page is built
     there) and replies generated on a worker thread, every matmul had to wake its threads: 25%
-    slower than sample.py (issue 13). Two streams at once (the arena) still run side by side."""
+    slower than sample.py (issue 13). Two streams at once (the arena) still run side by side.
+
+    At most concurrency local streams generate at a time, whoever asks (the page, /generate, the
+    OpenAI API: Gradio's queue does not cover routes mounted beside it); waiting: how many wait."""
 
     def __init__(self, paths: dict, device: str = "cpu", precision: str = "fp32", stream_every: float = 0.05,
-                 remotes=(), any_remote: bool = False, max_clients: int = 8, timeout: float = 60.0):
+                 remotes=(), any_remote: bool = False, max_clients: int = 8, timeout: float = 60.0,
+                 concurrency: int = 2):
         self.paths, self.device, self.precision, self.stream_every = paths, device, precision, stream_every
         self.remotes, self.any_remote = [u.rstrip("/") for u in remotes], any_remote
         self.max_clients, self.timeout = max_clients, timeout
         self.loaded, self.clients, self.busy = {}, OrderedDict(), Counter()  # busy: url -> streams using it
-        self.lock, self.clients_lock = threading.Lock(), threading.Lock()
+        self.lock, self.clients_lock, self.slots_lock = threading.Lock(), threading.Lock(), threading.Lock()
+        self.slots, self.waiting, self._facts = threading.BoundedSemaphore(concurrency), 0, None
+
+    @contextmanager
+    def slot(self):
+        """with store.slot(): one of the concurrency generation slots, waited for (counted in waiting)."""
+        with self.slots_lock:
+            self.waiting += 1
+        with self.slots:
+            with self.slots_lock:
+                self.waiting -= 1
+            yield
+
+    def facts(self) -> dict:
+        """{name: model_facts | precision} of the local models, read once (without their weights)."""
+        if self._facts is None:
+            self._facts = {name: model_facts(path) | {"precision": self.precision} for name, path in self.paths.items()}
+        return self._facts
 
     def names(self) -> list:
         """The local model names, chat (SFT) models first: the first is the default."""
@@ -150,7 +167,7 @@ class ModelStore:
         if name.startswith(("http://", "https://")):
             yield from self._remote(name, question, mode, p, history)
             return
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate") as own:
+        with self.slot(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate") as own:
             updates = self._local(name, question, mode, p, history, system)
             try:
                 while (update := own.submit(next, updates, None).result()) is not None:
@@ -263,6 +280,21 @@ class ModelStore:
                 job.cancel()  # stopped here: stop it on the classmate's app too
 
 
+def model_facts(path) -> dict:
+    """A checkpoint's facts, its weights not read (mmap): kind ("chat": SFT, answers questions;
+    "pretrained": continues text), parameters, tokenizer, context_length (block_size) and
+    lora_base (None: no LoRA adapters yet); for one that cannot be read, kind None and the error."""
+    try:
+        ckpt = checkpoint.read(path, mmap=True)
+    except (FileNotFoundError, ValueError) as e:
+        return {"kind": None, "error": str(e), "lora_base": None}
+    with torch.device("meta"):  # shapes only: no memory, no time
+        params = GPT(GPTConfig(**ckpt["model_args"])).num_params()
+    return {"kind": "chat" if can_chat(ckpt) else "pretrained", "parameters": params,
+            "tokenizer": checkpoint.tokenizer(ckpt).describe(), "context_length": ckpt["model_args"]["block_size"],
+            "lora_base": None}
+
+
 def stream_together(streams: list) -> Iterator[list]:
     """Run several (text, stats) streams at once, one thread each; yield the list of their latest
     values whenever one changes. A stream that fails ends with "【出错】message" and the others go on.
@@ -303,60 +335,11 @@ def stream_together(streams: list) -> Iterator[list]:
         stop.set()
 
 
-class VoteBook:
-    """Arena votes, one JSON object a line, appended (a whole line per write) under a lock."""
-
-    def __init__(self, path):
-        self.path, self.lock = Path(path), threading.Lock()
-
-    def add(self, record: dict) -> None:
-        with self.lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "ab+") as f:  # appends go to the end wherever the file position is
-                if f.seek(0, os.SEEK_END) > 0:
-                    f.seek(-1, os.SEEK_END)
-                    if f.read(1) != b"\n":  # a line cut short by a crash stays a line of its own
-                        f.write(b"\n")
-                f.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
-                f.flush()
-                os.fsync(f.fileno())
-
-    def read(self) -> tuple[list, Report]:
-        """(good votes, report of the skipped lines: file:line and why, printed to stderr)."""
-        report, votes = Report(), []
-        if self.path.exists():
-            for where, obj in read_records(self.path, report):
-                names_ok = all(isinstance(obj.get(k), str) and obj[k] for k in ("model_a", "model_b"))
-                if names_ok and obj.get("vote") in VOTES:
-                    votes.append(obj)
-                else:
-                    report.add("bad_vote", where, "expected model_a, model_b and vote "
-                               f"(one of {', '.join(VOTES)}); skipped")
-        return votes, report
-
-
-def leaderboard(votes: list) -> list:
-    """Rows [model, Elo, games, wins, losses, ties, win rate] by Elo (online updates in vote order,
-    K=32, start 1000; a tie and "both bad" score half a win each), best first."""
-    elo, rec = {}, {}
-    for v in votes:
-        a, b = v["model_a"], v["model_b"]
-        score_a = {"a": 1.0, "b": 0.0}.get(v["vote"], 0.5)
-        ra, rb = elo.setdefault(a, ELO_START), elo.setdefault(b, ELO_START)
-        expect_a = 1 / (1 + 10 ** ((rb - ra) / 400))
-        elo[a], elo[b] = ra + ELO_K * (score_a - expect_a), rb - ELO_K * (score_a - expect_a)
-        for m, s in ((a, score_a), (b, 1 - score_a)):
-            r = rec.setdefault(m, [0, 0, 0])
-            r[0 if s == 1 else 1 if s == 0 else 2] += 1
-    rows = [[m, round(elo[m]), sum(r), *r, f"{r[0] / sum(r):.0%}"] for m, r in rec.items()]
-    return sorted(rows, key=lambda row: -row[1])
-
-
 def start_app(log, *args, cwd=None) -> tuple[subprocess.Popen, str]:
     """sample_gradio.py with args in a subprocess on a free loopback port, run in cwd (None: this
     process's), its output going to the file log (a pipe nobody reads could fill and stall it):
-    (process, url) once the page answers; a RuntimeError with the log's tail if it exits or does
-    not answer within 120 s."""
+    (process, url) once "/" answers (any HTTP status: with --ui=False it is a 404); a RuntimeError
+    with the log's tail if it exits or does not answer within 120 s."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -367,6 +350,8 @@ def start_app(log, *args, cwd=None) -> tuple[subprocess.Popen, str]:
     while True:
         try:
             urlopen(url, timeout=2)
+            return app, url
+        except HTTPError:
             return app, url
         except URLError:
             if app.poll() is not None or time.time() > deadline:

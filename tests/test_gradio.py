@@ -20,7 +20,8 @@ import serving
 from data.tokenizer import load_tokenizer
 from engine import load_model, stream_reply
 from sample_gradio import QUEUE_POLL, build_app, queue_app
-from serving import ModelError, ModelStore, VoteBook, discover_models, start_app, stream_together
+from arena import VoteBook
+from serving import ModelError, ModelStore, discover_models, start_app, stream_together
 from webpage import DEMO_QUESTIONS, load_examples
 
 GPT2 = load_tokenizer("gpt2")

@@ -16,7 +16,7 @@ from data.tokenizer import SFT_TEMPLATE, conversation_ids, load_tokenizer
 from engine import SAMPLING, reply
 from model import GPT, GPTConfig
 from sample_gradio import build_app
-from serving import VoteBook
+from arena import VoteBook
 from webpage import EMPTY_REPLY, HISTORY_CHARS, newest_exchanges
 
 FOLLOW_UP = "它出自哪里？"

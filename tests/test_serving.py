@@ -10,8 +10,8 @@ import httpx
 import pytest
 
 import serving
-from serving import (ELO_START, ModelError, ModelStore, VoteBook, check_params, clean_question, leaderboard,
-                     stream_together)
+from arena import ELO_START, VoteBook, leaderboard
+from serving import ModelError, ModelStore, check_params, clean_question, stream_together
 
 GREEDY = {"max_new_tokens": 20, "temperature": 0.0, "top_k": 50, "top_p": 0.95, "repetition_penalty": 1.0,
           "seed": 0}
