@@ -242,28 +242,6 @@ def test_answers_generated_together_are_the_answers_one_at_a_time(sft_model, tem
     assert len({s["new_tokens"] for _, s in together}) > 2 and any(s["stopped_at_eot"] for _, s in together)
 
 
-def test_follow_up_turns_of_dialogues_are_answered_with_the_dialogue_so_far_and_scored_apart(sft_model, tmp_path):
-    a, b = {"question": "天", "answer": "地"}, {"question": "人", "answer": "和"}  # the tiny model's context: 48 tokens
-    dialogue = {"messages": [{"role": "user", "content": a["question"]}, {"role": "assistant", "content": a["answer"]},
-                             {"role": "user", "content": b["question"]}, {"role": "assistant", "content": b["answer"]}]}
-    src = write_jsonl(tmp_path / "test.jsonl", PAIRS[:3] + [dialogue])
-    proc = run_script("evaluations.py", f"--out_dir={sft_model}", f"--input={src}", "--seen_samples=0", "--report=True")
-    results = json.loads((sft_model / "eval.json").read_text(encoding="utf-8"))
-    assert results["samples"] == 3 and results["followup"]["samples"] == 1  # the first turn is no follow-up
-    assert "多轮对话：留出的对话里第二轮起的 1 个追问" in (sft_model / "report.md").read_text(encoding="utf-8")
-    samples = [json.loads(line) for line in (sft_model / "eval_samples.jsonl").read_text(encoding="utf-8").splitlines()]
-    follow = [s for s in samples if s["set"] == "followup"]
-    assert [(s["question"], s["reference"], s["history_turns"]) for s in follow] == [(b["question"], b["answer"], 1)]
-    model, ckpt = load_model(sft_model, "cpu", "fp32")  # answered after the first exchange, as reply() would
-    history = ((a["question"], a["answer"]),)
-    assert follow[0]["prediction"] == reply(model, ckpt, b["question"], "chat", history=history, temperature=0,
-                                            max_new_tokens=128, repetition_penalty=1.5)
-    together = reply_batch(model, ckpt, [b["question"], b["question"]], "chat", temperature=0, max_new_tokens=16,
-                           histories=[history, ()], systems=["", ""])
-    assert together[0][1]["prompt_tokens"] > together[1][1]["prompt_tokens"]  # the history is in the first prompt
-    assert "follow-up turns of held-out dialogues" in proc.stdout
-
-
 def test_sampling_is_deterministic_under_seed_and_cut_by_max_samples(sft_model, tmp_path):
     src = write_jsonl(tmp_path / "test.jsonl", PAIRS)
     runs = []

@@ -2,21 +2,23 @@
 chat template (data.tokenizer.conversation_ids) answers a follow-up question that only the previous
 turn makes answerable ("它出自哪里？" gets the source of the idiom asked about before); the web page's
 chat tab and arena pass the conversation they show as history. (The API's history: test_gradio.py;
-the terminal chat's: test_sample.py; the prompt's: test_model.py.)"""
+the terminal chat's: test_sample.py; the prompt's: test_model.py.) evaluations.py scores the
+follow-up turns of held-out dialogues apart."""
 import base64
+import json
 
 import gradio as gr
 import pytest
 import torch
-from conftest import PAIRS
+from conftest import PAIRS, run_script, write_jsonl
 from test_gradio import WatchedStore
 from test_serving import GREEDY
 
+from arena import VoteBook
 from data.tokenizer import SFT_TEMPLATE, conversation_ids, load_tokenizer
-from engine import SAMPLING, reply
+from engine import SAMPLING, load_model, reply, reply_batch
 from model import GPT, GPTConfig
 from sample_gradio import build_app
-from arena import VoteBook
 from webpage import EMPTY_REPLY, HISTORY_CHARS, newest_exchanges
 
 FOLLOW_UP = "它出自哪里？"
@@ -142,3 +144,25 @@ def test_a_request_keeps_the_newest_whole_exchanges_up_to_a_bound():
     assert newest_exchanges(pairs, 8) == (("问二", "答二"), ("问三", "答三"))
     assert newest_exchanges(pairs, 7) == (("问三", "答三"),) and newest_exchanges(pairs, 3) == ()
     assert newest_exchanges([("问" * HISTORY_CHARS, "答"), ("问", "答")]) == (("问", "答"),)
+
+
+def test_follow_up_turns_of_dialogues_are_answered_with_the_dialogue_so_far_and_scored_apart(sft_model, tmp_path):
+    a, b = {"question": "天", "answer": "地"}, {"question": "人", "answer": "和"}  # the tiny model's context: 48 tokens
+    dialogue = {"messages": [{"role": "user", "content": a["question"]}, {"role": "assistant", "content": a["answer"]},
+                             {"role": "user", "content": b["question"]}, {"role": "assistant", "content": b["answer"]}]}
+    src = write_jsonl(tmp_path / "test.jsonl", PAIRS[:3] + [dialogue])
+    proc = run_script("evaluations.py", f"--out_dir={sft_model}", f"--input={src}", "--seen_samples=0", "--report=True")
+    results = json.loads((sft_model / "eval.json").read_text(encoding="utf-8"))
+    assert results["samples"] == 3 and results["followup"]["samples"] == 1  # the first turn is no follow-up
+    assert "多轮对话：留出的对话里第二轮起的 1 个追问" in (sft_model / "report.md").read_text(encoding="utf-8")
+    samples = [json.loads(line) for line in (sft_model / "eval_samples.jsonl").read_text(encoding="utf-8").splitlines()]
+    follow = [s for s in samples if s["set"] == "followup"]
+    assert [(s["question"], s["reference"], s["history_turns"]) for s in follow] == [(b["question"], b["answer"], 1)]
+    model, ckpt = load_model(sft_model, "cpu", "fp32")  # answered after the first exchange, as reply() would
+    history = ((a["question"], a["answer"]),)
+    assert follow[0]["prediction"] == reply(model, ckpt, b["question"], "chat", history=history, temperature=0,
+                                            max_new_tokens=128, repetition_penalty=1.5)
+    together = reply_batch(model, ckpt, [b["question"], b["question"]], "chat", temperature=0, max_new_tokens=16,
+                           histories=[history, ()], systems=["", ""])
+    assert together[0][1]["prompt_tokens"] > together[1][1]["prompt_tokens"]  # the history is in the first prompt
+    assert "follow-up turns of held-out dialogues" in proc.stdout
