@@ -46,6 +46,10 @@ RENAMED_DTYPE = ("precision", {v: k for k, v in DTYPE_OF.items()})
 # tokens. A quarter (64 of 256) holds a typical SFT answer, and 3/4 of the context stays for the
 # question; a prompt never takes more than block_size - 1, so the first step sees all of it.
 ANSWER_SHARE = 4
+# With earlier exchanges in the prompt, they stay only while the answer keeps min(max_new_tokens,
+# block_size // HISTORY_SHARE) tokens: half the context (64 of 128 in make demo's SFT) holds most
+# answers of the default data whole.
+HISTORY_SHARE = 2
 
 _CONTINUATION_BYTES = bytes(range(0x80, 0xC0))
 
@@ -191,13 +195,17 @@ def fit_prompt(ckpt: dict, text: str, mode: str, block_size: int, max_new_tokens
     ANSWER_SHARE): the oldest exchanges go first (whole: never a cut answer), then the system
     text, then the text is cut in characters (chat keeps the question's beginning, as the web
     app's character limit does; generate keeps the text's end, which is what gets continued).
-    The template stays whole and the kept text is tokenized exactly as training tokenized it
-    (the checkpoint's tokenizer). ValueError if not even the template fits."""
+    Earlier exchanges are kept only while they leave min(max_new_tokens, block_size //
+    HISTORY_SHARE) tokens for the answer: a long conversation must not push the answer past the
+    context (the model would then go on from a context cut mid-turn). The template stays whole
+    and the kept text is tokenized exactly as training tokenized it (the checkpoint's
+    tokenizer). ValueError if not even the template fits."""
     history = tuple(tuple(h) for h in history) if mode == "chat" else ()  # earlier exchanges are a chat's only
     system = system if mode == "chat" else ""
     room = max(1, min(max_new_tokens, block_size // ANSWER_SHARE))
     budget = block_size - room
-    while history and len(prompt_ids(ckpt, text, mode, history, system)) > budget:
+    history_budget = block_size - max(room, min(max_new_tokens, block_size // HISTORY_SHARE))
+    while history and len(prompt_ids(ckpt, text, mode, history, system)) > history_budget:
         history = history[1:]
     if system and len(prompt_ids(ckpt, text, mode, history, system)) > budget:
         system = ""

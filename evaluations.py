@@ -290,13 +290,13 @@ if __name__ == "__main__":
 
     bad = Report()
     cases = load_cases(mode, input, ckpt["data_meta"], bad, max_reference_chars)
-    follow = [c for c in cases if "history" in c]  # dialogue turns after the first: scored apart
+    follow = subset([c for c in cases if "history" in c], max_samples)  # dialogue turns after the first: apart
     cases = subset([c for c in cases if "history" not in c], max_samples)
     if bad.counts:
         print(f"test cases: {bad.summary()}", file=sys.stderr)
-    if not cases:
+    if not cases and not follow:
         sys.exit("no test cases to answer (see the messages above)")
-    samples, summary = evaluate(model, ckpt, mode, cases, settings, common=common)
+    samples, summary = evaluate(model, ckpt, mode, cases, settings, common=common) if cases else ([], {})
     samples = [s | {"set": "held_out"} for s in samples]
     results |= summary | {"settings": settings, "skipped_cases": dict(bad.counts), "seen": None}
     if follow:

@@ -16,6 +16,7 @@ import json
 import secrets
 import socket
 import time
+import traceback
 
 import anyio
 import gradio as gr
@@ -23,8 +24,9 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from engine import SAMPLING_DEFAULTS, sampling_error
+from engine import SAMPLING, SAMPLING_DEFAULTS, sampling_error
 from serving import ModelError, ModelStore, clean_question
+from webpage import newest_exchanges
 
 # OpenAI's request fields -> engine.SAMPLING's names; top_k and repetition_penalty are ours (extra fields)
 SAMPLING_FIELDS = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens",
@@ -66,13 +68,16 @@ def sampling(body: dict) -> dict:
     for field, key in SAMPLING_FIELDS.items():
         if body.get(field) is not None:
             p[key] = body[field]
+            if key == "max_new_tokens" and isinstance(p[key], int) and p[key] > SAMPLING[key][2]:
+                p[key] = SAMPLING[key][2]  # front ends ask for 2048 or 4096: as many as the app gives
             if (why := sampling_error(p)) and why[0] == key:
                 _, value, lo, hi, whole = why
                 raise bad(field, f"a {'whole ' if whole else ''}number from {lo} to {hi}, got {value!r}")
     p |= {"max_new_tokens": int(p["max_new_tokens"]), "top_k": int(p["top_k"])}
     seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
-        raise bad("seed", f"a whole number >= 0, got {seed!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**63):
+        raise bad("seed", f"a whole number, got {seed!r}")
+    seed = None if seed is not None and seed < 0 else seed  # some clients send -1 for "random"
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else stop or []
     if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
@@ -118,7 +123,9 @@ def text_of(content, where: str) -> str:
 
 def conversation(messages, limit: int) -> tuple[str, tuple, str, str]:
     """(question, history, system, notice) from OpenAI messages: system messages first, then user
-    and assistant taking turns, the last one the user's; each cut to limit characters (notice)."""
+    and assistant taking turns, the last one the user's. The question and the system text are cut
+    to limit characters (notice), as the page's input; earlier turns stay whole (a cut answer
+    would not be what the model said), the newest of them up to webpage.HISTORY_CHARS."""
     if not isinstance(messages, list) or not messages:
         raise bad("messages", "a non-empty list of {\"role\", \"content\"}")
     system, turns, notices = [], [], []
@@ -127,7 +134,10 @@ def conversation(messages, limit: int) -> tuple[str, tuple, str, str]:
         if role is None:
             raise bad(f"messages[{i}].role", f"one of {', '.join(ROLES)}")
         text, notice = clean_question(text_of(m.get("content"), f"messages[{i}].content"), limit)
-        notices += [f"messages[{i}]: {notice}"] if notice else []
+        if notice and (role == "system" or i == len(messages) - 1):
+            notices.append(f"messages[{i}]: {notice}")
+        elif notice:
+            text = text_of(m.get("content"), "").strip()  # an earlier turn: whole
         if role == "system":
             if turns:
                 raise bad(f"messages[{i}].role", "system messages only before the conversation")
@@ -140,7 +150,7 @@ def conversation(messages, limit: int) -> tuple[str, tuple, str, str]:
         raise bad(f"messages[{len(messages) - 1}].role", "user: the last message is the question")
     if not turns[-1]:
         raise bad(f"messages[{len(messages) - 1}].content", "a question, not empty")
-    history = tuple(zip(turns[:-1:2], turns[1::2]))
+    history = newest_exchanges(zip(turns[:-1:2], turns[1::2]))
     return turns[-1], history, "\n".join(s for s in system if s), " ".join(notices)
 
 
@@ -155,6 +165,7 @@ class OpenAIRoutes:
 
     def add_to(self, app: FastAPI) -> FastAPI:
         for path, handler, methods in (("/v1/models", self.models, ["GET"]),
+                                       ("/v1/models/{model_id:path}", self.one_model, ["GET"]),
                                        ("/v1/chat/completions", self.chat, ["POST"]),
                                        ("/v1/completions", self.completions, ["POST"])):
             app.add_api_route(path, self.guarded(handler), methods=methods)
@@ -167,6 +178,10 @@ class OpenAIRoutes:
                 return await handler(request)
             except APIError as e:
                 return e.response()
+            except Exception as e:  # a bug or a broken model: OpenAI's shape for the client, the traceback in the log
+                traceback.print_exc()
+                return APIError(500, f"the server failed: {type(e).__name__}: {e}", None, "server_error",
+                                "server_error").response()
         route.__name__ = handler.__name__
         return route
 
@@ -182,6 +197,14 @@ class OpenAIRoutes:
         return JSONResponse({"object": "list", "data": [
             {"id": name, "object": "model", "created": 0, "owned_by": "miniglm"} | self.facts[name]
             for name in self.names]})
+
+    async def one_model(self, request: Request) -> JSONResponse:
+        model_id = request.path_params["model_id"]
+        if model_id not in self.facts:
+            raise APIError(404, f"the model {model_id!r} does not exist; this app has: {', '.join(self.names) or 'none'}",
+                           "model", "model_not_found")
+        return JSONResponse({"id": model_id, "object": "model", "created": 0, "owned_by": "miniglm"}
+                            | self.facts[model_id])
 
     async def chat(self, request: Request):
         body = await self.body(request)
@@ -252,6 +275,8 @@ class OpenAIRoutes:
         try:
             while (update := await anyio.to_thread.run_sync(next, updates, None, limiter=self.threads)) is not None:
                 text, stats = update
+                if await request.is_disconnected():  # nobody waits for it: free the slot
+                    return JSONResponse({})
         finally:
             updates.close()
         return JSONResponse(reply.whole(text, stats))

@@ -123,10 +123,15 @@ class ModelStore:
         """with store.slot(): one of the concurrency generation slots, waited for (counted in waiting)."""
         with self.slots_lock:
             self.waiting += 1
-        with self.slots:
+        try:
+            self.slots.acquire()
+        finally:
             with self.slots_lock:
                 self.waiting -= 1
+        try:
             yield
+        finally:
+            self.slots.release()
 
     def facts(self) -> dict:
         """{name: model_facts | precision} of the local models, read once (without their weights)."""
@@ -286,10 +291,10 @@ def model_facts(path) -> dict:
     lora_base (None: no LoRA adapters yet); for one that cannot be read, kind None and the error."""
     try:
         ckpt = checkpoint.read(path, mmap=True)
-    except (FileNotFoundError, ValueError) as e:
-        return {"kind": None, "error": str(e), "lora_base": None}
-    with torch.device("meta"):  # shapes only: no memory, no time
-        params = GPT(GPTConfig(**ckpt["model_args"])).num_params()
+        with torch.device("meta"):  # shapes only: no memory, no time
+            params = GPT(GPTConfig(**ckpt["model_args"])).num_params()
+    except (FileNotFoundError, ValueError, TypeError, KeyError, AssertionError) as e:  # model_args that build no model
+        return {"kind": None, "error": f"{type(e).__name__}: {e}", "lora_base": None}
     return {"kind": "chat" if can_chat(ckpt) else "pretrained", "parameters": params,
             "tokenizer": checkpoint.tokenizer(ckpt).describe(), "context_length": ckpt["model_args"]["block_size"],
             "lora_base": None}

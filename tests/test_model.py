@@ -264,7 +264,7 @@ def fed_prompt(monkeypatch, model, ckpt, text, mode, **kwargs) -> tuple[list, di
 
 def test_long_prompts_are_cut_to_fit_keeping_the_template_and_room_for_the_answer(monkeypatch):
     from data.tokenizer import sft_prompt
-    from engine import fit_prompt
+    from engine import fit_prompt, prompt_ids
     model = tiny(block_size=64)
     ckpt = {"data_meta": {"sft_template": "问：{question}\n答：", "tokenizer": GPT2.meta()}}
     question = "成语“画蛇添足”是什么意思？" * 6  # 84 characters, about 160 tokens
@@ -283,6 +283,12 @@ def test_long_prompts_are_cut_to_fit_keeping_the_template_and_room_for_the_answe
     fit = fit_prompt(ckpt, "你好", "chat", 64, 16, history)
     assert fit.history == history[1:] and not fit.shortened  # the oldest exchange goes first
     assert fit_prompt(ckpt, "你好", "generate", 64, 16, history).history == ()  # a continuation has no exchanges
+    # earlier exchanges leave the answer min(max_new_tokens, block_size // 2) tokens, not just a quarter: a long
+    # conversation must not push the answer past the context (32 tokens left here: the newest exchange no longer fits)
+    small = (("问题二", "回答二"),)
+    assert len(prompt_ids(ckpt, "你好", "chat", small)) > 32 >= len(prompt_ids(ckpt, "你好", "chat"))
+    assert fit_prompt(ckpt, "你好", "chat", 64, 64, small).history == ()
+    assert fit_prompt(ckpt, "你好", "chat", 64, 16, small).history == small  # a short answer leaves room for it
 
 
 def test_a_conversation_is_prompted_as_training_renders_it_and_cut_from_its_oldest_end():

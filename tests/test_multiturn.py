@@ -166,3 +166,6 @@ def test_follow_up_turns_of_dialogues_are_answered_with_the_dialogue_so_far_and_
                            histories=[history, ()], systems=["", ""])
     assert together[0][1]["prompt_tokens"] > together[1][1]["prompt_tokens"]  # the history is in the first prompt
     assert "follow-up turns of held-out dialogues" in proc.stdout
+    only = write_jsonl(tmp_path / "dialogues.jsonl", [dialogue])  # a test file of dialogues alone
+    run_script("evaluations.py", f"--out_dir={sft_model}", f"--input={only}", "--seen_samples=0")
+    assert json.loads((sft_model / "eval.json").read_text(encoding="utf-8"))["followup"]["samples"] == 1

@@ -17,9 +17,9 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from openai import OpenAI
 
-from engine import SAMPLING_DEFAULTS, load_model, prompt_ids
-from openai_api import OpenAIRoutes
-from serving import ModelStore, start_app
+from engine import SAMPLING, SAMPLING_DEFAULTS, load_model, prompt_ids
+from openai_api import OpenAIRoutes, conversation, sampling
+from serving import ModelStore, model_facts, start_app
 
 KEY = "sk-test-key"
 
@@ -182,6 +182,36 @@ class SlowStore(ModelStore):
             self.made += 1
             yield update
             time.sleep(0.2)
+
+
+def test_earlier_turns_stay_whole_common_client_values_are_taken_and_failures_keep_openais_shape(sft_model, tmp_path,
+                                                                                                 monkeypatch):
+    turns = [{"role": "user", "content": "长" * 12}, {"role": "assistant", "content": "答" * 12},
+             {"role": "user", "content": "问" * 12}]
+    question, history, system, notice = conversation(turns, 5)  # only the question is cut to the app's limit:
+    assert history == (("长" * 12, "答" * 12),) and question == "问" * 5  # an answer cut short is not what was said
+    assert notice.startswith("messages[2]: ") and "messages[0]" not in notice
+    p = sampling({"max_tokens": 4096, "seed": -1})  # what front ends send: as many tokens as the app gives, random
+    assert p["max_new_tokens"] == SAMPLING["max_new_tokens"][2] and p["seed"] == -1
+    ckpt = torch.load(sft_model / "ckpt.pt", weights_only=True)
+    ckpt["model_args"]["n_head"] = 3  # 64 wide: no model has 3 heads of it
+    (tmp_path / "odd").mkdir()
+    torch.save(ckpt, tmp_path / "odd" / "ckpt.pt")
+    assert model_facts(tmp_path / "odd")["kind"] is None  # one odd checkpoint does not stop the app from starting
+    store = ModelStore({"sft": sft_model, "odd": tmp_path / "odd"}, precision="fp32")
+    api = TestClient(OpenAIRoutes(store, 200, queue_size=4).add_to(FastAPI()))
+    one = api.get("/v1/models/sft")
+    assert one.status_code == 200 and one.json()["id"] == "sft" and one.json()["kind"] == "chat"
+    assert api.get("/v1/models/nope").json()["error"]["code"] == "model_not_found"
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+        yield
+
+    monkeypatch.setattr(store, "stream", broken)
+    failed = api.post("/v1/chat/completions", json={"model": "sft", "messages": turns})
+    assert failed.status_code == 500 and failed.json()["error"]["code"] == "server_error"
+    assert "out of memory" in failed.json()["error"]["message"]
 
 
 def test_the_queue_turns_requests_away_when_full_and_shares_the_pages_slots(sft_model):
