@@ -19,7 +19,6 @@ import time
 import traceback
 
 import anyio
-import gradio as gr
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -355,12 +354,20 @@ class Reply:
 
 def serve(routes: OpenAIRoutes, demo, host: str, port: int, auth: tuple | None) -> None:
     """Serve the /v1 routes and, unless demo is None (--ui=False), the Gradio page demo (with its
-    login auth, which covers the page only) at "/", on one port; SystemExit with a message if the
-    port is taken."""
-    app = routes.add_to(FastAPI(docs_url=None, redoc_url=None, openapi_url=None))
+    login auth, which covers the page only) on one port; SystemExit with a message if the port is
+    taken. The page is served by Gradio's own launch, its routes added to Gradio's app: mounted
+    with gr.mount_gradio_app under uvicorn, the page's first event was now and then never
+    processed (the browser test, about one run in two)."""
     if demo is not None:
-        app = gr.mount_gradio_app(app, demo, path="/", auth=auth, ssr_mode=False, show_error=False,
-                                  server_name=host, server_port=port)
+        try:
+            demo.launch(server_name=host, server_port=port, auth=auth, ssr_mode=False, show_error=False, quiet=True,
+                        prevent_thread_lock=True)
+        except OSError as e:
+            raise SystemExit(f"--port={port}: cannot serve there ({e}); pick another with --port=") from None
+        routes.add_to(demo.server_app)
+        demo.block_thread()
+        return
+    app = routes.add_to(FastAPI(docs_url=None, redoc_url=None, openapi_url=None))
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's own: a restart need not wait
     try:

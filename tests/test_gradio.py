@@ -84,12 +84,13 @@ def test_store_loads_each_model_once_and_explains_failures(sft_model, tmp_path):
     _, stats = list(store.stream("sft", "问" * 30, "", GREEDY))[-1]  # 71 tokens, the model sees 48
     assert stats["notice"].startswith("输入过长：模型一次只能看 48 个 token，还要给回答留 12 个，所以只用了前 ")
     assert stats["prompt_tokens"] <= 36 and stats["kept_chars"] < 30
-    history = [("天", "地"), ("山", "水"), ("风", "雨")]  # 3 exchanges of 15 tokens: one fits beside the question
-    _, stats = list(store.stream("sft", "日", "", GREEDY, history=history))[-1]
+    history = [("天", "地"), ("山", "水"), ("风", "雨")]  # the question 13 tokens, with 1 / 2 exchanges 29 / 46:
+    short = GREEDY | {"max_new_tokens": 12}  # the answer keeps 12 tokens, so the conversation may take 36
+    _, stats = list(store.stream("sft", "日", "", short, history=history))[-1]
     assert stats["notice"].endswith("所以较早的 2 轮对话放不下，已略去。") and stats["kept_chars"] == 1
-    _, stats = list(store.stream("sft", "日", "", GREEDY, history=history, system="老师" * 20))[-1]  # as in training:
+    _, stats = list(store.stream("sft", "日", "", short, history=history, system="老师" * 20))[-1]  # as in training:
     assert stats["notice"].endswith("较早的 3 轮对话放不下，已略去；系统提示放不下，已略去。")  # turns go, then the system
-    assert "notice" not in list(store.stream("sft", "日", "", GREEDY, history=history[-1:]))[-1][1]
+    assert "notice" not in list(store.stream("sft", "日", "", short, history=history[-1:]))[-1][1]
     text, stats = list(store.stream("sft", PAIRS[1]["question"], "", GREEDY))[-1]
     assert text == PAIRS[1]["answer"] and stats["stopped_at_eot"] and stats["mode"] == "chat"
     store.stream_every = 60  # updates are rationed: the first piece, then the whole reply
