@@ -1,6 +1,6 @@
 """The OpenAI-compatible API of the web app: /v1/models, /v1/chat/completions (chat models) and
-/v1/completions (pretrained models, which continue text), routes on the same FastAPI app and port
-as the Gradio page (sample_gradio.py mounts the page beside them; --ui=False serves them alone).
+/v1/completions (pretrained models, which continue text), routes added to the Gradio page's own
+app on the same port (serve; --ui=False serves them alone, under uvicorn).
 
     from openai import OpenAI
     client = OpenAI(base_url="http://127.0.0.1:7860/v1", api_key="-")    # the app's --api_key, if it has one
