@@ -85,7 +85,7 @@ SLIDERS = {"max_new_tokens": ("最多生成 token 数（max_new_tokens）", 1, 5
 INTRO = """# MiniGLM 小型中文对话模型
 **对话**：和一个模型多轮聊天，回答逐字显示；模型会看到前面的问答（放不下时略去最早的几轮），“清空”开始新对话。
 **竞技场**：同一个问题让两个模型同时作答（各自接着自己前面的回答），投票选出更好的一个，票数计入排行榜。
-**API**：同学可以用 gradio_client 调用本应用的模型（见“API”页）。"""
+**API**：同学可以用 gradio_client，或者 OpenAI 兼容接口（`/v1`，openai 客户端等）调用本应用的模型（见“API”页）。"""
 
 def sampling_sliders() -> list:
     """The sliders in engine.SAMPLING's order, made but not yet shown: both tabs read them, the page
