@@ -95,7 +95,7 @@ def test_interactive_chat_keeps_the_conversation_until_clear(tmp_path):
     torch.save(ckpt, tmp_path / "ckpt.pt")
     questions = [p["question"] for p in PAIRS[:3]]
     rows = chat_in_a_terminal(tmp_path, [*questions, "clear", questions[0]])
-    said = [(q, r["output"]) for q, r in zip(questions, rows, strict=False)]
+    said = [(q, r["output"]) for q, r in zip(questions, rows[:3], strict=True)]  # rows[3]: the question after clear
     assert all(out for _, out in said)
     want = [prompt_ids(ckpt, q, "chat", said[:i]) for i, q in enumerate(questions)]
     assert [r["prompt_tokens"] for r in rows] == [len(ids) for ids in want] + [len(want[0])]
