@@ -3,14 +3,19 @@
     from checkpoint import load, save
     model, ckpt = load("out-sft")                 # an out_dir or a .pt file; eval mode, float32, cpu
     save(out_dir, state, best=True)               # train.py: ckpt_last.pt, and ckpt.pt when best
+    model, ckpt = load("out-lora", lora_base="")  # a LoRA checkpoint: its base + adapter, merged (lora.py)
 
 An out_dir holds two files: ckpt.pt, the state with the best val loss (what sample.py,
 evaluations.py and the web app load), and ckpt_last.pt, the latest state (what
 train.py --init_from=resume continues). Each is a dict written with torch.save and read with
 torch.load(weights_only=True), so loading never runs code from the file:
 
-    format         1 (TRAINING_FORMAT), 2 (int8); files written before the field existed are format 0
-    model          the weights (state_dict; a torch.compile prefix "_orig_mod." is dropped on load)
+    format         1 (TRAINING_FORMAT), 2 (int8), 3 (LoRA); files written before the field existed are format 0
+    model          the weights (state_dict; a torch.compile prefix "_orig_mod." is dropped on load); in
+                   a LoRA checkpoint only the trained tensors (the adapters, the embedding if trained)
+    lora           a LoRA run's settings and its base: {"rank", "alpha", "dropout", "targets",
+                   "train_embeddings", "base": {"path", "sha256"}} (lora.py); loading reads the base
+                   (checked by sha256; --lora_base names one that moved) and merges the adapter into it
     precision      "int8" in a checkpoint sample.py --save_quantized wrote (format 2): the weights are
                    int8 with a scale per row (quant.py); absent (float32) in a training checkpoint
     model_args     the GPTConfig fields: the model is rebuilt from them, never from flags
@@ -31,13 +36,16 @@ from pathlib import Path
 
 import torch
 
+import lora
 import quant
 from data.records import atomic_path
 from data.tokenizer import Tokenizer, tokenizer_of
 from model import GPT, GPTConfig
 
-FORMAT_VERSION = 2  # the newest format this code reads; 2: int8 weights (save_quantized)
+FORMAT_VERSION = 3  # the newest format this code reads; 2: int8 weights (save_quantized), 3: LoRA
 TRAINING_FORMAT = 1  # what save writes: training checkpoints did not change, older code still reads them
+INT8_FORMAT = 2  # what save_standalone writes for int8 weights
+LORA_FORMAT = 3  # what save writes for a LoRA run: older code refuses it by its format, not by a missing key
 BEST, LAST = "ckpt.pt", "ckpt_last.pt"
 REQUIRED = ("model", "model_args", "data_meta", "config")
 
@@ -55,7 +63,7 @@ def save(out_dir, state: dict, best: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     last, best_path = out / LAST, out / BEST
     with atomic_path(last) as tmp:
-        torch.save({**state, "format": TRAINING_FORMAT}, tmp)
+        torch.save({**state, "format": LORA_FORMAT if "lora" in state else TRAINING_FORMAT}, tmp)
     if best:
         with atomic_path(best_path) as tmp:
             try:
@@ -64,14 +72,18 @@ def save(out_dir, state: dict, best: bool) -> None:
                 shutil.copyfile(last, tmp)
 
 
-def save_quantized(ckpt: dict, model: GPT, path) -> Path:
-    """Write model (quantized by quant.quantize_int8) with ckpt's metadata to path (a .pt file, or
-    an out_dir: its ckpt.pt), atomically; no optimizer state, so it cannot be resumed. The file."""
+def save_standalone(ckpt: dict, model: GPT, path, int8: bool) -> Path:
+    """Write model with ckpt's metadata to path (a .pt file, or an out_dir: its ckpt.pt), atomically;
+    no optimizer state, so it cannot be resumed. The file. model is the one load() built: a LoRA
+    checkpoint's comes merged (sample.py --merge_to: a checkpoint that needs no base and that
+    train.py can start from); int8=True for the model quantize_int8 made (sample.py --save_quantized)."""
     path = checkpoint_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     keep = ("model_args", "config", "data_meta", "iter_num", "best_val_loss")
-    state = {k: ckpt[k] for k in keep if k in ckpt} | {"model": model.state_dict(), "precision": "int8",
-                                                       "format": FORMAT_VERSION}
+    state = {k: ckpt[k] for k in keep if k in ckpt} | {"model": model.state_dict()} | (
+        {"precision": "int8", "format": INT8_FORMAT} if int8 else {"format": TRAINING_FORMAT})
+    if "lora" in ckpt:  # where the merged weights came from (the model card, a reader)
+        state["merged_lora"] = ckpt["lora"]
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
     return path
@@ -120,9 +132,18 @@ def tokenizer(ckpt: dict) -> Tokenizer:
     return tokenizer_of(ckpt["data_meta"], "checkpoint")
 
 
-def build_model(ckpt: dict, path="checkpoint") -> GPT:
+def build_model(ckpt: dict, path="checkpoint", lora_base="") -> GPT:
     """The model of a checkpoint dict, its weights loaded strictly (float32, train mode, on the
-    weights' device; int8 weights dequantized)."""
+    weights' device; int8 weights dequantized; a LoRA checkpoint's base read from the path it
+    records, or lora_base, checked by sha256, and the adapter merged into it)."""
+    if "lora" in ckpt:
+        base_file = lora.find_base(checkpoint_file(path), ckpt["lora"]["base"], lora_base)
+        base = read(base_file, mmap=True)  # its weights only: its optimizer state is never read
+        model = build_model(base, base_file)
+        mine, theirs = ({k: v for k, v in args.items() if k != "dropout"} for args in (ckpt["model_args"], base["model_args"]))
+        if mine != theirs:
+            raise ValueError(f"{path}: its model_args {mine} differ from those of its base {base_file} ({theirs})")
+        return lora.merge_into(model.to(next(iter(ckpt["model"].values())).device), ckpt["lora"], ckpt["model"], path)
     state = quant.dequantize_state(ckpt["model"]) if ckpt.get("precision") == "int8" else ckpt["model"]
     try:
         model = GPT(GPTConfig(**ckpt["model_args"]))
@@ -132,10 +153,11 @@ def build_model(ckpt: dict, path="checkpoint") -> GPT:
     return model
 
 
-def load(path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> tuple[GPT, dict]:
-    """(model in eval mode on device, in dtype; checkpoint dict) from an out_dir's ckpt.pt or a file."""
+def load(path, device: str = "cpu", dtype: torch.dtype = torch.float32, lora_base="") -> tuple[GPT, dict]:
+    """(model in eval mode on device, in dtype; checkpoint dict) from an out_dir's ckpt.pt or a file
+    (a LoRA checkpoint: merged into its base; lora_base: where that base is, if it moved)."""
     ckpt = read(path, device)
-    model = build_model(ckpt, checkpoint_file(path))
+    model = build_model(ckpt, checkpoint_file(path), lora_base)
     return model.to(device=device, dtype=dtype).eval(), ckpt
 
 

@@ -98,24 +98,25 @@ def int8_error(device: str) -> str | None:
     return quant.int8_error(device)
 
 
-def load_model(path, device: str = "cpu", precision: str = "fp32") -> tuple[GPT, dict]:
+def load_model(path, device: str = "cpu", precision: str = "fp32", lora_base="") -> tuple[GPT, dict]:
     """(model ready to generate, checkpoint dict) from an out_dir or a .pt file (checkpoint.load);
     precision "" picks the fastest for device. A checkpoint saved in int8 (sample.py
-    --save_quantized) loads in any precision: its weights are int8's, dequantized for fp32/bf16."""
+    --save_quantized) loads in any precision: its weights are int8's, dequantized for fp32/bf16.
+    A LoRA checkpoint comes merged into its base (lora_base: where the base is, if it moved)."""
     precision = pick_precision(device, precision)
     if precision == "int8":
-        model, ckpt = checkpoint.load(path, device)
+        model, ckpt = checkpoint.load(path, device, lora_base=lora_base)
         return quant.quantize_int8(model), ckpt
-    return checkpoint.load(path, device, PRECISIONS[precision])
+    return checkpoint.load(path, device, PRECISIONS[precision], lora_base)
 
 
-def load_model_or_exit(path, device: str = "", precision: str = "") -> tuple[GPT, dict, str, str]:
+def load_model_or_exit(path, device: str = "", precision: str = "", lora_base="") -> tuple[GPT, dict, str, str]:
     """For a command line: (model, ckpt, device, precision) with "" choices made (select_device,
-    pick_precision); a missing or broken checkpoint exits with its message."""
+    pick_precision); a missing or broken checkpoint (or LoRA base) exits with its message."""
     device, _ = select_device(device)
     try:
         precision = pick_precision(device, precision)
-        return *load_model(path, device, precision), device, precision
+        return *load_model(path, device, precision, lora_base), device, precision
     except (FileNotFoundError, ValueError) as e:
         sys.exit(str(e))
 

@@ -87,6 +87,7 @@ report = False              # also draw the plots and write out_dir/report.md
 device = ""                 # "" = cuda, then mps, then cpu
 precision = "fp32"          # the model as trained, the same figures on every CPU; bf16, fp16, int8, or ""
                             # (what sample.py and the web app pick here) measure what they serve
+lora_base = ""              # a LoRA checkpoint's base (ckpt.pt or out_dir), if it is no longer where it was
 # -----------------------------------------------------------------------------
 RENAMED_KEYS = {"dtype": RENAMED_DTYPE}  # --dtype is training's autocast type; generation has --precision
 
@@ -226,7 +227,7 @@ if __name__ == "__main__":
             sys.exit(f"--{key}={config[key]}: out of range (see --help)")
     settings = {k: config[k] for k in config if k not in ("report",)}
     out = Path(out_dir)
-    model, ckpt, device, precision = load_model_or_exit(out, device, precision)
+    model, ckpt, device, precision = load_model_or_exit(out, device, precision, lora_base)
     mode = checkpoint.mode_of(ckpt)
     settings |= {"mode": mode, "device": device, "precision": precision, "iter_num": ckpt.get("iter_num")}
     print(f"[{out_dir}: mode {mode}, {model.num_params() / 1e6:.1f}M parameters, {device}, {precision}]",

@@ -35,6 +35,20 @@ def select_device(device: str = "", dtype: str = "") -> tuple[str, str]:
     return device, dtype
 
 
+# Dense bf16/fp16 tensor-core peaks (FLOP/s) for MFU; unknown devices report no MFU.
+PEAK_FLOPS = {"H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40": 181e12,
+              "4090": 165e12, "A6000": 155e12, "3090": 71e12, "A10": 125e12, "L4": 121e12,
+              "V100": 125e12, "T4": 65e12, "2080": 43e12}
+
+
+def peak_flops(dev: str) -> float | None:
+    """The device's dense bf16/fp16 peak FLOP/s (for MFU), or None: not CUDA, or a GPU not in PEAK_FLOPS."""
+    if not dev.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(dev)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
 def autocast_context(device: str, dtype: str):
     """Mixed precision on CUDA; plain float32 elsewhere (CPU autocast is slower here)."""
     if device.startswith("cuda") and dtype != "float32":

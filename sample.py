@@ -5,15 +5,16 @@
     python sample.py --out_dir=out-sft --start=FILE:questions.txt --save_path=answers.jsonl
     python sample.py --out_dir=out-sft        # no --start, in a terminal: an interactive chat
     python sample.py --out_dir=out-sft --save_quantized=out-sft-int8   # an int8 copy (4x smaller)
+    python sample.py --out_dir=out-cpu-lora --merge_to=out-cpu-lora-merged  # a LoRA run as a whole model
 
 The mode comes from the checkpoint: a pretrained model continues text ("generate"), an SFT model
-answers questions ("chat") with exactly the template it was trained on; --mode overrides (chat
-needs an SFT checkpoint: a pretrained one has no question template and is refused with a message).
-A prompt longer than the model's context is cut to fit (engine.fit_prompt: the template stays whole, the
-answer keeps its room) and stderr says so. Sampling settings out of engine.SAMPLING's ranges are refused.
-Tokens stream to the terminal as they come. --save_path writes the results as JSONL.
---precision: "" = the fastest here (int8 on a CPU; README "Precision"). --save_quantized=PATH writes
-the model with int8 weights (a folder's ckpt.pt or a .pt file) that every script loads, and exits.
+answers questions ("chat") with exactly the template it was trained on; --mode overrides (chat needs
+an SFT checkpoint). A prompt longer than the model's context is cut to fit (engine.fit_prompt: the
+template stays whole, the answer keeps its room) and stderr says so. Sampling settings out of
+engine.SAMPLING's ranges are refused. --save_path writes the results as JSONL. --precision: "" = the
+fastest here (int8 on a CPU; README "Precision"). --save_quantized=PATH writes the model with int8
+weights (a folder's ckpt.pt or a .pt file) that every script loads, and exits. A LoRA checkpoint
+loads merged into its base (--lora_base=PATH: the base, if it moved); --merge_to=PATH writes it so.
 The interactive chat (like ChatGLM's cli_demo): type a question, the answer streams; "clear"
 starts over, "stop" or Ctrl-D quits, Ctrl-C cuts an answer short. In chat mode each question comes
 after the earlier exchanges (--history_turns: -1 = as many whole ones as fit the context, the oldest
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import can_chat, checkpoint_file, mode_of, save_quantized as save_quantized_file, tokenizer
+from checkpoint import can_chat, checkpoint_file, mode_of, save_standalone, tokenizer
 from configurator import configure
 from data.records import write_jsonl_atomic
 from engine import MODES, RENAMED_DTYPE, SAMPLING_DEFAULTS, exit_on_bad_flags, fit_prompt, load_model_or_exit, stream_reply
@@ -47,6 +48,8 @@ device = ""                 # "" = cuda, then mps, then cpu
 precision = ""              # fp32, bf16, fp16 or int8; "" = the fastest on this device (engine.pick_precision)
 save_path = ""
 save_quantized = ""         # write an int8 checkpoint here (a folder or a .pt file) and exit
+merge_to = ""               # a LoRA checkpoint: write it merged into its base here and exit
+lora_base = ""              # a LoRA checkpoint's base (ckpt.pt or out_dir), if it is no longer where it was
 # -----------------------------------------------------------------------------
 RENAMED_KEYS = {"dtype": RENAMED_DTYPE}  # --dtype is training's autocast type; generation has --precision
 
@@ -59,15 +62,17 @@ if __name__ == "__main__":
         sys.exit(f"--num_samples={num_samples}: expected a whole number >= 1")
     if history_turns < -1:
         sys.exit(f"--history_turns={history_turns}: expected -1 (as many as fit), 0 (none) or a whole number N")
-    if save_quantized:
-        if precision not in ("", "int8") or device not in ("", "cpu"):
-            sys.exit(f"--save_quantized writes int8 weights on the CPU: drop --precision={precision} / --device={device}")
-        model, ckpt, device, precision = load_model_or_exit(out_dir, "cpu", "int8")
-        size = [p.stat().st_size / 2**20 for p in (checkpoint_file(out_dir), save_quantized_file(ckpt, model, save_quantized))]
-        print(f"wrote {save_quantized} ({size[0]:.1f} -> {size[1]:.1f} MB); "
-              f"python sample.py --out_dir={save_quantized} loads it", file=sys.stderr)
+    if save_quantized or merge_to:  # one standalone copy: int8 weights, or a LoRA run merged (in float32)
+        if save_quantized and merge_to or precision not in ("", "int8" if save_quantized else "fp32") or device not in ("", "cpu"):
+            sys.exit("--save_quantized writes int8 weights, --merge_to float32, one of them, on the CPU: drop --precision/--device")
+        model, ckpt, _, _ = load_model_or_exit(out_dir, "cpu", "int8" if save_quantized else "fp32", lora_base)
+        if merge_to and "lora" not in ckpt:
+            sys.exit(f"--merge_to: {out_dir} is not a LoRA checkpoint (train.py --lora_rank): it needs no base already")
+        target = save_quantized or merge_to
+        size = [p.stat().st_size / 2**20 for p in (checkpoint_file(out_dir), save_standalone(ckpt, model, target, bool(save_quantized)))]
+        print(f"wrote {target} ({size[0]:.1f} -> {size[1]:.1f} MB); python sample.py --out_dir={target} loads it", file=sys.stderr)
         sys.exit(0)
-    model, ckpt, device, precision = load_model_or_exit(out_dir, device, precision)
+    model, ckpt, device, precision = load_model_or_exit(out_dir, device, precision, lora_base)
     mode = mode or mode_of(ckpt)
     if mode == "chat" and not can_chat(ckpt):
         sys.exit(f"{out_dir}: --mode=chat needs an SFT checkpoint (trained on question/answer pairs); this one "
@@ -81,11 +86,8 @@ if __name__ == "__main__":
         """Stream one reply to the terminal; the record saved with --save_path."""
         stats, pieces = {}, []
         fit = fit_prompt(ckpt, prompt, mode, model.config.block_size, max_new_tokens, history)
-        cuts = []
-        if fit.shortened:
-            cuts.append(f"kept the {'first' if mode == 'chat' else 'last'} {len(fit.text)} of {fit.chars} characters")
-        if len(fit.history) < len(history):
-            cuts.append(f"left out the {len(history) - len(fit.history)} oldest exchanges")
+        cuts = [f"kept the {'first' if mode == 'chat' else 'last'} {len(fit.text)} of {fit.chars} characters"] * fit.shortened
+        cuts += [f"left out the {len(history) - len(fit.history)} oldest exchanges"] * (len(fit.history) < len(history))
         if cuts:
             print(f"[input shortened to fit the model's {fit.block_size}-token context with {fit.room} tokens for the "
                   f"answer: {', '.join(cuts)}]", file=sys.stderr, flush=True)
@@ -108,14 +110,12 @@ if __name__ == "__main__":
 
     results = []
     if start:
+        prompts = [start]
         if start.startswith("FILE:"):
             try:
-                lines = Path(start[5:]).read_text(encoding="utf-8").splitlines()
+                prompts = [line.strip() for line in Path(start[5:]).read_text(encoding="utf-8").splitlines() if line.strip()]
             except OSError as e:
                 sys.exit(f"--start={start}: cannot read the file ({e.strerror})")
-            prompts = [line.strip() for line in lines if line.strip()]
-        else:
-            prompts = [start]
         for prompt in prompts:
             for k in range(num_samples):
                 print(f"\n>>> {prompt}" if mode == "chat" else f"\n{prompt}", end="\n" if mode == "chat" else "",

@@ -66,6 +66,7 @@ api_key = ""                # /v1 requires "Authorization: Bearer <key>"; "" = t
 stream_every = 0.05         # seconds between streamed updates (0: one per piece); each costs the server time
 device = ""                 # "" = cuda, then mps, then cpu
 precision = ""              # fp32, bf16, fp16 or int8; "" = the fastest on this device (engine.pick_precision)
+lora_base = ""              # LoRA models: their base (ckpt.pt or out_dir), if it is no longer where it was
 # -----------------------------------------------------------------------------
 RENAMED_KEYS = {"dtype": RENAMED_DTYPE}  # --dtype is training's autocast type; generation has --precision
 
@@ -353,7 +354,7 @@ if __name__ == "__main__":
     print(f"models: {', '.join(paths) or f'none found in {Path.cwd()} (train one first: make demo)'}; "
           f"{device}, {precision}", file=sys.stderr)
     store = ModelStore(paths, device, precision, stream_every, allowed, any_remote, timeout=remote_timeout,
-                       concurrency=concurrency)
+                       concurrency=concurrency, lora_base=lora_base)
     host = "0.0.0.0" if listen else "127.0.0.1"
     shown = f"http://{'<你的局域网 IP>' if listen else host}:{port}"
     print(f"arena votes: {Path(votes_path).resolve()}" if ui else "no web page (--ui=False)", file=sys.stderr)

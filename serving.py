@@ -31,6 +31,7 @@ import torch
 from gradio_client import Client
 
 import checkpoint
+import lora
 from checkpoint import can_chat, mode_of, peek_mode
 from engine import SAMPLING, Prompt, fit_prompt, load_model, sampling_error, stream_reply, utf8_constraint
 from model import GPT, GPTConfig
@@ -110,8 +111,9 @@ class ModelStore:
 
     def __init__(self, paths: dict, device: str = "cpu", precision: str = "fp32", stream_every: float = 0.05,
                  remotes=(), any_remote: bool = False, max_clients: int = 8, timeout: float = 60.0,
-                 concurrency: int = 2):
+                 concurrency: int = 2, lora_base: str = ""):
         self.paths, self.device, self.precision, self.stream_every = paths, device, precision, stream_every
+        self.lora_base = lora_base  # a LoRA model's base that moved (checkpoint.load)
         self.remotes, self.any_remote = [u.rstrip("/") for u in remotes], any_remote
         self.max_clients, self.timeout = max_clients, timeout
         self.loaded, self.clients, self.busy = {}, OrderedDict(), Counter()  # busy: url -> streams using it
@@ -154,7 +156,7 @@ class ModelStore:
                 if name not in self.paths:
                     raise ModelError(f"没有名为 {name!r} 的模型（可选：{', '.join(self.paths) or '无'}）")
                 try:
-                    model, ckpt = self.loaded[name] = load_model(self.paths[name], self.device, self.precision)
+                    model, ckpt = self.loaded[name] = load_model(self.paths[name], self.device, self.precision, self.lora_base)
                 except (FileNotFoundError, ValueError) as e:
                     raise ModelError(f"模型 {name} 无法加载：{e}") from e
                 utf8_constraint(checkpoint.tokenizer(ckpt), model.config.vocab_size)  # its sampling table, built now
@@ -288,7 +290,8 @@ class ModelStore:
 def model_facts(path) -> dict:
     """A checkpoint's facts, its weights not read (mmap): kind ("chat": SFT, answers questions;
     "pretrained": continues text), parameters, tokenizer, context_length (block_size) and
-    lora_base (None: no LoRA adapters yet); for one that cannot be read, kind None and the error."""
+    lora_base (a LoRA checkpoint's base, where it records it; else None); for one that cannot be
+    read, kind None and the error."""
     try:
         ckpt = checkpoint.read(path, mmap=True)
         with torch.device("meta"):  # shapes only: no memory, no time
@@ -297,7 +300,8 @@ def model_facts(path) -> dict:
         return {"kind": None, "error": f"{type(e).__name__}: {e}", "lora_base": None}
     return {"kind": "chat" if can_chat(ckpt) else "pretrained", "parameters": params,
             "tokenizer": checkpoint.tokenizer(ckpt).describe(), "context_length": ckpt["model_args"]["block_size"],
-            "lora_base": None}
+            "lora_base": str(lora.recorded_base(checkpoint.checkpoint_file(path), ckpt["lora"]["base"]))
+            if "lora" in ckpt else None}
 
 
 def stream_together(streams: list) -> Iterator[list]:

@@ -6,11 +6,14 @@
     python train.py config/train_config_sft.py
     python train.py config/train_cpu.py --max_iters=100 --batch_size=8   # overrides after the file
     torchrun --standalone --nproc_per_node=2 train.py config/train_config.py   # DDP, one machine
+    python train.py config/train_cpu_lora.py                # LoRA SFT: adapters only (lora.py), a small checkpoint
 
 init_from: "scratch" (new model), "resume" (out_dir/ckpt_last.pt, else ckpt.pt: weights, optimizer,
 iteration, RNG and GradScaler states, so the run continues exactly), or "pretrained" (weights of
 init_checkpoint, e.g. the pretrained out dir for SFT; fresh optimizer). A new run refuses an out_dir
-that holds a checkpoint unless --overwrite=True.
+that holds a checkpoint unless --overwrite=True. lora_rank > 0 (with init_from=pretrained) trains
+LoRA adapters on the frozen init_checkpoint (and, with train_embeddings, its embedding matrix); the
+checkpoints then hold only those and the base's path and sha256 (lora.py).
 The loss is the cross-entropy summed over the targets the loss mask counts (every token for
 pretraining, answer + EOT for SFT), divided by their number over all micro-batches and processes:
 the gradient of one big batch. tokens/s counts those targets, MFU every position computed.
@@ -31,11 +34,12 @@ from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
+import lora
 from configurator import configure
 from data.records import remove_stale_temp_files
 from data.tokenizer import check_same, open_tokenizer, tokenizer_of
 from data_utils import batch_at, batch_starts, get_batch, load_dataset
-from model import GPT, GPTConfig, autocast_context, select_device
+from model import GPT, GPTConfig, autocast_context, peak_flops, select_device
 
 # ----------------------------------------------------------------------------- defaults
 # I/O
@@ -73,20 +77,14 @@ dtype = ""                      # "" = bfloat16 where supported, float16 on olde
 compile = False
 seed = 1337
 expect_cuda = False             # a config sized for a GPU: warn when there is none
+# LoRA (lora.py, peft): adapters on the frozen init_checkpoint; 0 = off, every weight trains
+lora_rank = 0
+lora_alpha = 16.0               # the adapters' output is scaled by lora_alpha / lora_rank
+lora_dropout = 0.05
+lora_targets = ",".join(lora.TARGETS)  # which Linear layers of each block: some of attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj
+train_embeddings = False        # with LoRA: the tied embedding/output matrix trains fully too
+lora_base = ""                  # a LoRA checkpoint's base (ckpt.pt or out_dir) if it moved since (resume; init_checkpoint)
 # -----------------------------------------------------------------------------
-
-# Dense bf16/fp16 tensor-core peaks (FLOP/s) for MFU; unknown devices report no MFU.
-PEAK_FLOPS = {"H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40": 181e12,
-              "4090": 165e12, "A6000": 155e12, "3090": 71e12, "A10": 125e12, "L4": 121e12,
-              "V100": 125e12, "T4": 65e12, "2080": 43e12}
-
-
-def peak_flops(dev: str) -> float | None:
-    if not dev.startswith("cuda"):
-        return None
-    name = torch.cuda.get_device_name(dev)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-
 
 def lr_at(it: int) -> float:
     """Linear warmup, then cosine decay to min_lr at lr_decay_iters, then min_lr."""
@@ -107,6 +105,12 @@ if __name__ == "__main__":
     config = configure(globals())
     if init_from not in ("scratch", "resume", "pretrained"):
         fail(f"init_from={init_from!r}: expected scratch, resume or pretrained")
+    try:
+        lora_settings = lora.settings_of(config)
+    except ValueError as e:
+        fail(str(e))
+    if lora_settings and init_from == "scratch":
+        fail("LoRA adapts a trained model: --init_from=pretrained --init_checkpoint=<its out_dir> (lora_rank=0 trains from scratch)")
     best_path, last_path = Path(out_dir) / checkpoint.BEST, Path(out_dir) / checkpoint.LAST
     earlier = [p for p in (best_path, last_path) if p.exists() and init_from != "resume"]
     if earlier and not overwrite:
@@ -175,7 +179,23 @@ if __name__ == "__main__":
                 fail(f"{source} holds {ckpt['precision']} weights for generation (sample.py --save_quantized): "
                      "train from the float checkpoint it was made from")
             check_same(checkpoint.tokenizer(ckpt), f"checkpoint {source}", tok, f"data_dir={data_dir}")
-            model = checkpoint.build_model(ckpt, source)
+            resumed_lora = {k: v for k, v in ckpt.get("lora", {}).items() if k != "base"} or None
+            if init_from == "resume" and resumed_lora != lora_settings:
+                fail(f"{source} was trained with LoRA settings {resumed_lora} (None: full), this run has "
+                     f"{lora_settings}: resume with the run's own settings (its config file)")
+            if init_from == "resume" and resumed_lora:  # the base, then its adapter (below)
+                base_file = lora.find_base(checkpoint.checkpoint_file(source), ckpt["lora"]["base"], lora_base)
+                model, base_ref = checkpoint.build_model(checkpoint.read(base_file, mmap=True), base_file), ckpt["lora"]["base"]
+            else:
+                model = checkpoint.build_model(ckpt, source, lora_base)
+                base_ref = lora.base_reference(checkpoint.checkpoint_file(source), out_dir) if lora_settings else None
+            for m in model.modules():  # the run's dropout, not the checkpoint's
+                if isinstance(m, torch.nn.Dropout):
+                    m.p = dropout
+            if lora_settings:  # after the dropout above: the adapters' own dropout is lora_dropout
+                lora.attach(model, lora_settings)
+                if init_from == "resume":
+                    lora.load_adapter(model, ckpt["model"], source)
         except (FileNotFoundError, ValueError) as e:
             fail(str(e))
         model_args = ckpt["model_args"] | {"dropout": dropout}
@@ -183,9 +203,6 @@ if __name__ == "__main__":
         if block_size > model_args["block_size"]:  # shorter blocks are fine: SFT pairs are short
             fail(f"checkpoint {source} has block_size={model_args['block_size']}, data {data_dir} has "
                  f"block_size={block_size}: prepare the data with --block_size={model_args['block_size']} or less")
-        for m in model.modules():  # the run's dropout, not the checkpoint's
-            if isinstance(m, torch.nn.Dropout):
-                m.p = dropout
         if init_from == "resume":
             iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
     model.to(device)
@@ -222,7 +239,10 @@ if __name__ == "__main__":
             p.unlink()
             print(f"overwrite=True: removed {p} of the earlier run")
         print(json.dumps(config, ensure_ascii=False))
-        print(f"{raw_model.num_params() / 1e6:.2f}M parameters; data {data_dir} ({meta['kind']}, "
+        trainable = sum(p.numel() for p in lora.trainable(raw_model).values())
+        print(f"{raw_model.num_params() / 1e6:.2f}M parameters, {trainable:,} of them trained ({trainable / raw_model.num_params():.2%}"
+              + (f": LoRA rank {lora_rank}{' + embeddings' if train_embeddings else ''})" if lora_rank else ")")
+              + f"; data {data_dir} ({meta['kind']}, "
               f"packing {meta.get('packing', meta.get('mode'))}, block_size {block_size}, tokenizer {tok.describe()}); "
               f"{positions_per_iter:,} positions/iter; "
               f"device {device}, {dtype}, {world} process(es)")
@@ -248,9 +268,12 @@ if __name__ == "__main__":
         rng = {"batch": batch_gen.get_state(), "torch": [cpu for cpu, _ in rngs]}
         if device_type == "cuda":
             rng["cuda"] = [gpu for _, gpu in rngs]
-        state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+        state = {"model": lora.adapter_state(raw_model) if lora_settings else raw_model.state_dict(),
+                 "optimizer": optimizer.state_dict(),
                  "model_args": model_args, "config": config, "iter_num": iter_num,
                  "best_val_loss": best_val_loss, "data_meta": meta, "rng": rng, "scaler": scaler.state_dict()}
+        if lora_settings:  # only what trained, and the base it needs (lora.py)
+            state["lora"] = lora_settings | {"base": base_ref}
         checkpoint.save(out_dir, state, best)
         print(f"saved iter {iter_num}: latest state {last_path}" + (f", best {best_path}" if best else
               f"; the best ({best_val_loss:.4f}) stays in {best_path}"))
