@@ -1,7 +1,7 @@
 """MiniGLM's speed and memory figures: one JSON object a line, {"metric", "value", "unit"}; every
 metric's name, unit and direction (higher or lower is better) is listed in metrics.BENCH.
 
-    python bench.py                  # all groups but packing (builds the default corpus first if missing)
+    python bench.py                  # all groups but packing and lora (builds the default corpus first if missing)
     python bench.py --only=prepare   # one group
 
 Groups:
@@ -41,6 +41,11 @@ Groups:
            (random weights, fp32): training and KV-cache decoding speed in characters of text
            per second (positions or tokens per second x held-out characters per token), the
            models taking turns in one process so that a busy moment slows them alike.
+  lora     (only with --only=lora; about 12 minutes on 2 cores) the README's LoRA table: from make
+           demo's out-cpu on its SFT data at equal steps, full SFT (config/train_cpu_sft.py) and LoRA
+           rank 8, 64, 8 + embeddings (config/train_cpu_lora.py): parameters trained, checkpoint size,
+           ms/step, peak memory of train.py, best val loss, held-out Rouge-L and BLEU-4 (evaluations.py),
+           and the ratios of size, ms/step and Rouge-L to full SFT's.
   packing  (only with --only=packing; about 15 minutes on 2 cores) the packing-layout question:
            the CPU model of config/train_cpu.py trained for packing_iters steps on stream, aligned
            and packed data (equal compute: same steps, batch and block), then scored on the same
@@ -64,24 +69,31 @@ from measure import (
     decode_speed,
     demo_model_speeds,
     document_nll,
+    documents,
+    evaluate,
     nanogpt_generate,
     openai_reply,
     plain_loop_positions_per_s,
+    random_sft_checkpoint,
     run_sampled,
     sample_py_speed,
     serving_rss_mb,
+    training_run,
 )
 from metrics import BENCH
 
 ROOT = Path(__file__).resolve().parent
 
 # ----------------------------------------------------------------------------- defaults
-only = ""                                  # a group name, or "" for all but packing
+only = ""                                  # a group name, or "" for all but packing and lora
 packing_iters = 150
 packing_docs = 400                         # held-out documents scored per packing layout
 corpus = "data/raw/pretrain.jsonl"
 tokenizer_vocabs = "4096,8192,16384"       # the tokenizer group's vocabulary sizes
 precision_models = ""                      # the precision group's trained out_dirs ("," between them)
+lora_base_model = "out-cpu"                # the lora group's pretrained model and SFT data (make demo's)
+lora_data = "data/processed_sft"
+lora_iters = 800                           # config/train_cpu_sft.py's steps
 # -----------------------------------------------------------------------------
 RENAMED_KEYS = {"modes_iters": "packing_iters", "modes_docs": "packing_docs"}
 DEFAULT_CORPUS = ROOT / "data/raw/pretrain.jsonl"  # what data/fetch_data.py builds
@@ -196,23 +208,6 @@ def bench_generate() -> None:
                "(nanoGPT's generate in fp32, the same run)", new=new)
 
 
-def random_sft_checkpoint(out_dir: Path) -> None:
-    """A 45M checkpoint with random weights that the app and sample.py take for an SFT model."""
-    import dataclasses
-
-    import torch
-
-    import checkpoint
-    from data.tokenizer import SFT_TEMPLATE, load_tokenizer
-    from model import GPT, GPTConfig
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=256))
-    meta = {"tokenizer": load_tokenizer("gpt2").meta(), "kind": "sft", "block_size": 256, "sft_template": SFT_TEMPLATE}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint.save(out_dir, {"model": model.state_dict(), "model_args": dataclasses.asdict(model.config),
-                              "data_meta": meta, "config": {}}, best=True)
-
-
 def bench_ui(reps: int = 5) -> None:
     from gradio_client import Client
     from openai import OpenAI
@@ -279,14 +274,7 @@ def bench_packing() -> None:
                            capture_output=True)
         val = np.fromfile(f"{tmp}/stream/val.bin", dtype=np.uint16).tolist()
         eot = tokenizer_of(json.loads(Path(f"{tmp}/stream/meta.json").read_text(encoding="utf-8"))).eot_id
-        docs, cur = [], []
-        for t in val:
-            if t == eot:
-                docs.append(cur)
-                cur = []
-            else:
-                cur.append(t)
-        docs = docs[:packing_docs]
+        docs = documents(val, eot)[:packing_docs]
         for packing in layouts:
             t0 = time.perf_counter()
             subprocess.run([sys.executable, "train.py", "config/train_cpu.py", f"--data_dir={tmp}/{packing}",
@@ -371,20 +359,35 @@ def bench_precision(precisions=("fp32", "bf16", "int8"), rounds: int = 3) -> Non
                 out = Path(tmp) / f"{name}-eval-{p}"
                 out.mkdir()
                 (out / "ckpt.pt").symlink_to(checkpoint.checkpoint_file(path).resolve())
-                pre = checkpoint.mode_of(checkpoint.read(path, mmap=True)) == "generate"
-                extra = ["--max_samples=100", "--max_new_tokens=64"] if pre else ["--max_samples=200"]
-                subprocess.run([sys.executable, "evaluations.py", f"--out_dir={out}", f"--precision={p}",
-                                "--seen_samples=0", *extra], cwd=ROOT, capture_output=True, check=True)
-                figures = json.loads((out / "eval.json").read_text(encoding="utf-8"))
+                figures = evaluate(out, f"--precision={p}")
                 for key in ("perplexity", "bits_per_char", "rouge_l"):
                     if figures.get(key) is not None:
                         metric("precision_{key}_{model}_{precision}", figures[key], f"(evaluations.py, {name}, {p})",
                                key=key, model=name, precision=p)
 
 
+def bench_lora() -> None:
+    """LoRA against full SFT from the same pretrained model at equal steps (config/train_cpu_sft.py
+    and config/train_cpu_lora.py: the same data, batch, steps and schedule; each its learning rate)."""
+    runs = {"full": ["config/train_cpu_sft.py"], "lora_r8": ["config/train_cpu_lora.py"],
+            "lora_r64": ["config/train_cpu_lora.py", "--lora_rank=64", "--lora_alpha=128"],
+            "lora_r8_emb": ["config/train_cpu_lora.py", "--train_embeddings=True"]}
+    fig, base = {}, [f"--init_checkpoint={Path(lora_base_model).resolve()}", f"--data_dir={Path(lora_data).resolve()}"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for run, args in runs.items():
+            fig[run] = training_run(Path(tmp) / run, *args, *base, f"--max_iters={lora_iters}", f"--lr_decay_iters={lora_iters}")
+            fig[run] |= {k: v for k, v in evaluate(Path(tmp) / run).items() if k in ("rouge_l", "bleu_4")}
+    for run, f in fig.items():
+        note = f"({run}, {lora_iters} steps from {lora_base_model} on {lora_data})"
+        for key in ("trainable_params", "checkpoint_mb", "ms_per_step", "peak_rss_mb", "best_val_loss", "rouge_l", "bleu_4"):
+            metric("lora_{key}_{run}", f[key], note, key=key, run=run)
+        for key in ("checkpoint_mb", "ms_per_step", "rouge_l") if run != "full" else ():
+            metric("lora_{key}_vs_full_{run}", f[key] / fig["full"][key], "(the same run)", key=key, run=run)
+
+
 GROUPS = {"prepare": bench_prepare, "train": bench_train, "generate": bench_generate, "ui": bench_ui,
-          "tokenizer": bench_tokenizer, "packing": bench_packing, "precision": bench_precision}
-DEFAULT = ("prepare", "train", "generate", "ui", "precision", "tokenizer")
+          "tokenizer": bench_tokenizer, "packing": bench_packing, "precision": bench_precision, "lora": bench_lora}
+DEFAULT = ("prepare", "train", "generate", "ui", "precision", "tokenizer")  # packing and lora: on request
 
 if __name__ == "__main__":
     config = configure(globals())

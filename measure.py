@@ -1,7 +1,9 @@
 """How bench.py measures: process-tree memory, timed subprocesses, a plain training loop, nanoGPT's
-generate, held-out NLL per document, and the demo model's speed at several vocabulary sizes.
+generate, held-out NLL per document, the demo model's speed at several vocabulary sizes, a
+training run's figures and evaluations.py's.
 Each returns numbers; bench.py decides what they are compared against and prints them.
 """
+import json
 import re
 import runpy
 import statistics
@@ -77,6 +79,18 @@ def nanogpt_generate(model, idx, max_new_tokens: int):
             logits, _ = model(idx[:, -model.config.block_size:])
             idx = torch.cat([idx, logits[:, -1, :].argmax(dim=-1, keepdim=True)], dim=1)
     return idx
+
+
+def documents(ids: list, eot: int) -> list:
+    """The documents of a token stream: the runs of ids before each EOT (a tail without one is left out)."""
+    docs, cur = [], []
+    for t in ids:
+        if t == eot:
+            docs.append(cur)
+            cur = []
+        else:
+            cur.append(t)
+    return docs
 
 
 def document_nll(model, docs: list, block: int, eot: int) -> float:
@@ -210,3 +224,45 @@ def openai_reply(client, model: str, question: str, new: int, seed: int, **sampl
         tokens = chunk.usage.completion_tokens if chunk.usage else tokens
     total = time.perf_counter() - t0
     return total if first is None else first, total, tokens
+
+
+def random_sft_checkpoint(out_dir: Path) -> None:
+    """A 45M checkpoint with random weights that the app and sample.py take for an SFT model."""
+    import dataclasses
+
+    import torch
+
+    import checkpoint
+    from data.tokenizer import SFT_TEMPLATE, load_tokenizer
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=256))
+    meta = {"tokenizer": load_tokenizer("gpt2").meta(), "kind": "sft", "block_size": 256, "sft_template": SFT_TEMPLATE}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint.save(out_dir, {"model": model.state_dict(), "model_args": dataclasses.asdict(model.config),
+                              "data_meta": meta, "config": {}}, best=True)
+
+
+def evaluate(out_dir, *flags) -> dict:
+    """evaluations.py on out_dir with make demo's settings for its kind (a pretrained model: 100
+    documents, 64 new tokens; SFT: 200 questions), none of them seen in training; its eval.json."""
+    import checkpoint
+    pre = checkpoint.mode_of(checkpoint.read(out_dir, mmap=True)) == "generate"
+    extra = ["--max_samples=100", "--max_new_tokens=64"] if pre else ["--max_samples=200"]
+    subprocess.run([sys.executable, "evaluations.py", f"--out_dir={out_dir}", "--seen_samples=0", *extra, *flags],
+                   cwd=ROOT, capture_output=True, check=True)
+    return json.loads((Path(out_dir) / "eval.json").read_text(encoding="utf-8"))
+
+
+def training_run(out_dir, *args) -> dict:
+    """train.py *args --out_dir=out_dir, timed and sampled: its ms/step (the mean of the logged
+    intervals after the first, which warms up), the peak memory of its process, the parameters it
+    trained, the best val loss and the size of its ckpt.pt."""
+    import checkpoint
+    proc, _, peak = run_sampled([sys.executable, "train.py", *args, f"--out_dir={out_dir}"])
+    steps = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    ms = [r["ms_per_iter"] for r in steps if r["split"] == "train"][1:]
+    ckpt = checkpoint.read(out_dir, mmap=True)
+    return {"ms_per_step": statistics.mean(ms), "peak_rss_mb": peak, "best_val_loss": ckpt["best_val_loss"],
+            "trainable_params": int(re.search(r"parameters, ([\d,]+) of them trained", proc.stdout).group(1).replace(",", "")),
+            "checkpoint_mb": checkpoint.checkpoint_file(out_dir).stat().st_size / 2**20}

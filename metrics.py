@@ -174,6 +174,10 @@ BENCH = {
                                             "characters of text: positions/s x held-out characters per token", digits=3),
     "decode_chars_per_s_{tokenizer}": Metric("higher", "chars/s", "decoding speed of the CPU demo's model in "
                                              "characters: KV-cache tokens/s x held-out characters per token", digits=3),
+    # lora: {run} full, lora_r8, lora_r64, lora_r8_emb; {key} trainable_params, checkpoint_mb, ms_per_step,
+    # peak_rss_mb, best_val_loss, rouge_l, bleu_4 (the last two: evaluations.py's, metrics.EVAL)
+    "lora_{key}_{run}": Metric("", "", "a fine-tuning run's figure of that name", digits=4),
+    "lora_{key}_vs_full_{run}": Metric("", "x", "a LoRA run's figure over full SFT's, the same run", digits=3),
     # packing: held-out loss of models trained on each packing layout
     "packing_{packing}_heldout_nll": Metric("lower", "nats/token", "mean NLL per token of held-out documents, "
                                             "each scored alone after an EOT", digits=3),

@@ -175,6 +175,11 @@ def write_report(out: Path) -> Path:
               f"- 训练步数 {ckpt.get('iter_num')}，用时 {show((train or val or [{}])[-1].get('time'), 0)} 秒",
               f"- 最终训练损失 {show(train[-1]['loss'] if train else None)}，最终验证损失 "
               f"{show(val[-1].get('val_loss') if val else None)}，最佳验证损失 {show(ckpt.get('best_val_loss'))}", ""]
+    if "lora" in ckpt:  # what trained, and the base the adapters need
+        lo, trained = ckpt["lora"], sum(t.numel() for t in ckpt["model"].values())
+        lines[-1:] = [f"- LoRA：rank {lo['rank']}，alpha {lo['alpha']:g}，作用于 {', '.join(lo['targets'])}"
+                      f"{'，并训练嵌入矩阵' if lo['train_embeddings'] else ''}；训练的参数 {trained:,} 个"
+                      f"（全部的 {trained / n_params:.2%}）；基座 `{lo['base']['path']}`（sha256 {lo['base']['sha256'][:12]}…）", ""]
     if loss_png:
         lines += [f"![训练曲线]({loss_png.name})", ""]
     lines += ["## 评测", ""]

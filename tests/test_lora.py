@@ -16,6 +16,7 @@ from conftest import PAIRS, ROOT, TINY, run_script, train, write_jsonl
 import checkpoint
 import lora
 from model import GPT, GPTConfig
+from report import write_report
 from serving import ModelStore, model_facts
 
 SETTINGS = {"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": list(lora.TARGETS), "train_embeddings": False}
@@ -173,6 +174,7 @@ def test_sample_the_web_store_and_evaluations_load_it_merged_and_merge_to_writes
                    "--ppl_max_blocks=4")
     a, b = (json.loads((tmp_path / name / "eval.json").read_text(encoding="utf-8")) for name in ("run", "merged"))
     assert a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-5) and a["rouge_l"] == b["rouge_l"]
+    assert "LoRA：rank 4，alpha 8，" in write_report(tmp_path / "run").read_text(encoding="utf-8")
     # the merged copy needs no base, and training starts from it
     shutil.move(base / "base", tmp_path / "away")
     try:
