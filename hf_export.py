@@ -23,6 +23,7 @@ the text there and drops it: apply_chat_template gives exactly our ids.
 Checkpoints load through checkpoint.load: int8 ones are dequantized (the rounded weights are exported).
 """
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -170,6 +171,8 @@ def model_card(ckpt: dict, source: Path, model, tok: OurTokenizer) -> str:
     the checkpoint's folder has one."""
     meta, config, a = ckpt["data_meta"], ckpt["config"], ckpt["model_args"]
     sft = checkpoint.can_chat(ckpt)
+    loss = ckpt.get("best_val_loss")
+    shown_loss = f"{loss:.4f}" if isinstance(loss, float) and math.isfinite(loss) else "not measured (no val split)"
     lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", "language: [zh]",
              "tags: [miniglm, gpt2]", "---", "", f"# MiniGLM {'SFT (chat)' if sft else 'pretrained'} model", "",
              f"Exported from `{source}` by MiniGLM's export.py: a GPT-2 architecture model, "
@@ -178,7 +181,7 @@ def model_card(ckpt: dict, source: Path, model, tok: OurTokenizer) -> str:
              "## Training", "",
              f"- data: `{config.get('data_dir', '?')}` ({meta.get('kind', '?')}), sources: "
              f"{', '.join(map(str, meta.get('sources') or [])) or 'not recorded'}",
-             f"- steps: {ckpt.get('iter_num', '?')}, best validation loss: {ckpt.get('best_val_loss', float('nan')):.4f}",
+             f"- steps: {ckpt.get('iter_num', '?')}, best validation loss: {shown_loss}",
              f"- initialized from: `{config.get('init_checkpoint') or 'scratch'}`"]
     if ckpt.get("precision") == "int8":
         lines.append("- the checkpoint's weights were int8 (sample.py --save_quantized): exported dequantized")

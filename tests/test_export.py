@@ -29,7 +29,7 @@ TEXT = "床前明月光，疑是地上霜。Hello, world! 😀🎉🇨🇳 魑�
 KINDS = [("gpt2", "pretrain"), ("gpt2", "sft"), ("zh", "pretrain"), ("zh", "sft")]
 
 
-def make_checkpoint(out_dir, tok, kind: str, bias: bool = False) -> dict:
+def make_checkpoint(out_dir, tok, kind: str, bias: bool = False, val_loss: float = 2.5) -> dict:
     """A tiny random model saved as a training checkpoint. Its weights are spread wider than
     training's init (std 0.3 added) so the logits differ by more than float noise: a greedy tie
     would not test anything."""
@@ -42,7 +42,7 @@ def make_checkpoint(out_dir, tok, kind: str, bias: bool = False) -> dict:
     if kind == "sft":
         meta |= {"sft_template": SFT_TEMPLATE, "system_template": SYSTEM_TEMPLATE}
     state = {"model": model.state_dict(), "model_args": dataclasses.asdict(model.config), "data_meta": meta,
-             "config": {"data_dir": "data/tiny"}, "iter_num": 7, "best_val_loss": 2.5}
+             "config": {"data_dir": "data/tiny"}, "iter_num": 7, "best_val_loss": val_loss}
     checkpoint.save(out_dir, state, best=True)
     return state
 
@@ -135,7 +135,8 @@ def test_the_chat_template_renders_our_sft_prompt(exported, name):
     assert hf_tok.apply_chat_template(messages[1:], return_dict=False) == prompt_ids(ckpt, question, "chat", history)
     # a whole conversation renders the training ids (EOT after each answer)
     tok = checkpoint.tokenizer(ckpt)
-    assert hf_tok.apply_chat_template(messages[:-1], return_dict=False) == conversation_ids(tok, history, None, system)[0]
+    whole = conversation_ids(tok, history, None, system)[0]
+    assert hf_tok.apply_chat_template(messages[:-1], return_dict=False) == whole
     # without the piece separator the rendered string tokenizes differently with the trained tokenizer
     # ("：是" is one pre-token of its pattern): the template needs it. GPT-2's pattern splits after "："
     # and its BPE has no token joining "：" to what follows, so there it changes nothing.
@@ -164,7 +165,7 @@ def test_the_exported_tokenizer_gives_our_ids_and_text(exported, name):
 
 def test_an_int8_checkpoint_exports_dequantized(tmp_path):
     tok = load_tokenizer("gpt2")
-    state = make_checkpoint(tmp_path / "float", tok, "sft")
+    state = make_checkpoint(tmp_path / "float", tok, "sft", val_loss=float("inf"))  # trained without a val split
     model, _ = checkpoint.load(tmp_path / "float")
     checkpoint.save_quantized(state, quant.quantize_int8(model), tmp_path / "int8")
     folder = hf_export.export(tmp_path / "int8", tmp_path / "hf")
@@ -174,16 +175,18 @@ def test_an_int8_checkpoint_exports_dequantized(tmp_path):
         got = hf_model(folder)(x).logits
         exact = model(x, x)[0]
     assert (got - dequantized).abs().max() < 1e-4 and (got - exact).abs().max() > 1e-3
-    assert "int8" in (folder / "README.md").read_text(encoding="utf-8")
+    card = (folder / "README.md").read_text(encoding="utf-8")
+    assert "exported dequantized" in card and "best validation loss: not measured (no val split)" in card
 
 
-def test_the_model_card_has_the_training_and_eval_figures_and_its_code_runs(exported, tmp_path):
-    source, _ = exported["zh", "sft"]
+@pytest.mark.parametrize("key", [("zh", "sft"), ("gpt2", "pretrain")], ids="-".join)
+def test_the_model_card_has_the_training_and_eval_figures_and_its_code_runs(exported, tmp_path, key):
+    source, _ = exported[key]
     shutil.copytree(source, tmp_path / "ckpt")
     (tmp_path / "ckpt" / "eval.json").write_text(json.dumps({"rouge_l": 0.25, "perplexity": 12.5, "samples": 4}))
     folder = hf_export.export(tmp_path / "ckpt", tmp_path / "hf")
     card = (folder / "README.md").read_text(encoding="utf-8")
-    assert "steps: 7, best validation loss: 2.5000" in card and "data: `data/tiny` (sft), sources: tiny.jsonl" in card
+    assert "steps: 7, best validation loss: 2.5000" in card and f"data: `data/tiny` ({key[1]}), sources: tiny.jsonl" in card
     assert "| Rouge-L F1 | 0.2500 |" in card and "| perplexity | 12.5000 |" in card and "| samples | 4 |" in card
     code = re.search(r"```python\n(.*?)```", card, re.DOTALL).group(1).replace("PATH", str(folder))
     exec(code, {"print": lambda *a: None})  # sampling with generation_config.json up to the context
