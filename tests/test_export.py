@@ -7,6 +7,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only; set before transformers is imported
 
 import dataclasses  # noqa: E402
+import hashlib  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
@@ -161,6 +162,21 @@ def test_the_exported_tokenizer_gives_our_ids_and_text(exported, name):
         EOT_TOKEN, tok.eot_id, PAD_TOKEN, tok.pad_id)
     if name == "gpt2":  # GPT-2's own files: its vocabulary and merges
         assert json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["model"]["merges"][0] == ["Ġ", "t"]
+
+
+# llama.cpp's convert_hf_to_gguf.py (get_vocab_base_pre) names a tokenizer's pre-tokenizer by the sha256
+# of the ids it gives this text; GPT-2's (openai-community/gpt2) is LLAMA_GPT2_HASH: "gpt-2"
+LLAMA_CHKTXT = '\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на Български \'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told he\'s there, \'RE you sure? \'M not sure I\'ll make it, \'D you like some tea? We\'Ve a\'lL'
+LLAMA_GPT2_HASH = "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454"
+
+
+def test_llama_cpp_recognizes_the_gpt2_exports_as_gpt2(exported):
+    """Pretrained and SFT (with the CHAT_SEP split) alike: llama.cpp's converter accepts them;
+    a trained tokenizer has a hash of its own (README_export.md: how to register it)."""
+    hashes = {key: hashlib.sha256(str(transformers.AutoTokenizer.from_pretrained(folder).encode(LLAMA_CHKTXT))
+                                  .encode()).hexdigest() for key, (_, folder) in exported.items()}
+    assert hashes["gpt2", "pretrain"] == hashes["gpt2", "sft"] == LLAMA_GPT2_HASH
+    assert hashes["zh", "sft"] != LLAMA_GPT2_HASH
 
 
 def test_an_int8_checkpoint_exports_dequantized(tmp_path):
