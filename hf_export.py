@@ -222,6 +222,8 @@ def export(path, to, overwrite: bool = False) -> Path:
     tok = checkpoint.tokenizer(ckpt)
     to.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{to.name}.export-", dir=to.parent))
+    staging.chmod(0o755)  # mkdtemp's 0o700 would hide the model from a server running as another user
+    old = None
     try:
         write_json_atomic(staging / "config.json", hf_config(ckpt, tok))
         save_file(hf_state(model), staging / "model.safetensors", metadata={"format": "pt"})
@@ -229,13 +231,15 @@ def export(path, to, overwrite: bool = False) -> Path:
         hf_tokenizer(tok, checkpoint.can_chat(ckpt)).save(str(staging / "tokenizer.json"))
         write_json_atomic(staging / "tokenizer_config.json", tokenizer_config(tok, ckpt))
         write_text_atomic(staging / "README.md", model_card(ckpt, source, model, tok))
-        old = None
         if to.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{to.name}.old-", dir=to.parent))
             os.replace(to, old / to.name)
         os.replace(staging, to)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if old is not None and not to.exists():  # interrupted between the two renames: the old folder back
+            os.replace(old / to.name, to)
+            old.rmdir()
         raise
     if old is not None:
         shutil.rmtree(old)

@@ -233,18 +233,30 @@ def test_refusals_name_what_is_wrong_and_leave_nothing_behind(exported, tmp_path
     proc = export_cli(f"--out_dir={source}", f"--to={tmp_path / 'full'}", "--overwrite=True")
     assert proc.returncode == 0 and "wrote" in proc.stdout
     assert sorted(p.name for p in (tmp_path / "full").iterdir()) == sorted(hf_export.FILES)
+    assert (tmp_path / "full").stat().st_mode & 0o755 == 0o755  # readable by a server of another user
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "full", "junk"]
 
 
-def test_an_interrupted_export_keeps_the_old_folder(exported, tmp_path, monkeypatch):
+@pytest.mark.parametrize("when", ["writing", "renaming"])
+def test_an_interrupted_export_keeps_the_old_folder(exported, tmp_path, monkeypatch, when):
+    """Interrupted while writing the files, or between moving the old folder away and the new one in."""
     source, _ = exported["gpt2", "pretrain"]
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "keep.txt").write_text("mine")
+    real_replace = os.replace
 
     def interrupted(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(hf_export, "model_card", interrupted)
+    def replace(src, dst):
+        if ".hf.export-" in str(src) and str(dst) == str(tmp_path / "hf"):
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    if when == "writing":
+        monkeypatch.setattr(hf_export, "model_card", interrupted)
+    else:
+        monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(KeyboardInterrupt):
         hf_export.export(source, tmp_path / "hf", overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["hf"] and (tmp_path / "hf" / "keep.txt").read_text() == "mine"
