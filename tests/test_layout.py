@@ -17,7 +17,7 @@ import pytest
 from conftest import ROOT, write_jsonl
 
 # Scripts: run, never imported (STYLE.md 15). Every other top-level .py file is a library module.
-SCRIPTS = {"train", "sample", "sample_gradio", "evaluations", "visualize", "bench"}
+SCRIPTS = {"train", "sample", "sample_gradio", "evaluations", "visualize", "bench", "export"}
 DATA_MODULES = sorted(p.stem for p in (ROOT / "data").glob("*.py") if p.stem != "__init__")
 
 
