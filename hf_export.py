@@ -20,7 +20,8 @@ its template, each answer), and the whole rendered string would tokenize differe
 ends: with a trained tokenizer "答：" + "是..." becomes one pre-token "：是". So the template puts
 CHAT_SEP, a Unicode noncharacter, after each piece, and the tokenizer's first pre-tokenizer splits
 the text there and drops it: apply_chat_template gives exactly our ids.
-Checkpoints load through checkpoint.load: int8 ones are dequantized (the rounded weights are exported).
+Checkpoints load through checkpoint.load: int8 ones are dequantized (the rounded weights are exported),
+LoRA ones merged into their base (lora.py).
 """
 import json
 import math
@@ -183,6 +184,11 @@ def model_card(ckpt: dict, source: Path, model, tok: OurTokenizer) -> str:
              f"{', '.join(map(str, meta.get('sources') or [])) or 'not recorded'}",
              f"- steps: {ckpt.get('iter_num', '?')}, best validation loss: {shown_loss}",
              f"- initialized from: `{config.get('init_checkpoint') or 'scratch'}`"]
+    if "lora" in ckpt:
+        lo = ckpt["lora"]
+        lines.append(f"- LoRA: rank {lo['rank']} adapters on {', '.join(lo['targets'])}"
+                     f"{' and the embedding matrix' if lo['train_embeddings'] else ''}, merged into the base "
+                     f"`{lo['base']['path']}` (sha256 {lo['base']['sha256'][:12]}…)")
     if ckpt.get("precision") == "int8":
         lines.append("- the checkpoint's weights were int8 (sample.py --save_quantized): exported dequantized")
     if sft:
@@ -207,8 +213,9 @@ def model_card(ckpt: dict, source: Path, model, tok: OurTokenizer) -> str:
     return "\n".join(lines)
 
 
-def export(path, to, overwrite: bool = False) -> Path:
-    """Write the checkpoint at path (an out_dir or a .pt file) as a Hugging Face folder `to`. The folder
+def export(path, to, overwrite: bool = False, lora_base="") -> Path:
+    """Write the checkpoint at path (an out_dir or a .pt file; a LoRA one merged into its base, which
+    lora_base names if it moved) as a Hugging Face folder `to`. The folder
     is made beside `to` and renamed into place: an interruption leaves the old folder or none, never
     half of one. ValueError (or FileNotFoundError) with the reason when it cannot be exported."""
     to, source = Path(to), checkpoint.checkpoint_file(path)
@@ -218,7 +225,7 @@ def export(path, to, overwrite: bool = False) -> Path:
         raise ValueError(f"--to={to}: holds the checkpoint {source}; export to another folder")
     if to.exists() and any(to.iterdir()) and not overwrite:
         raise ValueError(f"--to={to}: a folder that is not empty; pass --overwrite=True to replace it")
-    model, ckpt = checkpoint.load(path)
+    model, ckpt = checkpoint.load(path, lora_base=lora_base)
     tok = checkpoint.tokenizer(ckpt)
     to.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{to.name}.export-", dir=to.parent))

@@ -14,7 +14,8 @@ init_from = "pretrained"
 init_checkpoint = "out-cpu"
 lora_rank = 8
 lora_alpha = 16.0         # the adapters' scale lora_alpha / lora_rank = 2; keep it when changing the rank
-lora_dropout = 0.05
+lora_dropout = 0.0        # 0.05 cost 38 ms a step here (random numbers for 5.5M activations a step on the CPU):
+                          # LoRA took 172 ms a step against full SFT's 149, without it 134 (taking turns in one process)
 batch_size = 8
 max_iters = 800
 lr_decay_iters = 800

@@ -19,6 +19,7 @@ from conftest import PAIRS, run_script, write_jsonl  # noqa: E402
 
 import checkpoint  # noqa: E402
 import hf_export  # noqa: E402
+import lora  # noqa: E402
 import quant  # noqa: E402
 from data.tokenizer import (EOT_TOKEN, PAD_TOKEN, SFT_TEMPLATE, SYSTEM_TEMPLATE, conversation_ids,  # noqa: E402
                             load_tokenizer)
@@ -183,7 +184,7 @@ def test_an_int8_checkpoint_exports_dequantized(tmp_path):
     tok = load_tokenizer("gpt2")
     state = make_checkpoint(tmp_path / "float", tok, "sft", val_loss=float("inf"))  # trained without a val split
     model, _ = checkpoint.load(tmp_path / "float")
-    checkpoint.save_quantized(state, quant.quantize_int8(model), tmp_path / "int8")
+    checkpoint.save_standalone(state, quant.quantize_int8(model), tmp_path / "int8", int8=True)
     folder = hf_export.export(tmp_path / "int8", tmp_path / "hf")
     x = torch.tensor([tok.encode(TEXT)[:40]])
     with torch.no_grad():
@@ -193,6 +194,29 @@ def test_an_int8_checkpoint_exports_dequantized(tmp_path):
     assert (got - dequantized).abs().max() < 1e-4 and (got - exact).abs().max() > 1e-3
     card = (folder / "README.md").read_text(encoding="utf-8")
     assert "exported dequantized" in card and "best validation loss: not measured (no val split)" in card
+
+
+def test_a_lora_checkpoint_exports_merged_into_its_base(tmp_path):
+    """The adapted model's logits (peft's forward) from the exported folder; a moved base named with lora_base."""
+    tok = load_tokenizer("gpt2")
+    state = make_checkpoint(tmp_path / "base", tok, "sft")
+    settings = {"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": list(lora.TARGETS), "train_embeddings": True}
+    adapted = lora.attach(checkpoint.load(tmp_path / "base")[0], settings)
+    with torch.no_grad():  # a trained adapter: B no longer zero
+        for p in lora.trainable(adapted).values():
+            p.add_(torch.randn_like(p) * 0.2)
+    reference = lora.base_reference(tmp_path / "base" / "ckpt.pt", tmp_path / "run")
+    checkpoint.save(tmp_path / "run", state | {"model": lora.adapter_state(adapted),
+                                               "lora": settings | {"base": reference}}, best=True)
+    (tmp_path / "base").rename(tmp_path / "moved")
+    with pytest.raises(FileNotFoundError, match="is missing"):
+        hf_export.export(tmp_path / "run", tmp_path / "hf")
+    folder = hf_export.export(tmp_path / "run", tmp_path / "hf", lora_base=tmp_path / "moved")
+    x = torch.tensor([tok.encode(TEXT)[:40]])
+    with torch.no_grad():
+        want, got = adapted.eval()(x, x)[0], hf_model(folder)(x).logits
+    assert (want - got).abs().max() < 1e-4, (want - got).abs().max()
+    assert "- LoRA: rank 4 adapters on attn.c_attn" in (folder / "README.md").read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize("key", [("zh", "sft"), ("gpt2", "pretrain")], ids="-".join)
