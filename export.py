@@ -7,7 +7,7 @@ template of an SFT model, README.md) that transformers, vLLM and llama.cpp's con
     python export.py --out_dir=out-cpu-lora --to=hf-cpu-lora     # LoRA: merged into its base (out-cpu)
     python -c "from transformers import pipeline; print(pipeline('text-generation', 'hf-cpu-sft')('床前明月光'))"
 
-The work is in hf_export.py (README_export.md: loading, serving and converting the folder).
+The work is in hf_export.py (README.md, "Export to the Hugging Face format": loading, serving, converting).
 """
 import sys
 

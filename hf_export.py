@@ -192,7 +192,10 @@ def model_card(ckpt: dict, source: Path, model, tok: OurTokenizer) -> str:
     if ckpt.get("precision") == "int8":
         lines.append("- the checkpoint's weights were int8 (sample.py --save_quantized): exported dequantized")
     if sft:
-        lines.append(f"- chat template: `{meta['sft_template']!r}`, each answer ends with `{EOT_TOKEN}`")
+        lines.append(f"- chat template: `{meta['sft_template']!r}`, each answer ends with `{EOT_TOKEN}`. The template "
+                     "ends each piece with U+FDD0, which this tokenizer.json splits at and drops, so that each piece "
+                     "tokenizes alone as in training; another tokenizer (llama.cpp, Ollama) would read it as text: "
+                     "there, write the prompt `问：...\n答：` yourself and leave the template out")
     lines += ["", "## Evaluation", ""]
     eval_file = source.parent / "eval.json"
     if eval_file.exists():
@@ -223,6 +226,8 @@ def export(path, to, overwrite: bool = False, lora_base="") -> Path:
         raise ValueError(f"--to={to}: a file, not a folder")
     if source.resolve().is_relative_to(to.resolve()):
         raise ValueError(f"--to={to}: holds the checkpoint {source}; export to another folder")
+    if to.is_dir() and (held := sorted(p.name for p in to.glob("ckpt*.pt"))):  # an out_dir: never replaced
+        raise ValueError(f"--to={to}: holds MiniGLM checkpoints ({', '.join(held)}); export to another folder")
     if to.exists() and any(to.iterdir()) and not overwrite:
         raise ValueError(f"--to={to}: a folder that is not empty; pass --overwrite=True to replace it")
     model, ckpt = checkpoint.load(path, lora_base=lora_base)

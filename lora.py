@@ -39,8 +39,8 @@ def settings_of(config: dict) -> dict | None:
             raise ValueError("train_embeddings=True trains the embeddings beside LoRA adapters: set lora_rank too "
                              "(without LoRA every weight trains anyway)")
         return None
-    targets = [t.strip() for t in config["lora_targets"].split(",") if t.strip()]
-    bad = [t for t in targets if t not in TARGETS]
+    given = [t.strip() for t in config["lora_targets"].split(",") if t.strip()]
+    bad, targets = [t for t in given if t not in TARGETS], [t for t in TARGETS if t in given]  # TARGETS' order
     if rank < 0:
         raise ValueError(f"lora_rank={rank}: expected 0 (off) or a whole number >= 1, e.g. 8")
     if config["lora_alpha"] <= 0:
@@ -139,19 +139,29 @@ def recorded_base(lora_file, base: dict) -> Path:
 
 
 def find_base(lora_file, base: dict, override="") -> Path:
-    """The base checkpoint file of the LoRA checkpoint lora_file: override (--lora_base: a file or
-    an out_dir) or the recorded path, checked against the recorded sha256."""
+    """The base checkpoint file of the LoRA checkpoint lora_file, the first of these whose sha256 is
+    the recorded one: the recorded path, the same from the file's real folder (lora_file reached
+    through a symlink), and override (--lora_base: a file or an out_dir; a fallback, so one flag
+    serves every model of the web app). FileNotFoundError or ValueError naming what was tried."""
     recorded = recorded_base(lora_file, base)
-    path = Path(override) if override else recorded
-    path = path / "ckpt.pt" if path.is_dir() else path
-    flag = "--lora_base=PATH (the base's ckpt.pt or its out_dir)"
-    if not path.exists():
-        raise FileNotFoundError(f"{lora_file}: its base checkpoint {path} is missing. A LoRA checkpoint holds only the "
-                                f"adapter and needs the base it was trained on (sha256 {base['sha256'][:16]}…): "
-                                f"put it back at {recorded}, or name where it is now with {flag}")
-    digest = sha256_of(path)
-    if digest != base["sha256"]:
-        raise ValueError(f"{lora_file}: its base checkpoint {path} is not the one the adapter was trained on "
-                         f"(sha256 {digest[:16]}…, expected {base['sha256'][:16]}…; trained further, or another "
-                         f"model?). Name the right file with {flag}, or train the LoRA again on this base")
-    return path
+    real = Path(os.path.normpath(Path(lora_file).resolve().parent / base["path"]))
+    candidates = [recorded] + ([real] if os.path.abspath(real) != os.path.abspath(recorded) else []) + (
+        [Path(override)] if override else [])
+    tried, changed = [], False
+    for path in candidates:
+        path = path / "ckpt.pt" if path.is_dir() else path
+        if not path.exists():
+            tried.append(f"{path} is missing")
+            continue
+        digest = sha256_of(path)
+        if digest == base["sha256"]:
+            return path
+        changed = True
+        tried.append(f"{path} is not the one the adapter was trained on (sha256 {digest[:16]}…; trained further, "
+                     "or another model?)")
+    why = f"{lora_file}: its base checkpoint {'; '.join(tried)}. A LoRA checkpoint holds only the " \
+          f"adapter and needs the base it was trained on (sha256 {base['sha256'][:16]}…): "
+    if not changed:
+        raise FileNotFoundError(why + f"put it back at {recorded}, or name where it is now with --lora_base=PATH "
+                                "(the base's ckpt.pt or its out_dir)")
+    raise ValueError(why + "name the right file with --lora_base=PATH, or train the LoRA again on this base")

@@ -264,5 +264,5 @@ def training_run(out_dir, *args) -> dict:
     ms = [r["ms_per_iter"] for r in steps if r["split"] == "train"][1:]
     ckpt = checkpoint.read(out_dir, mmap=True)
     return {"ms_per_step": statistics.mean(ms), "peak_rss_mb": peak, "best_val_loss": ckpt["best_val_loss"],
-            "trainable_params": int(re.search(r"parameters, ([\d,]+) of them trained", proc.stdout).group(1).replace(",", "")),
+            "trainable_params": int(re.search(r"parameters, ([\d,]+) trained", proc.stdout).group(1).replace(",", "")),
             "checkpoint_mb": checkpoint.checkpoint_file(out_dir).stat().st_size / 2**20}

@@ -188,6 +188,16 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def set_dropout(self, p: float) -> None:
+        """Every dropout of the model to p (a run's --dropout over the checkpoint's): the nn.Dropout
+        layers and the attention's dropout_p, which is a float, not a layer."""
+        self.config.dropout = p
+        for m in self.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = p
+            elif isinstance(m, CausalSelfAttention):
+                m.dropout = p
+
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # the tied embedding counts once
         return n - self.transformer.wpe.weight.numel() if non_embedding else n

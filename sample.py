@@ -15,10 +15,9 @@ engine.SAMPLING's ranges are refused. --save_path writes the results as JSONL. -
 fastest here (int8 on a CPU; README "Precision"). --save_quantized=PATH writes the model with int8
 weights (a folder's ckpt.pt or a .pt file) that every script loads, and exits. A LoRA checkpoint
 loads merged into its base (--lora_base=PATH: the base, if it moved); --merge_to=PATH writes it so.
-The interactive chat (like ChatGLM's cli_demo): type a question, the answer streams; "clear"
-starts over, "stop" or Ctrl-D quits, Ctrl-C cuts an answer short. In chat mode each question comes
-after the earlier exchanges (--history_turns: -1 = as many whole ones as fit the context, the oldest
-left out first; N = at most the last N; 0 = none); an empty answer is not kept.
+The interactive chat (like ChatGLM's cli_demo): "clear" starts over, "stop" or Ctrl-D quits, Ctrl-C
+cuts an answer short. Each question comes after the earlier exchanges (--history_turns: -1 = as many
+whole ones as fit the context, the oldest left out first; N = at most the last N; 0 = none).
 """
 import sys
 from pathlib import Path
@@ -63,12 +62,14 @@ if __name__ == "__main__":
     if history_turns < -1:
         sys.exit(f"--history_turns={history_turns}: expected -1 (as many as fit), 0 (none) or a whole number N")
     if save_quantized or merge_to:  # one standalone copy: int8 weights, or a LoRA run merged (in float32)
+        target = save_quantized or merge_to
         if save_quantized and merge_to or precision not in ("", "int8" if save_quantized else "fp32") or device not in ("", "cpu"):
             sys.exit("--save_quantized writes int8 weights, --merge_to float32, one of them, on the CPU: drop --precision/--device")
+        if checkpoint_file(target).exists():  # never replaces a checkpoint (a LoRA run's base, say)
+            sys.exit(f"{checkpoint_file(target)} already holds a checkpoint: write the copy elsewhere (or delete it first)")
         model, ckpt, _, _ = load_model_or_exit(out_dir, "cpu", "int8" if save_quantized else "fp32", lora_base)
         if merge_to and "lora" not in ckpt:
             sys.exit(f"--merge_to: {out_dir} is not a LoRA checkpoint (train.py --lora_rank): it needs no base already")
-        target = save_quantized or merge_to
         size = [p.stat().st_size / 2**20 for p in (checkpoint_file(out_dir), save_standalone(ckpt, model, target, bool(save_quantized)))]
         print(f"wrote {target} ({size[0]:.1f} -> {size[1]:.1f} MB); python sample.py --out_dir={target} loads it", file=sys.stderr)
         sys.exit(0)
@@ -118,8 +119,7 @@ if __name__ == "__main__":
                 sys.exit(f"--start={start}: cannot read the file ({e.strerror})")
         for prompt in prompts:
             for k in range(num_samples):
-                print(f"\n>>> {prompt}" if mode == "chat" else f"\n{prompt}", end="\n" if mode == "chat" else "",
-                      flush=True)
+                print(f"\n>>> {prompt}\n" if mode == "chat" else f"\n{prompt}", end="", flush=True)
                 results.append(answer(prompt) | {"sample": k})
     elif sys.stdin.isatty():
         print("欢迎使用 MiniGLM！输入问题后回车；clear 清空对话历史，stop 或 Ctrl-D 退出，Ctrl-C 打断回答。"

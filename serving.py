@@ -290,8 +290,8 @@ class ModelStore:
 def model_facts(path) -> dict:
     """A checkpoint's facts, its weights not read (mmap): kind ("chat": SFT, answers questions;
     "pretrained": continues text), parameters, tokenizer, context_length (block_size) and
-    lora_base (a LoRA checkpoint's base, where it records it; else None); for one that cannot be
-    read, kind None and the error."""
+    lora_base (a LoRA checkpoint's base: the name of the folder it records; else None); for one that
+    cannot be read, kind None and the error."""
     try:
         ckpt = checkpoint.read(path, mmap=True)
         with torch.device("meta"):  # shapes only: no memory, no time
@@ -300,8 +300,8 @@ def model_facts(path) -> dict:
         return {"kind": None, "error": f"{type(e).__name__}: {e}", "lora_base": None}
     return {"kind": "chat" if can_chat(ckpt) else "pretrained", "parameters": params,
             "tokenizer": checkpoint.tokenizer(ckpt).describe(), "context_length": ckpt["model_args"]["block_size"],
-            "lora_base": str(lora.recorded_base(checkpoint.checkpoint_file(path), ckpt["lora"]["base"]))
-            if "lora" in ckpt else None}
+            "lora_base": lora.recorded_base(checkpoint.checkpoint_file(path), ckpt["lora"]["base"]).parent.name
+            if "lora" in ckpt else None}  # the base's folder name: no path of the server's
 
 
 def stream_together(streams: list) -> Iterator[list]:

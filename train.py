@@ -185,14 +185,12 @@ if __name__ == "__main__":
                      f"{lora_settings}: resume with the run's own settings (its config file)")
             if init_from == "resume" and resumed_lora:  # the base, then its adapter (below)
                 base_file = lora.find_base(checkpoint.checkpoint_file(source), ckpt["lora"]["base"], lora_base)
-                model, base_ref = checkpoint.build_model(checkpoint.read(base_file, mmap=True), base_file), ckpt["lora"]["base"]
+                model = checkpoint.build_model(checkpoint.read(base_file, mmap=True), base_file)
             else:
-                model = checkpoint.build_model(ckpt, source, lora_base)
-                base_ref = lora.base_reference(checkpoint.checkpoint_file(source), out_dir) if lora_settings else None
-            for m in model.modules():  # the run's dropout, not the checkpoint's
-                if isinstance(m, torch.nn.Dropout):
-                    m.p = dropout
-            if lora_settings:  # after the dropout above: the adapters' own dropout is lora_dropout
+                model, base_file = checkpoint.build_model(ckpt, source, lora_base), checkpoint.checkpoint_file(source)
+            base_ref = lora.base_reference(base_file, out_dir) if lora_settings else None  # where it is now
+            model.set_dropout(dropout)  # the run's, not the checkpoint's
+            if lora_settings:  # after set_dropout: the adapters' own dropout is lora_dropout
                 lora.attach(model, lora_settings)
                 if init_from == "resume":
                     lora.load_adapter(model, ckpt["model"], source)
@@ -240,7 +238,8 @@ if __name__ == "__main__":
             print(f"overwrite=True: removed {p} of the earlier run")
         print(json.dumps(config, ensure_ascii=False))
         trainable = sum(p.numel() for p in lora.trainable(raw_model).values())
-        print(f"{raw_model.num_params() / 1e6:.2f}M parameters, {trainable:,} of them trained ({trainable / raw_model.num_params():.2%}"
+        total = sum(p.numel() for name, p in raw_model.named_parameters() if ".lora_" not in name)  # the model's own
+        print(f"{total / 1e6:.2f}M parameters, {trainable:,} trained ({trainable / total:.2%}"
               + (f": LoRA rank {lora_rank}{' + embeddings' if train_embeddings else ''})" if lora_rank else ")")
               + f"; data {data_dir} ({meta['kind']}, "
               f"packing {meta.get('packing', meta.get('mode'))}, block_size {block_size}, tokenizer {tok.describe()}); "

@@ -1,8 +1,9 @@
 # LoRA SFT of the course model (config/train_config.py's out/) on one CUDA GPU: the data, batch and
 # steps of config/train_config_sft.py, rank-8 adapters on every Linear layer of each block; the base
 # stays frozen in out/ and out-lora/ckpt.pt holds the adapters (a few MB: README "LoRA").
-# The learning rate is ten times full SFT's, as measured on the CPU demo (config/train_cpu_lora.py);
-# not measured on a GPU here.
+# The learning rate is ten times full SFT's (LoRA's usual higher rate; on the CPU demo the sweep in
+# config/train_cpu_lora.py chose three times); lora_dropout 0.05 as ChatGLM's LoRA. Neither was
+# measured on a GPU here.
 #   python train.py config/train_config_lora.py
 #   python train.py config/train_config_lora.py --train_embeddings=True   # also the embedding matrix
 #   python sample.py --out_dir=out-lora --merge_to=out-lora-merged       # one standalone checkpoint

@@ -173,7 +173,7 @@ LLAMA_GPT2_HASH = "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7
 
 def test_llama_cpp_recognizes_the_gpt2_exports_as_gpt2(exported):
     """Pretrained and SFT (with the CHAT_SEP split) alike: llama.cpp's converter accepts them;
-    a trained tokenizer has a hash of its own (README_export.md: how to register it)."""
+    a trained tokenizer has a hash of its own (README.md, "Export to the Hugging Face format": how to register it)."""
     hashes = {key: hashlib.sha256(str(transformers.AutoTokenizer.from_pretrained(folder).encode(LLAMA_CHKTXT))
                                   .encode()).hexdigest() for key, (_, folder) in exported.items()}
     assert hashes["gpt2", "pretrain"] == hashes["gpt2", "sft"] == LLAMA_GPT2_HASH

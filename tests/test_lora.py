@@ -5,6 +5,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import torch
 from conftest import PAIRS, ROOT, TINY, run_script, train, write_jsonl
 
 import checkpoint
+import hf_export
 import lora
 from model import GPT, GPTConfig
 from report import write_report
@@ -89,7 +91,7 @@ def test_merged_equals_peft_forward(embeddings):
 
 def test_lora_run_trains_the_adapters_only_into_a_small_checkpoint(base, tmp_path):
     proc = lora_run(base, tmp_path / "r4", "--max_iters=30", "--eval_interval=30", "--lr_decay_iters=30")
-    assert "of them trained" in proc.stdout and "LoRA rank 4" in proc.stdout
+    assert re.search(r"M parameters, 2,048 trained \(\d\.\d\d%: LoRA rank 4\)", proc.stdout), proc.stdout[:2000]
     losses = [float(line.split("train loss ")[1].split(",")[0]) for line in proc.stdout.splitlines() if "train loss" in line]
     assert losses[-1] < losses[0] - 0.1, losses  # it learns (frozen weights alone would give equal losses)
     ckpt = checkpoint.read(tmp_path / "r4")
@@ -129,28 +131,47 @@ def test_lora_resume_is_exact(base, tmp_path):
 
 
 def test_a_missing_or_changed_base_is_refused_by_name_and_lora_base_names_a_moved_one(base, tmp_path):
-    shutil.copytree(base / "base", tmp_path / "base")
-    train(f"--data_dir={base / 'sft'}", f"--out_dir={tmp_path / 'run'}", f"--init_checkpoint={tmp_path / 'base'}",
-          *LORA, "--max_iters=3", "--eval_interval=3")
+    for name in ("base", "other"):  # two bases, other weights
+        shutil.copytree(base / "base", tmp_path / name)
+    other = checkpoint.read(tmp_path / "other")
+    other["model"]["transformer.wpe.weight"] += 0.01
+    checkpoint.save(tmp_path / "other", other, best=True)
+    for run, of in (("run", "base"), ("run2", "other")):
+        train(f"--data_dir={base / 'sft'}", f"--out_dir={tmp_path / run}", f"--init_checkpoint={tmp_path / of}",
+              *LORA, "--max_iters=3", "--eval_interval=3")
     question = ["--start=" + PAIRS[0]["question"], "--max_new_tokens=5", "--temperature=0"]
     want = run_script("sample.py", f"--out_dir={tmp_path / 'run'}", *question).stdout
+    link = tmp_path / "deeper" / "link"  # the checkpoint through a symlink: its base is found from its real folder
+    link.mkdir(parents=True)
+    (link / "ckpt.pt").symlink_to(tmp_path / "run" / "ckpt.pt")
+    assert run_script("sample.py", f"--out_dir={link}", *question).stdout == want
     (tmp_path / "base").rename(tmp_path / "moved")
     proc = run_script("sample.py", f"--out_dir={tmp_path / 'run'}", *question, check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert f"its base checkpoint {tmp_path / 'base' / 'ckpt.pt'} is missing" in proc.stderr and "--lora_base" in proc.stderr
     got = run_script("sample.py", f"--out_dir={tmp_path / 'run'}", f"--lora_base={tmp_path / 'moved'}", *question)
     assert got.stdout == want
-    # a base trained further is another model: refused, named, with both hashes
-    train(f"--data_dir={base / 'pre'}", f"--out_dir={tmp_path / 'moved'}", "--init_from=resume", "--max_iters=6",
-          "--eval_interval=3")
-    proc = run_script("sample.py", f"--out_dir={tmp_path / 'run'}", f"--lora_base={tmp_path / 'moved'}", *question,
-                      check=False)
+    # --lora_base is a fallback: one flag serves an app whose other LoRA model still finds its own base
+    store = ModelStore({"a": tmp_path / "run", "b": tmp_path / "run2"}, precision="fp32", lora_base=str(tmp_path / "moved"))
+    assert store.local("a") and store.local("b")
+    # resuming with the moved base records where it is now: then no flag is needed
+    train(f"--data_dir={base / 'sft'}", f"--out_dir={tmp_path / 'run'}", *LORA[1:], "--init_from=resume",
+          "--max_iters=4", "--eval_interval=4", "--always_save_checkpoint=True", f"--lora_base={tmp_path / 'moved'}")
+    assert checkpoint.read(tmp_path / "run" / "ckpt_last.pt")["lora"]["base"]["path"] == "../moved/ckpt.pt"
+    run_script("sample.py", f"--out_dir={tmp_path / 'run' / 'ckpt_last.pt'}", *question)
+    # a base whose weights changed (trained further) is another model: refused, named, with both hashes
+    ckpt = checkpoint.read(tmp_path / "moved")
+    ckpt["model"]["transformer.wpe.weight"] += 0.01
+    checkpoint.save(tmp_path / "moved", ckpt, best=True)
+    proc = run_script("sample.py", f"--out_dir={tmp_path / 'run' / 'ckpt_last.pt'}", *question, check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert f"its base checkpoint {tmp_path / 'moved' / 'ckpt.pt'} is not the one the adapter was trained on" in proc.stderr
 
 
 def test_sample_the_web_store_and_evaluations_load_it_merged_and_merge_to_writes_a_standalone_copy(base, tmp_path):
-    lora_run(base, tmp_path / "run", "--max_iters=20", "--eval_interval=20")
+    shutil.copytree(base / "base", tmp_path / "base")  # moved away at the end
+    train(f"--data_dir={base / 'sft'}", f"--out_dir={tmp_path / 'run'}", f"--init_checkpoint={tmp_path / 'base'}",
+          *LORA, "--max_iters=20", "--eval_interval=20")
     question = ["--start=" + PAIRS[1]["question"], "--max_new_tokens=8", "--temperature=0", "--precision=fp32"]
     proc = run_script("sample.py", f"--out_dir={tmp_path / 'run'}", f"--merge_to={tmp_path / 'merged'}")
     assert "wrote" in proc.stderr
@@ -165,7 +186,7 @@ def test_sample_the_web_store_and_evaluations_load_it_merged_and_merge_to_writes
     greedy = {"max_new_tokens": 8, "temperature": 0.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0, "seed": 0}
     texts = [list(store.stream(name, PAIRS[1]["question"], "", greedy))[-1][0] for name in ("lora", "merged")]
     assert texts[0] == texts[1]
-    assert model_facts(tmp_path / "run")["lora_base"] == str(base / "base" / "ckpt.pt")
+    assert model_facts(tmp_path / "run")["lora_base"] == "base"  # the base's folder, not a path on the server
     assert model_facts(tmp_path / "merged")["lora_base"] is None
     # evaluations.py: the same figures from the LoRA checkpoint and from its merged copy
     pairs = write_jsonl(tmp_path / "pairs.jsonl", PAIRS[:4])
@@ -176,13 +197,19 @@ def test_sample_the_web_store_and_evaluations_load_it_merged_and_merge_to_writes
     assert a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-5) and a["rouge_l"] == b["rouge_l"]
     assert "LoRA：rank 4，alpha 8，" in write_report(tmp_path / "run").read_text(encoding="utf-8")
     # the merged copy needs no base, and training starts from it
-    shutil.move(base / "base", tmp_path / "away")
-    try:
-        run_script("sample.py", f"--out_dir={tmp_path / 'merged'}", *question)
-        train(f"--data_dir={base / 'sft'}", f"--out_dir={tmp_path / 'again'}", "--init_from=pretrained",
-              f"--init_checkpoint={tmp_path / 'merged'}", "--max_iters=2", "--eval_interval=2")
-    finally:
-        shutil.move(tmp_path / "away", base / "base")
+    (tmp_path / "base").rename(tmp_path / "away")
+    run_script("sample.py", f"--out_dir={tmp_path / 'merged'}", *question)
+    train(f"--data_dir={base / 'sft'}", f"--out_dir={tmp_path / 'again'}", "--init_from=pretrained",
+          f"--init_checkpoint={tmp_path / 'merged'}", "--max_iters=2", "--eval_interval=2")
+    # neither copy may replace a checkpoint: not the merged one, not the base (export.py's --to neither)
+    for source, flag, target in (("run", "--merge_to", "merged"), ("merged", "--save_quantized", "away")):
+        before = sha(tmp_path / target / "ckpt.pt")
+        proc = run_script("sample.py", f"--out_dir={tmp_path / source}", f"{flag}={tmp_path / target}", check=False)
+        assert proc.returncode == 1 and "already holds a checkpoint" in proc.stderr
+        assert sha(tmp_path / target / "ckpt.pt") == before
+    with pytest.raises(ValueError, match="holds MiniGLM checkpoints"):
+        hf_export.export(tmp_path / "merged", tmp_path / "away", overwrite=True)
+    assert sha(tmp_path / "away" / "ckpt.pt") == before
 
 
 def test_ddp_two_cpu_processes_with_lora_equal_one_process(base, tmp_path):

@@ -27,6 +27,21 @@ def test_default_config_has_about_45m_parameters():
     assert 44_000_000 < n < 46_000_000
 
 
+def test_set_dropout_reaches_the_attention_dropout_too():
+    """A run's --dropout over a checkpoint's (train.py, init_from=pretrained or resume): the
+    attention's dropout_p is a float, not an nn.Dropout, and was left at the checkpoint's value."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64, dropout=0.0)).train()
+    model.set_dropout(0.5)
+    assert model.config.dropout == 0.5
+    for m in model.modules():  # only the attention's dropout left on
+        if isinstance(m, torch.nn.Dropout):
+            assert m.p == 0.5
+            m.p = 0.0
+    idx = torch.randint(0, 64, (2, 16))
+    assert not torch.equal(model(idx)[0], model(idx)[0])
+
+
 def test_masked_targets_do_not_change_the_loss():
     model = tiny()
     x = torch.randint(0, VOCAB_SIZE, (3, 16))
