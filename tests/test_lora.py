@@ -106,8 +106,9 @@ def test_lora_run_trains_the_adapters_only_into_a_small_checkpoint(base, tmp_pat
     for (name, a), b in zip(merged.state_dict().items(), original.state_dict().values(), strict=True):
         adapted = any(name.endswith(f"{t}.weight") for t in lora.TARGETS)
         assert torch.equal(a, b) != adapted, name
-    # with train_embeddings the tied matrix changes too (and its optimizer state is in the file)
-    lora_run(base, tmp_path / "emb", "--max_iters=4", "--eval_interval=4", "--train_embeddings=True")
+    # continued pretraining (pretraining data) with train_embeddings: the tied matrix changes too
+    train(f"--data_dir={base / 'pre'}", f"--out_dir={tmp_path / 'emb'}", f"--init_checkpoint={base / 'base'}", *LORA,
+          "--max_iters=4", "--eval_interval=4", "--train_embeddings=True")
     emb, _ = checkpoint.load(tmp_path / "emb")
     assert lora.EMBEDDING in checkpoint.read(tmp_path / "emb")["model"]
     assert not torch.equal(emb.transformer.wte.weight, original.transformer.wte.weight)
