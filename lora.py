@@ -21,6 +21,7 @@ against peft's own forward (tests/test_lora.py).
 """
 import hashlib
 import os
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -115,6 +116,14 @@ def merge_into(model: torch.nn.Module, settings: dict, state: dict, path) -> tor
 
 
 def sha256_of(path) -> str:
+    """The file's sha256, hashed once per (file, size, modification time): finding a base and then
+    recording it (train.py's resume), or loading two LoRA models of one base, reads it once."""
+    st = os.stat(path)
+    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=32)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):

@@ -69,6 +69,19 @@ def test_adapters_start_as_a_no_op_and_only_the_intended_parameters_get_gradient
         "transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"}
 
 
+def test_a_base_is_hashed_once_until_it_changes(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(b"base")
+    reads = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda *a, **k: reads.append(a[0]) or real_open(*a, **k))
+    assert lora.sha256_of(path) == lora.sha256_of(tmp_path / ".." / tmp_path.name / "ckpt.pt") == sha(path)
+    assert reads.count(str(path.resolve())) == 1
+    (tmp_path / "new").write_bytes(b"trained")
+    os.replace(tmp_path / "new", path)  # a new file, as checkpoint.save writes one
+    assert lora.sha256_of(path) == hashlib.sha256(b"trained").hexdigest()
+
+
 @pytest.mark.parametrize("embeddings", [False, True])
 def test_merged_equals_peft_forward(embeddings):
     """lora.merge_into (what every script loads) computes what peft's adapted model computes."""
